@@ -1,0 +1,55 @@
+// The CPU backend: every Backend method, implemented in the kernels/cpu/*.cpp files named below.
+#pragma once
+
+#include "dilatron/kernels/backend.h"
+
+namespace dilatron::kernels {
+
+class CpuBackend final : public Backend {
+ public:
+  Device device() const override { return Device::cpu(); }
+
+  // memory.cpp
+  void copy(Tensor& out, const Tensor& in) override;
+  void fill(Tensor& out, double value) override;
+  void fill_uniform(Tensor& out, uint64_t seed, uint64_t offset, double low, double high) override;
+  void fill_normal(Tensor& out, uint64_t seed, uint64_t offset, double mean, double std) override;
+
+  // elementwise.cpp
+  void unary(UnaryOp op, Tensor& out, const Tensor& in) override;
+  void binary(BinaryOp op, Tensor& out, const Tensor& a, const Tensor& b) override;
+  void binary_scalar(BinaryOp op, Tensor& out, const Tensor& in, double scalar, bool scalar_first) override;
+  void where(Tensor& out, const Tensor& cond, const Tensor& a, const Tensor& b) override;
+
+  // reduce.cpp
+  void sum_last(Tensor& out, const Tensor& in) override;
+  void max_last(Tensor& values, Tensor& indices, const Tensor& in) override;
+  void sum_first(Tensor& out, const Tensor& in) override;
+  double sum_squares(const Tensor& in) override;
+
+  // gemm.cpp
+  void gemm(Tensor& out, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, double alpha,
+            double beta) override;
+
+  // nn.cpp
+  void softmax_last(Tensor& out, const Tensor& in) override;
+  void softmax_backward_last(Tensor& dx, const Tensor& y, const Tensor& dy) override;
+  void log_softmax_last(Tensor& out, const Tensor& in) override;
+  void log_softmax_backward_last(Tensor& dx, const Tensor& y, const Tensor& dy) override;
+  void cross_entropy(Tensor& loss, Tensor& lse, const Tensor& logits, const Tensor& targets,
+                     int64_t ignore_index) override;
+  void cross_entropy_backward(Tensor& dlogits, const Tensor& dloss, const Tensor& logits, const Tensor& lse,
+                              const Tensor& targets, int64_t ignore_index) override;
+  void layer_norm(Tensor& out, Tensor& mean, Tensor& rstd, const Tensor& x, const Tensor& weight,
+                  const Tensor& bias, double eps) override;
+  void layer_norm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& dy, const Tensor& x,
+                           const Tensor& mean, const Tensor& rstd, const Tensor& weight) override;
+  void embedding(Tensor& out, const Tensor& weight, const Tensor& indices) override;
+  void embedding_backward(Tensor& dweight, const Tensor& dout, const Tensor& indices) override;
+  void dropout(Tensor& out, const Tensor& in, double p, uint64_t seed, uint32_t offset) override;
+
+  // optim.cpp
+  void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWParams& hp) override;
+};
+
+}  // namespace dilatron::kernels

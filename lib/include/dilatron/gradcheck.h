@@ -1,0 +1,31 @@
+// Finite-difference gradient check, as torch.autograd.gradcheck: central differences in float64
+// against the analytic Jacobian from backward(), elementwise |a - n| <= atol + rtol * |n|.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "dilatron/tensor.h"
+
+namespace dilatron {
+
+struct GradcheckOptions {
+  double eps = 1e-6;
+  double atol = 1e-5;
+  double rtol = 1e-3;
+};
+
+struct GradcheckResult {
+  bool ok = true;
+  double max_abs_error = 0.0;  // over all Jacobian entries
+  double max_rel_error = 0.0;  // |a - n| / max(|n|, tiny)
+  std::string message;         // the first failing entry, or empty
+};
+
+// f maps the inputs to one floating output. Inputs that require grad are perturbed and checked;
+// they must be float64. Undefined gradients count as zeros.
+GradcheckResult gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& f,
+                          const std::vector<Tensor>& inputs, const GradcheckOptions& opts = {});
+
+}  // namespace dilatron
