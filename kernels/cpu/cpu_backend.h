@@ -48,6 +48,13 @@ class CpuBackend final : public Backend {
   void embedding_backward(Tensor& dweight, const Tensor& dout, const Tensor& indices) override;
   void dropout(Tensor& out, const Tensor& in, double p, uint64_t seed, uint32_t offset) override;
 
+  // dilated_attention.cpp
+  void dilated_attention_forward(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                                 const Tensor& bias, const AttentionParams& params) override;
+  void dilated_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dbias, const Tensor& dout,
+                                  const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
+                                  const Tensor& lse, const Tensor& bias, const AttentionParams& params) override;
+
   // optim.cpp
   void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWParams& hp) override;
 };

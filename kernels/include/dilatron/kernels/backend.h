@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "dilatron/kernels/dilated_attention.h"
 #include "dilatron/tensor.h"
 
 namespace dilatron::kernels {
@@ -91,6 +92,15 @@ class Backend {
   // out = in * keep / (1 - p), keep_i = philox word for element i >= floor(p * 2^32),
   // counter {i/4 lo, i/4 hi, 0, offset}, key seed. The backward calls it again on the gradient.
   virtual void dropout(Tensor& out, const Tensor& in, double p, uint64_t seed, uint32_t offset) = 0;
+
+  // ---- flash dilated attention (the contract: ../shared/specs/dilated-attention.md) ----
+  // q, k, v, o: contiguous [B, N, H, D]; lse: float32 [B, H, N]; bias: [H, num_buckets] or undefined.
+  virtual void dilated_attention_forward(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const Tensor& bias, const AttentionParams& params) = 0;
+  // dq, dk, dv (and dbias when defined) are overwritten.
+  virtual void dilated_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dbias, const Tensor& dout,
+                                          const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
+                                          const Tensor& lse, const Tensor& bias, const AttentionParams& params) = 0;
 
   // ---- optimizers (in place, contiguous) ----
   virtual void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWParams& hp) = 0;
