@@ -29,3 +29,15 @@ GradcheckResult gradcheck(const std::function<Tensor(const std::vector<Tensor>&)
                           const std::vector<Tensor>& inputs, const GradcheckOptions& opts = {});
 
 }  // namespace dilatron
+
+namespace dilatron {
+
+// The library's own gradient checks: one representative awkward case per differentiable op
+// (attention included), run by `dilatron gradcheck` and by the test suite.
+struct GradcheckCase {
+  std::string op;
+  std::function<GradcheckResult()> run;
+};
+const std::vector<GradcheckCase>& builtin_gradcheck_cases();
+
+}  // namespace dilatron

@@ -89,8 +89,8 @@ class Backend {
   virtual void embedding(Tensor& out, const Tensor& weight, const Tensor& indices) = 0;
   // dweight [V, E] (overwritten) = scatter-add of dout [M, E] rows.
   virtual void embedding_backward(Tensor& dweight, const Tensor& dout, const Tensor& indices) = 0;
-  // out = in * keep / (1 - p), keep_i = philox word for element i >= floor(p * 2^32),
-  // counter {i/4 lo, i/4 hi, 0, offset}, key seed. The backward calls it again on the gradient.
+  // out = in * keep / (1 - p), keep_i = philox_word(seed, offset, i) >= floor(p * 2^32), i.e.
+  // counter {i/4 lo, i/4 hi, offset, 0}, key seed, word i % 4. The backward calls it again on the gradient.
   virtual void dropout(Tensor& out, const Tensor& in, double p, uint64_t seed, uint32_t offset) = 0;
 
   // ---- flash dilated attention (the contract: ../shared/specs/dilated-attention.md) ----

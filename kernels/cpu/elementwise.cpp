@@ -1,0 +1,315 @@
+// Elementwise CPU kernels: unary, binary (broadcast inputs arrive as stride-0 views), scalar forms and where.
+#include <array>
+#include <cmath>
+#include <vector>
+
+#include "cpu/cpu_backend.h"
+#include "cpu/cpu_utils.h"
+
+namespace dilatron::kernels {
+namespace {
+
+constexpr int64_t kGrain = 1 << 14;
+
+// N operands over one shape (operand 0 is the contiguous output). Dims are merged wherever every
+// operand is contiguous across them and size-1 dims dropped, so a bias add [B, T, C] + [C] walks
+// [B*T, C] with the bias at row stride 0 and the inner loop sees only unit or zero strides.
+template <size_t N>
+class ElementwiseLoop {
+ public:
+  ElementwiseLoop(const Shape& shape, const std::array<const Shape*, N>& strides) {
+    for (size_t d = 0; d < shape.size(); ++d) {
+      if (shape[d] == 1) continue;
+      bool merge = !shape_.empty();
+      for (size_t k = 0; k < N && merge; ++k) merge = strides_[k].back() == (*strides[k])[d] * shape[d];
+      if (merge) {
+        shape_.back() *= shape[d];
+        for (size_t k = 0; k < N; ++k) strides_[k].back() = (*strides[k])[d];
+      } else {
+        shape_.push_back(shape[d]);
+        for (size_t k = 0; k < N; ++k) strides_[k].push_back((*strides[k])[d]);
+      }
+    }
+    if (shape_.empty()) {  // one element
+      shape_.push_back(1);
+      for (auto& s : strides_) s.push_back(0);
+    }
+  }
+
+  // Strides of the innermost (merged) dim.
+  std::array<int64_t, N> inner_strides() const {
+    std::array<int64_t, N> s;
+    for (size_t k = 0; k < N; ++k) s[k] = strides_[k].back();
+    return s;
+  }
+
+  // Calls f(offsets, len) for each run along the innermost dim within row-major elements [begin, end);
+  // offsets[k] is operand k's element offset at the start of the run.
+  template <typename F>
+  void for_each_run(int64_t begin, int64_t end, F&& f) const {
+    const auto nd = static_cast<int64_t>(shape_.size());
+    const int64_t inner = shape_.back();
+    std::vector<int64_t> coord(static_cast<size_t>(nd), 0);
+    std::array<int64_t, N> base{};  // offsets at coord with the inner index 0
+    int64_t rest = begin / inner;
+    for (int64_t d = nd - 2; d >= 0; --d) {
+      const auto du = static_cast<size_t>(d);
+      coord[du] = rest % shape_[du];
+      rest /= shape_[du];
+      for (size_t k = 0; k < N; ++k) base[k] += coord[du] * strides_[k][du];
+    }
+    int64_t i0 = begin % inner;
+    for (int64_t pos = begin; pos < end;) {
+      const int64_t len = std::min(inner - i0, end - pos);
+      std::array<int64_t, N> run;
+      for (size_t k = 0; k < N; ++k) run[k] = base[k] + i0 * strides_[k].back();
+      f(run, len);
+      pos += len;
+      i0 = 0;
+      for (int64_t d = nd - 2; d >= 0; --d) {  // odometer step over the outer dims
+        const auto du = static_cast<size_t>(d);
+        for (size_t k = 0; k < N; ++k) base[k] += strides_[k][du];
+        if (++coord[du] < shape_[du]) break;
+        for (size_t k = 0; k < N; ++k) base[k] -= strides_[k][du] * shape_[du];
+        coord[du] = 0;
+      }
+    }
+  }
+
+ private:
+  Shape shape_;
+  std::array<Shape, N> strides_;
+};
+
+template <typename T>
+T gelu_exact(T x) {
+  return T(0.5) * x * (T(1) + std::erf(x * T(M_SQRT1_2)));
+}
+// d/dx of x * Phi(x) = Phi(x) + x * phi(x).
+template <typename T>
+T gelu_exact_grad(T x) {
+  const T cdf = T(0.5) * (T(1) + std::erf(x * T(M_SQRT1_2)));
+  const T pdf = std::exp(T(-0.5) * x * x) * T(0.5 * M_2_SQRTPI * M_SQRT1_2);
+  return cdf + x * pdf;
+}
+constexpr double kGeluBeta = M_SQRT2 * M_2_SQRTPI * 0.5;  // sqrt(2 / pi)
+constexpr double kGeluKappa = 0.044715;
+template <typename T>
+T gelu_tanh(T x) {
+  const T inner = T(kGeluBeta) * (x + T(kGeluKappa) * x * x * x);
+  return T(0.5) * x * (T(1) + std::tanh(inner));
+}
+// The same expression as PyTorch's GeluBackward with approximate="tanh".
+template <typename T>
+T gelu_tanh_grad(T x) {
+  const T x_sq = x * x;
+  const T tanh_inner = std::tanh(T(kGeluBeta) * (x + T(kGeluKappa) * x_sq * x));
+  const T left_derivative = T(0.5) * (T(1) + tanh_inner);
+  const T right_derivative =
+      T(0.5) * x * (T(1) - tanh_inner * tanh_inner) * T(kGeluBeta) * (T(1) + T(3 * kGeluKappa) * x_sq);
+  return left_derivative + right_derivative;
+}
+
+// Calls run(f) with f the scalar function of op on T (op dispatched once, outside the loops).
+template <typename T, typename Run>
+void with_unary_op(UnaryOp op, Run&& run) {
+  switch (op) {
+    case UnaryOp::Neg: return run([](T x) { return -x; });
+    case UnaryOp::Exp: return run([](T x) { return std::exp(x); });
+    case UnaryOp::Log: return run([](T x) { return std::log(x); });
+    case UnaryOp::Tanh: return run([](T x) { return std::tanh(x); });
+    case UnaryOp::Sqrt: return run([](T x) { return std::sqrt(x); });
+    case UnaryOp::Rsqrt: return run([](T x) { return T(1) / std::sqrt(x); });
+    case UnaryOp::Relu: return run([](T x) { return x < T(0) ? T(0) : x; });  // NaN passes through
+    case UnaryOp::Gelu: return run([](T x) { return gelu_exact(x); });
+    case UnaryOp::GeluTanh: return run([](T x) { return gelu_tanh(x); });
+    case UnaryOp::Abs: return run([](T x) { return std::abs(x); });
+    case UnaryOp::Square: return run([](T x) { return x * x; });
+    case UnaryOp::Reciprocal: return run([](T x) { return T(1) / x; });
+    case UnaryOp::Sigmoid: return run([](T x) { return T(1) / (T(1) + std::exp(-x)); });
+  }
+  throw Error(detail::concat("unary: unknown op ", static_cast<int>(op)));
+}
+
+bool is_comparison(BinaryOp op) {
+  switch (op) {
+    case BinaryOp::Eq: case BinaryOp::Ne: case BinaryOp::Lt: case BinaryOp::Le: case BinaryOp::Gt: case BinaryOp::Ge:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// Arithmetic ops (out has the inputs' float dtype).
+template <typename T, typename Run>
+void with_arith_op(BinaryOp op, Run&& run) {
+  switch (op) {
+    case BinaryOp::Add: return run([](T a, T b) { return a + b; });
+    case BinaryOp::Sub: return run([](T a, T b) { return a - b; });
+    case BinaryOp::Mul: return run([](T a, T b) { return a * b; });
+    case BinaryOp::Div: return run([](T a, T b) { return a / b; });
+    // NaN in either input propagates, as torch.maximum / torch.minimum.
+    case BinaryOp::Max: return run([](T a, T b) { return (a > b || a != a) ? a : b; });
+    case BinaryOp::Min: return run([](T a, T b) { return (a < b || a != a) ? a : b; });
+    case BinaryOp::Pow: return run([](T a, T b) { return std::pow(a, b); });
+    case BinaryOp::ReluBackward: return run([](T g, T x) { return x > T(0) ? g : T(0); });
+    case BinaryOp::GeluBackward: return run([](T g, T x) { return g * gelu_exact_grad(x); });
+    case BinaryOp::GeluTanhBackward: return run([](T g, T x) { return g * gelu_tanh_grad(x); });
+    default: break;
+  }
+  throw Error(detail::concat("binary: op ", static_cast<int>(op), " is not an arithmetic op"));
+}
+
+// Comparisons (out is Bool), for any input dtype.
+template <typename T, typename Run>
+void with_compare_op(BinaryOp op, Run&& run) {
+  switch (op) {
+    case BinaryOp::Eq: return run([](T a, T b) { return a == b; });
+    case BinaryOp::Ne: return run([](T a, T b) { return a != b; });
+    case BinaryOp::Lt: return run([](T a, T b) { return a < b; });
+    case BinaryOp::Le: return run([](T a, T b) { return a <= b; });
+    case BinaryOp::Gt: return run([](T a, T b) { return a > b; });
+    case BinaryOp::Ge: return run([](T a, T b) { return a >= b; });
+    default: break;
+  }
+  throw Error(detail::concat("binary: op ", static_cast<int>(op), " is not a comparison"));
+}
+
+template <typename O, typename X, typename F>
+void unary_loop(Tensor& out, const Tensor& in, F f) {
+  O* po = static_cast<O*>(out.raw_data());
+  const X* px = static_cast<const X*>(in.raw_data());
+  const ElementwiseLoop<2> loop(out.shape(), {&out.strides(), &in.strides()});
+  const int64_t sx = loop.inner_strides()[1];
+  parallel_for(out.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    loop.for_each_run(begin, end, [&](const std::array<int64_t, 2>& off, int64_t len) {
+      O* o = po + off[0];
+      const X* x = px + off[1];
+      if (sx == 1) {
+        for (int64_t i = 0; i < len; ++i) o[i] = f(x[i]);
+      } else {
+        for (int64_t i = 0; i < len; ++i) o[i] = f(x[i * sx]);
+      }
+    });
+  });
+}
+
+// out = f(a, b) with a and b given as (data, strides) over out's shape; a scalar operand is data with
+// all-zero strides. The unit/zero inner-stride cases get their own loops so they vectorise.
+template <typename O, typename A, typename B, typename F>
+void binary_loop(Tensor& out, const A* pa, const Shape& a_strides, const B* pb, const Shape& b_strides, F f) {
+  O* po = static_cast<O*>(out.raw_data());
+  const ElementwiseLoop<3> loop(out.shape(), {&out.strides(), &a_strides, &b_strides});
+  const auto st = loop.inner_strides();
+  const int64_t sa = st[1], sb = st[2];
+  parallel_for(out.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    loop.for_each_run(begin, end, [&](const std::array<int64_t, 3>& off, int64_t len) {
+      O* o = po + off[0];
+      const A* a = pa + off[1];
+      const B* b = pb + off[2];
+      if (sa == 1 && sb == 1) {
+        for (int64_t i = 0; i < len; ++i) o[i] = f(a[i], b[i]);
+      } else if (sa == 1 && sb == 0) {
+        const B bv = *b;
+        for (int64_t i = 0; i < len; ++i) o[i] = f(a[i], bv);
+      } else if (sa == 0 && sb == 1) {
+        const A av = *a;
+        for (int64_t i = 0; i < len; ++i) o[i] = f(av, b[i]);
+      } else {
+        for (int64_t i = 0; i < len; ++i) o[i] = f(a[i * sa], b[i * sb]);
+      }
+    });
+  });
+}
+
+void check_elementwise_out(const char* what, const Tensor& out, const Tensor& in) {
+  DILATRON_CHECK(out.is_contiguous(), what, ": out must be contiguous");
+  DILATRON_CHECK(in.shape() == out.shape(), what, ": input shape ", shape_str(in.shape()), " != out shape ",
+                 shape_str(out.shape()));
+}
+
+// Dispatches a binary op on the inputs' dtype: run(O{}, T{}, f) with T the input and O the output element type.
+template <typename Run>
+void with_binary_op(const char* what, BinaryOp op, DType in_dtype, const Tensor& out, Run&& run) {
+  if (is_comparison(op)) {
+    DILATRON_CHECK(out.dtype() == DType::Bool, what, ": comparisons write bool, out is ", dtype_name(out.dtype()));
+    dispatch_all(in_dtype, [&](auto tag) {
+      using T = decltype(tag);
+      with_compare_op<T>(op, [&](auto f) { run(bool{}, tag, f); });
+    });
+    return;
+  }
+  DILATRON_CHECK(out.dtype() == in_dtype, what, ": inputs are ", dtype_name(in_dtype), ", out is ",
+                 dtype_name(out.dtype()));
+  dispatch_float(in_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    with_arith_op<T>(op, [&](auto f) { run(tag, tag, f); });
+  });
+}
+
+}  // namespace
+
+void CpuBackend::unary(UnaryOp op, Tensor& out, const Tensor& in) {
+  check_elementwise_out("unary", out, in);
+  DILATRON_CHECK(in.dtype() == out.dtype(), "unary: input is ", dtype_name(in.dtype()), ", out is ",
+                 dtype_name(out.dtype()));
+  dispatch_float(in.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    with_unary_op<T>(op, [&](auto f) { unary_loop<T, T>(out, in, f); });
+  });
+}
+
+void CpuBackend::binary(BinaryOp op, Tensor& out, const Tensor& a, const Tensor& b) {
+  check_elementwise_out("binary", out, a);
+  check_elementwise_out("binary", out, b);
+  DILATRON_CHECK(a.dtype() == b.dtype(), "binary: input dtypes differ: ", dtype_name(a.dtype()), " and ",
+                 dtype_name(b.dtype()));
+  with_binary_op("binary", op, a.dtype(), out, [&](auto out_tag, auto tag, auto f) {
+    using O = decltype(out_tag);
+    using T = decltype(tag);
+    binary_loop<O>(out, a.data<T>(), a.strides(), b.data<T>(), b.strides(), f);
+  });
+}
+
+void CpuBackend::binary_scalar(BinaryOp op, Tensor& out, const Tensor& in, double scalar, bool scalar_first) {
+  if (op == BinaryOp::Pow && !scalar_first && scalar == 2.0) return unary(UnaryOp::Square, out, in);
+  check_elementwise_out("binary_scalar", out, in);
+  // The binary loops with the scalar as an operand of all-zero strides.
+  const Shape scalar_strides(in.shape().size(), 0);
+  with_binary_op("binary_scalar", op, in.dtype(), out, [&](auto out_tag, auto tag, auto f) {
+    using O = decltype(out_tag);
+    using T = decltype(tag);
+    const T s = static_cast<T>(scalar);
+    if (scalar_first) binary_loop<O>(out, &s, scalar_strides, in.data<T>(), in.strides(), f);
+    else binary_loop<O>(out, in.data<T>(), in.strides(), &s, scalar_strides, f);
+  });
+}
+
+void CpuBackend::where(Tensor& out, const Tensor& cond, const Tensor& a, const Tensor& b) {
+  check_elementwise_out("where", out, cond);
+  check_elementwise_out("where", out, a);
+  check_elementwise_out("where", out, b);
+  DILATRON_CHECK(cond.dtype() == DType::Bool, "where: condition must be bool, got ", dtype_name(cond.dtype()));
+  DILATRON_CHECK(a.dtype() == out.dtype() && b.dtype() == out.dtype(), "where: values are ", dtype_name(a.dtype()),
+                 " and ", dtype_name(b.dtype()), ", out is ", dtype_name(out.dtype()));
+  dispatch_all(out.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    T* po = out.data<T>();
+    const bool* pc = cond.data<bool>();
+    const T* pa = a.data<T>();
+    const T* pb = b.data<T>();
+    const ElementwiseLoop<4> loop(out.shape(), {&out.strides(), &cond.strides(), &a.strides(), &b.strides()});
+    const auto st = loop.inner_strides();
+    parallel_for(out.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      loop.for_each_run(begin, end, [&](const std::array<int64_t, 4>& off, int64_t len) {
+        T* o = po + off[0];
+        const bool* c = pc + off[1];
+        const T* x = pa + off[2];
+        const T* y = pb + off[3];
+        for (int64_t i = 0; i < len; ++i) o[i] = c[i * st[1]] ? x[i * st[2]] : y[i * st[3]];
+      });
+    });
+  });
+}
+
+}  // namespace dilatron::kernels

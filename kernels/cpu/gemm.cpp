@@ -1,0 +1,92 @@
+// Batched GEMM on OpenBLAS (row-major CBLAS), with size-1 / stride-0 batches broadcast.
+#include <cblas.h>
+
+#include <algorithm>
+#include <climits>
+
+#include "cpu/cpu_backend.h"
+#include "cpu/cpu_utils.h"
+
+namespace dilatron::kernels {
+namespace {
+
+void blas_gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
+               float beta, float* c, int ldc) {
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda,
+              b, ldb, beta, c, ldc);
+}
+void blas_gemm(bool ta, bool tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b,
+               int ldb, double beta, double* c, int ldc) {
+  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda,
+              b, ldb, beta, c, ldc);
+}
+
+// OpenBLAS runs a GEMM of at most this many multiply-adds on the calling thread alone
+// (GEMM_MULTITHREAD_THRESHOLD 4 x 65536), so such calls can run side by side on our threads
+// without contending for its thread pool; bigger ones get the whole machine from OpenBLAS.
+constexpr double kBlasSingleThreadMacs = 4.0 * 65536.0;
+// Batches per parallel chunk: enough multiply-adds to pay for the thread hand-off.
+constexpr double kMacsPerChunk = 65536.0;
+
+struct Operand {
+  int64_t batch_stride;  // 0 when broadcast
+  int ld;                // row stride of the stored matrix
+};
+
+// Checks one stored operand [batch or 1, rows, cols] with row-major matrices.
+Operand check_operand(const char* name, const Tensor& t, int64_t batch, int64_t rows, int64_t cols) {
+  DILATRON_CHECK(t.dim() == 3 && (t.shape()[0] == batch || t.shape()[0] == 1) && t.shape()[1] == rows &&
+                     t.shape()[2] == cols,
+                 "gemm: ", name, " has shape ", shape_str(t.shape()), ", expected [", batch, " or 1, ", rows, ", ",
+                 cols, "]");
+  const Shape& s = t.strides();
+  DILATRON_CHECK((rows <= 1 || s[1] == cols) && (cols <= 1 || s[2] == 1), "gemm: ", name,
+                 " matrices must be contiguous, got shape ", shape_str(t.shape()), " strides ", shape_str(s));
+  DILATRON_CHECK(rows <= INT_MAX && cols <= INT_MAX, "gemm: ", name, " shape ", shape_str(t.shape()),
+                 " exceeds the BLAS index range");
+  return {t.shape()[0] == 1 ? 0 : s[0], static_cast<int>(std::max<int64_t>(cols, 1))};
+}
+
+}  // namespace
+
+void CpuBackend::gemm(Tensor& out, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, double alpha,
+                      double beta) {
+  DILATRON_CHECK(out.dim() == 3 && out.is_contiguous(), "gemm: out must be a contiguous 3-D tensor, got shape ",
+                 shape_str(out.shape()));
+  DILATRON_CHECK(a.dtype() == out.dtype() && b.dtype() == out.dtype(), "gemm: dtypes ", dtype_name(a.dtype()), " @ ",
+                 dtype_name(b.dtype()), " -> ", dtype_name(out.dtype()));
+  DILATRON_CHECK(a.dim() == 3 && b.dim() == 3, "gemm: expected 3-D operands, got ", shape_str(a.shape()), " and ",
+                 shape_str(b.shape()));
+  const int64_t batch = out.shape()[0], m = out.shape()[1], n = out.shape()[2];
+  const int64_t k = trans_a ? a.shape()[1] : a.shape()[2];
+  const Operand oa = trans_a ? check_operand("a", a, batch, k, m) : check_operand("a", a, batch, m, k);
+  const Operand ob = trans_b ? check_operand("b", b, batch, n, k) : check_operand("b", b, batch, k, n);
+  DILATRON_CHECK(m <= INT_MAX && n <= INT_MAX, "gemm: out shape ", shape_str(out.shape()),
+                 " exceeds the BLAS index range");
+  if (batch == 0 || m == 0 || n == 0) return;
+
+  dispatch_float(out.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* pa = a.data<T>();
+    const T* pb = b.data<T>();
+    T* pc = out.data<T>();
+    const int ldc = static_cast<int>(n);
+    auto run = [&](int64_t i) {
+      blas_gemm(trans_a, trans_b, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<T>(alpha),
+                pa + i * oa.batch_stride, oa.ld, pb + i * ob.batch_stride, ob.ld, static_cast<T>(beta),
+                pc + i * m * n, ldc);
+    };
+    // Each matrix is computed by one BLAS call either way, so the result does not depend on the path.
+    const double macs = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
+    if (batch > 1 && macs <= kBlasSingleThreadMacs) {
+      const auto grain = static_cast<int64_t>(std::max(1.0, kMacsPerChunk / std::max(macs, 1.0)));
+      parallel_for(batch, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) run(i);
+      });
+    } else {
+      for (int64_t i = 0; i < batch; ++i) run(i);
+    }
+  });
+}
+
+}  // namespace dilatron::kernels

@@ -1,0 +1,90 @@
+// The CUDA backend: every Backend method, implemented in the kernels/cuda/*.cu files named below
+// (they mirror kernels/cpu/*.cpp, which define the semantics). Plain C++: no CUDA headers, so
+// tests and tools can include it.
+#pragma once
+
+#include <cstdint>
+
+#include "dilatron/kernels/backend.h"
+
+namespace dilatron::kernels {
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device_index) : index_(device_index) {}
+  Device device() const override { return Device::cuda(index_); }
+
+  // memory.cu
+  void copy(Tensor& out, const Tensor& in) override;
+  void fill(Tensor& out, double value) override;
+  void fill_uniform(Tensor& out, uint64_t seed, uint64_t offset, double low, double high) override;
+  void fill_normal(Tensor& out, uint64_t seed, uint64_t offset, double mean, double std) override;
+
+  // elementwise.cu
+  void unary(UnaryOp op, Tensor& out, const Tensor& in) override;
+  void binary(BinaryOp op, Tensor& out, const Tensor& a, const Tensor& b) override;
+  void binary_scalar(BinaryOp op, Tensor& out, const Tensor& in, double scalar, bool scalar_first) override;
+  void where(Tensor& out, const Tensor& cond, const Tensor& a, const Tensor& b) override;
+
+  // reduce.cu
+  void sum_last(Tensor& out, const Tensor& in) override;
+  void max_last(Tensor& values, Tensor& indices, const Tensor& in) override;
+  void sum_first(Tensor& out, const Tensor& in) override;
+
+  // gemm.cu
+  void gemm(Tensor& out, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, double alpha,
+            double beta) override;
+
+  // nn.cu
+  void softmax_last(Tensor& out, const Tensor& in) override;
+  void softmax_backward_last(Tensor& dx, const Tensor& y, const Tensor& dy) override;
+  void log_softmax_last(Tensor& out, const Tensor& in) override;
+  void log_softmax_backward_last(Tensor& dx, const Tensor& y, const Tensor& dy) override;
+  void cross_entropy(Tensor& loss, Tensor& lse, const Tensor& logits, const Tensor& targets,
+                     int64_t ignore_index) override;
+  void cross_entropy_backward(Tensor& dlogits, const Tensor& dloss, const Tensor& logits, const Tensor& lse,
+                              const Tensor& targets, int64_t ignore_index) override;
+  void layer_norm(Tensor& out, Tensor& mean, Tensor& rstd, const Tensor& x, const Tensor& weight,
+                  const Tensor& bias, double eps) override;
+  void layer_norm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& dy, const Tensor& x,
+                           const Tensor& mean, const Tensor& rstd, const Tensor& weight) override;
+  void embedding(Tensor& out, const Tensor& weight, const Tensor& indices) override;
+  void embedding_backward(Tensor& dweight, const Tensor& dout, const Tensor& indices) override;
+  void dropout(Tensor& out, const Tensor& in, double p, uint64_t seed, uint32_t offset) override;
+
+  // dilated_attention.cu
+  void dilated_attention_forward(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                                 const Tensor& bias, const AttentionParams& params) override;
+  void dilated_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dbias, const Tensor& dout,
+                                  const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
+                                  const Tensor& lse, const Tensor& bias, const AttentionParams& params) override;
+
+  // optim.cu
+  void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWParams& hp) override;
+  double sum_squares(const Tensor& in) override;
+
+ private:
+  int index_;
+};
+
+namespace cuda {
+
+// The caching allocator behind device_alloc/device_free (device.cu). Freed blocks go to per-device
+// free lists keyed by size class and are handed out again, so a training step in steady state
+// makes no cudaMalloc calls.
+struct CacheStats {
+  int64_t device_mallocs = 0;  // cudaMalloc calls so far on this device
+  int64_t cached_bytes = 0;    // bytes in free lists (not counted by memory_stats)
+};
+CacheStats cache_stats(int device_index);
+// Returns every cached block of every device to the driver (cudaFree).
+void empty_cache();
+
+// Dilated attention backward: the deterministic mode (no float atomics; bitwise reproducible dq,
+// at the price of recomputing the scores once more) is on when the environment variable
+// DILATRON_DETERMINISTIC is set to a value other than "0" or "".
+bool deterministic_attention();
+
+}  // namespace cuda
+
+}  // namespace dilatron::kernels

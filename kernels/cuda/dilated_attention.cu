@@ -1,0 +1,921 @@
+// Flash dilated attention on the GPU, forward and backward: the function of
+// /shared/specs/dilated-attention.md (the contract), which kernels/cpu/dilated_attention.cpp also
+// implements. SIMT float32 / float64 kernels (no tensor cores: TF32 would miss the contract's 1e-5).
+//
+// How the work is cut. For branch i = (w, r) and head h, segment s holds the dilated rows
+//     position(m) = s*w + (h mod r) + m*r,   m = 0 .. L-1,
+// and inside one segment the branch is ordinary (optionally causal) attention over those L rows.
+// One launch handles one branch; a block handles one 64-row tile of one segment of one (b, h) and
+// reads the strided rows in place (q/k/v are [B, N, H, D], consecutive rows are r*H*D apart).
+//
+// Branches are merged through one online softmax. The launches run in order on one stream and
+// each carries the running state of its query rows in the outputs themselves: lse holds the
+// running log-normaliser (the max and the sum in one number) and o the normalised output. A
+// branch resumes from (m = lse, l = 1, acc = o), adds its keys, and writes back (m + log l,
+// acc / l). After the last branch this is exactly the softmax over the multiset of (branch, key)
+// occurrences, with no extra buffers. Rows on no branch's grid keep o = 0, lse = -inf.
+//
+// Inside a block, 256 threads form a 16 x 16 grid over the 64 x 64 score tile: thread (ra, cb)
+// owns query rows ra + 16i and key columns cb + 16j (i, j < 4). The 16 threads of a row group
+// are half a warp, so row max/sum are 4 shuffles. Tiles live in shared memory with rows padded by
+// 4 elements: a row group reads the same Q row (a broadcast) and 8 consecutive K rows per
+// 16-byte phase land in distinct banks.
+//
+// Backward (FlashAttention-2 style): a block owns a key tile, keeps K, V and its dK, dV
+// accumulators resident and walks the query tiles, recomputing P from the saved lse. dq is added
+// with float atomics, or, in the deterministic mode (DILATRON_DETERMINISTIC=1), by a second,
+// query-major kernel that recomputes the scores and sums over key tiles in order. dk, dv and
+// dbias never use atomics: every branch's launch adds into dk/dv rows its blocks own exclusively,
+// and dbias goes through per-block partial sums reduced in a fixed order.
+#include <limits>
+#include <type_traits>
+
+#include "cpu/cpu_utils.h"
+#include "cuda/cuda_backend.h"
+#include "cuda/cuda_utils.cuh"
+#include "dilatron/philox.h"
+
+namespace dilatron::kernels {
+namespace {
+
+using cuda::DeviceGuard;
+using cuda::kStream;
+
+constexpr int kTile = 64;              // query rows and key rows per tile
+constexpr int kThreads = 256;          // 16 x 16 threads over a 64 x 64 tile
+constexpr int kGroup = 16;             // threads per row group = row groups per block
+constexpr int kPad = 4;                // shared-memory row padding, in elements
+constexpr int kStrip = 2 * kTile - 1;  // row differences (query - key) inside a tile pair
+constexpr int kStripLen = kStrip + 1;  // storage for a strip, rounded to keep 16-byte alignment
+
+// ---------------------------------------------------------------- small vector helpers
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+template <int N, typename T>
+__device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, N>*>(p);
+}
+template <int N, typename T>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
+  *reinterpret_cast<Vec<T, N>*>(p) = v;
+}
+
+// Column layout of a thread's share of a [64, D] output tile (O, dQ, dK, dV): C = D/16 columns,
+// as NC vectors of VC contiguous elements; the 16 threads of a row group cover a row contiguously.
+template <typename T, int D>
+struct Cols {
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte access
+  static constexpr int C = D / kGroup;
+  static constexpr int VC = C < kVec ? C : kVec;
+  static constexpr int NC = C / VC;
+  __device__ static int col(int cb, int q) { return q * kGroup * VC + cb * VC; }
+};
+
+template <typename T>
+__device__ __forceinline__ T group_max(T v) {
+#pragma unroll
+  for (int lane_mask = kGroup / 2; lane_mask > 0; lane_mask >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, lane_mask));
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ T group_sum(T v) {
+#pragma unroll
+  for (int lane_mask = kGroup / 2; lane_mask > 0; lane_mask >>= 1) v += __shfl_xor_sync(0xffffffffu, v, lane_mask);
+  return v;
+}
+
+template <typename T>
+constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+
+// ---------------------------------------------------------------- parameters and geometry
+
+// Everything a launch needs, by value. Tensors are contiguous: q, k, v, o, dout, dq, dk, dv
+// [B, N, H, D]; lse and delta [B, H, N]; bias [H, num_buckets].
+template <typename T>
+struct Params {
+  const T *q, *k, *v;
+  T *o, *lse;              // forward: the output and the carried softmax state
+  const T *dout, *delta;   // backward: incoming gradient, delta = rowsum(do * o)
+  T *dq, *dk, *dv;
+  T* dbias_partial;        // backward with a bias gradient: one row of num_buckets sums per block
+  const T* bias;           // null when the bias is off
+  const int32_t* buckets;  // bucket of distance n at buckets[n + N - 1]
+  int num_buckets;
+  int64_t B, N, H;
+  T scale;
+  bool causal;
+  bool dropout;
+  uint32_t drop_threshold;  // keep when the Philox word >= this
+  T keep_scale;             // 1 / (1 - p)
+  uint64_t seed;
+  uint32_t offset;
+  // the branch of this launch
+  int64_t w, r;
+  int branch;
+  int64_t tiles_per_segment;
+};
+
+// One block's rows: the dilated rows of (b, h, this branch, one segment), and its own tile.
+struct Slice {
+  int64_t bh, h;
+  int64_t first;   // absolute position of row 0
+  int64_t r;       // position step between rows
+  int64_t L;       // number of rows
+  int64_t tile;    // the block's tile: a query tile (forward, dq) or a key tile (backward)
+  int64_t row0;    // element offset of row 0 in q/k/v/o/do/dq/dk/dv
+  int64_t stride;  // elements between consecutive rows: r * H * D
+  int64_t lse0;    // index of position 0 of (b, h) in lse/delta
+  __device__ int64_t position(int64_t m) const { return first + m * r; }
+  __device__ int64_t offset(int64_t m) const { return row0 + m * stride; }
+};
+
+// Grid: x = segment * tiles_per_segment + tile, (y, z) = b*H + h (split: y is at most 65535).
+// With heavy_first (causal query tiles) a segment's last tiles, which see the most keys, start first.
+template <int D, typename T>
+__device__ Slice locate(const Params<T>& p, bool heavy_first) {
+  Slice s;
+  s.bh = blockIdx.y + int64_t{gridDim.y} * blockIdx.z;
+  s.h = s.bh % p.H;
+  const int64_t b = s.bh / p.H;
+  const int64_t segment = blockIdx.x / p.tiles_per_segment, t = blockIdx.x % p.tiles_per_segment;
+  s.tile = heavy_first ? p.tiles_per_segment - 1 - t : t;
+  const int64_t start = segment * p.w, len = min(p.w, p.N - start), off = s.h % p.r;
+  s.first = start + off;
+  s.r = p.r;
+  s.L = len > off ? (len - off + p.r - 1) / p.r : 0;
+  s.stride = p.r * p.H * D;
+  s.row0 = ((b * p.N + s.first) * p.H + s.h) * D;
+  s.lse0 = s.bh * p.N;
+  return s;
+}
+
+// ---------------------------------------------------------------- tile building blocks
+
+// dst[i] = slice row (first_row + i), i < 64, as 16-byte vectors (consecutive threads read along a
+// row: coalesced). Rows past the slice's end are zeros, so they add nothing (and no NaN) to products.
+template <typename T, int D>
+__device__ void load_rows(T (*dst)[D + kPad], const T* src, const Slice& s, int64_t first_row) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T)), kPerRow = D / kVec;
+  for (int i = threadIdx.x; i < kTile * kPerRow; i += kThreads) {
+    const int row = i / kPerRow, col = (i % kPerRow) * kVec;
+    const int64_t m = first_row + row;
+    Vec<T, kVec> val = {};
+    if (m < s.L) val = load_vec<kVec>(src + s.offset(m) + col);
+    store_vec(&dst[row][col], val);
+  }
+}
+
+// The 127 bias values a tile pair uses: strip[d] = bias[h, bucket(n)] for the distance
+// n = t - j = ((qt - kt) * 64 + d - 63) * r between query row and key row. With bucket_strip, also
+// the bucket (-1 for distances outside the table, which only padding rows produce).
+template <typename T>
+__device__ void load_bias_strip(T* strip, int* bucket_strip, const Params<T>& p, const Slice& s, int64_t tile_diff) {
+  for (int d = threadIdx.x; d < kStrip; d += kThreads) {
+    const int64_t n = (tile_diff * kTile + d - (kTile - 1)) * s.r;
+    const int bucket = (n > -p.N && n < p.N) ? p.buckets[n + p.N - 1] : -1;
+    strip[d] = bucket >= 0 ? p.bias[s.h * p.num_buckets + bucket] : T(0);
+    if (bucket_strip) bucket_strip[d] = bucket;
+  }
+}
+
+// s[i][j] = <A[ra + 16i], B[cb + 16j]>: this thread's 4 x 4 block of a 64 x 64 product over D.
+template <typename T, int D>
+__device__ __forceinline__ void tile_dot(T (&s)[4][4], const T (*A)[D + kPad], const T (*Bm)[D + kPad], int ra,
+                                         int cb) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) s[i][j] = T(0);
+#pragma unroll 4
+  for (int d = 0; d < D; d += kVec) {
+    Vec<T, kVec> a[4], b[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[i] = load_vec<kVec>(&A[ra + kGroup * i][d]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) b[j] = load_vec<kVec>(&Bm[cb + kGroup * j][d]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) s[i][j] += a[i].v[e] * b[j].v[e];
+  }
+}
+
+// acc[i][c] += sum_j P[ra + 16i][j] * X[j][col c]: (64 x 64) @ (64 x D) into this thread's rows
+// ra + 16i and its Cols columns (O += P V, dQ += dS K).
+template <typename T, int D>
+__device__ __forceinline__ void tile_accumulate(T (&acc)[4][Cols<T, D>::C], const T (*P)[kTile + kPad],
+                                                const T (*X)[D + kPad], int ra, int cb) {
+  using L = Cols<T, D>;
+  constexpr int kVec = L::kVec;
+#pragma unroll 2
+  for (int j = 0; j < kTile; j += kVec) {
+    Vec<T, kVec> pv[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pv[i] = load_vec<kVec>(&P[ra + kGroup * i][j]);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      Vec<T, L::VC> x[L::NC];
+#pragma unroll
+      for (int q = 0; q < L::NC; ++q) x[q] = load_vec<L::VC>(&X[j + e][L::col(cb, q)]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int q = 0; q < L::NC; ++q)
+#pragma unroll
+          for (int c = 0; c < L::VC; ++c) acc[i][q * L::VC + c] += pv[i].v[e] * x[q].v[c];
+    }
+  }
+}
+
+// acc[i][c] += sum_q P[q][4 ra + i] * X[q][col c]: (64 x 64)^T @ (64 x D) into this thread's rows
+// 4 ra + i (dV += Pd^T dO, dK += dS^T Q). Rows are contiguous here, so 16-byte reads get all four.
+template <typename T, int D>
+__device__ __forceinline__ void tile_accumulate_transposed(T (&acc)[4][Cols<T, D>::C], const T (*P)[kTile + kPad],
+                                                           const T (*X)[D + kPad], int ra, int cb) {
+  using L = Cols<T, D>;
+  constexpr int kVec = L::kVec < 4 ? L::kVec : 4;
+#pragma unroll 4
+  for (int q = 0; q < kTile; ++q) {
+    Vec<T, 4> pv;
+#pragma unroll
+    for (int h = 0; h < 4; h += kVec) {
+      const Vec<T, kVec> part = load_vec<kVec>(&P[q][4 * ra + h]);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) pv.v[h + e] = part.v[e];
+    }
+    Vec<T, L::VC> x[L::NC];
+#pragma unroll
+    for (int k = 0; k < L::NC; ++k) x[k] = load_vec<L::VC>(&X[q][L::col(cb, k)]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int k = 0; k < L::NC; ++k)
+#pragma unroll
+        for (int c = 0; c < L::VC; ++c) acc[i][k * L::VC + c] += pv.v[i] * x[k].v[c];
+  }
+}
+
+// The contract's dropout bit of (query position t, key position j) in this launch's branch:
+// counter {j/4, t, (b*H + h)*16 + branch, offset}, key seed, word j % 4.
+template <typename T>
+__device__ __forceinline__ bool keep(const Params<T>& p, const Slice& s, int64_t t, int64_t j) {
+  const Philox4 x = philox4x32_10(
+      Philox4{{static_cast<uint32_t>(j >> 2), static_cast<uint32_t>(t), static_cast<uint32_t>(s.bh * 16 + p.branch),
+               p.offset}},
+      static_cast<uint32_t>(p.seed), static_cast<uint32_t>(p.seed >> 32));
+  // Selects, not x.x[j & 3]: a runtime index would put x in local memory.
+  const uint32_t word = (j & 2) ? ((j & 1) ? x.x[3] : x.x[2]) : ((j & 1) ? x.x[1] : x.x[0]);
+  return word >= p.drop_threshold;
+}
+
+// Shared-memory layout (elements of T, then ints), the same for the three kernels' needs:
+//   forward:  Q, K/V (K, then V, in one buffer), P, bias strip
+//   backward: K, V, Q, dO, P/dS, lse, delta, bias strip, diagonal sums, dbias accumulators | bucket strip
+template <typename T, int D>
+struct Smem {
+  static constexpr size_t kRows = size_t{kTile} * (D + kPad);
+  static constexpr size_t kScores = size_t{kTile} * (kTile + kPad);
+  static constexpr size_t forward_bytes = (2 * kRows + kScores + kStripLen) * sizeof(T);
+  static size_t backward_bytes(int num_buckets) {
+    const size_t ts = 4 * kRows + kScores + 2 * kTile + 2 * kStripLen + static_cast<size_t>(num_buckets);
+    return (ts + (ts % 2)) * sizeof(T) + kStripLen * sizeof(int);  // even count keeps the ints 8-byte aligned
+  }
+};
+
+template <typename T, int D>
+struct BackwardShared {
+  T (*K)[D + kPad];
+  T (*V)[D + kPad];
+  T (*Q)[D + kPad];
+  T (*dO)[D + kPad];
+  T (*S)[kTile + kPad];  // P, then dS
+  T* lse;
+  T* delta;
+  T* bias_strip;
+  T* diag;
+  T* dbias;
+  int* bucket_strip;
+
+  __device__ BackwardShared(unsigned char* base, int num_buckets) {
+    using S = Smem<T, D>;
+    T* t = reinterpret_cast<T*>(base);
+    K = reinterpret_cast<T (*)[D + kPad]>(t);
+    V = reinterpret_cast<T (*)[D + kPad]>(t + S::kRows);
+    Q = reinterpret_cast<T (*)[D + kPad]>(t + 2 * S::kRows);
+    dO = reinterpret_cast<T (*)[D + kPad]>(t + 3 * S::kRows);
+    this->S = reinterpret_cast<T (*)[kTile + kPad]>(t + 4 * S::kRows);
+    lse = t + 4 * S::kRows + S::kScores;
+    delta = lse + kTile;
+    bias_strip = delta + kTile;
+    diag = bias_strip + kStripLen;
+    dbias = diag + kStripLen;
+    const size_t ts = 4 * S::kRows + S::kScores + 2 * kTile + 2 * kStripLen + static_cast<size_t>(num_buckets);
+    bucket_strip = reinterpret_cast<int*>(t + ts + (ts % 2));
+  }
+};
+
+// For the tile pair (query tile qt, key tile kt), this thread's 4 x 4 block of
+//   P  = exp(s - lse), 0 where the pair is not visible,   s = scale <q, k> + bias
+//   Pd = P m / (1 - p)                                    (what multiplied v in the forward)
+//   dS = P (dP m / (1 - p) - delta),   dP = <do, v>
+// dS is returned; Pd is written to Pd_out when given (the dV product reads it).
+template <typename T, int D>
+__device__ __forceinline__ void score_gradients(T (&ds)[4][4], T (*Pd_out)[kTile + kPad], const Params<T>& p,
+                                                const Slice& s, int64_t qt, int64_t kt,
+                                                const BackwardShared<T, D>& sh, int ra, int cb) {
+  T sc[4][4], dp[4][4];
+  tile_dot<T, D>(sc, sh.Q, sh.K, ra, cb);
+  tile_dot<T, D>(dp, sh.dO, sh.V, ra, cb);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int rq = ra + kGroup * i;
+    const int64_t mq = qt * kTile + rq;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int rk = cb + kGroup * j;
+      const int64_t mk = kt * kTile + rk;
+      const bool visible = mq < s.L && mk < s.L && (!p.causal || mk <= mq);
+      T prob = T(0), kept = T(1);
+      if (visible) {
+        const T bias = p.bias ? sh.bias_strip[rq - rk + kTile - 1] : T(0);
+        prob = exp(sc[i][j] * p.scale + bias - sh.lse[rq]);
+        if (p.dropout) kept = keep(p, s, s.position(mq), s.position(mk)) ? p.keep_scale : T(0);
+      }
+      if (Pd_out) Pd_out[rq][rk] = prob * kept;
+      ds[i][j] = prob * (dp[i][j] * kept - sh.delta[rq]);
+    }
+  }
+}
+
+// Loads the per-row saved values of a query tile: lse and delta (0 for padding rows).
+template <typename T, int D>
+__device__ void load_row_stats(const BackwardShared<T, D>& sh, const Params<T>& p, const Slice& s, int64_t qt) {
+  for (int r = threadIdx.x; r < kTile; r += kThreads) {
+    const int64_t m = qt * kTile + r;
+    const bool valid = m < s.L;
+    sh.lse[r] = valid ? p.lse[s.lse0 + s.position(m)] : T(0);
+    sh.delta[r] = valid ? p.delta[s.lse0 + s.position(m)] : T(0);
+  }
+}
+
+// ---------------------------------------------------------------- forward
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Params<T> p) {
+  using L = Cols<T, D>;
+  const Slice s = locate<D>(p, p.causal);
+  const int64_t qt = s.tile;
+  if (s.bh >= p.B * p.H || qt * kTile >= s.L) return;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  auto* Qs = reinterpret_cast<T (*)[D + kPad]>(smem);
+  auto* KVs = Qs + kTile;
+  auto* Ps = reinterpret_cast<T (*)[kTile + kPad]>(KVs + kTile);
+  T* bias_strip = reinterpret_cast<T*>(Ps + kTile);
+
+  const int ra = threadIdx.x / kGroup, cb = threadIdx.x % kGroup;
+  load_rows<T, D>(Qs, p.q, s, qt * kTile);
+
+  // Online-softmax state of this thread's 4 rows, resumed from the earlier branches.
+  T m_run[4], l_run[4], acc[4][L::C];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t m = qt * kTile + ra + kGroup * i;
+    const bool valid = m < s.L;
+    m_run[i] = valid ? p.lse[s.lse0 + s.position(m)] : kNegInf<T>;
+    l_run[i] = m_run[i] == kNegInf<T> ? T(0) : T(1);
+#pragma unroll
+    for (int q = 0; q < L::NC; ++q) {
+      Vec<T, L::VC> o = {};
+      if (valid) o = load_vec<L::VC>(p.o + s.offset(m) + L::col(cb, q));
+#pragma unroll
+      for (int c = 0; c < L::VC; ++c) acc[i][q * L::VC + c] = o.v[c];
+    }
+  }
+
+  // Causal: key tiles after the query tile are fully masked and skipped.
+  const int64_t key_tiles = p.causal ? qt + 1 : (s.L + kTile - 1) / kTile;
+  for (int64_t kt = 0; kt < key_tiles; ++kt) {
+    __syncthreads();  // the previous tile's readers of KVs (as V) and Ps are done
+    load_rows<T, D>(KVs, p.k, s, kt * kTile);
+    if (p.bias) load_bias_strip(bias_strip, static_cast<int*>(nullptr), p, s, qt - kt);
+    __syncthreads();
+
+    T sc[4][4];
+    tile_dot<T, D>(sc, Qs, KVs, ra, cb);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int rq = ra + kGroup * i;
+      const int64_t mq = qt * kTile + rq;
+      T row_max = kNegInf<T>;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int rk = cb + kGroup * j;
+        const int64_t mk = kt * kTile + rk;
+        const bool visible = mq < s.L && mk < s.L && (!p.causal || mk <= mq);
+        const T bias = p.bias ? bias_strip[rq - rk + kTile - 1] : T(0);
+        sc[i][j] = visible ? sc[i][j] * p.scale + bias : kNegInf<T>;
+        row_max = max(row_max, sc[i][j]);
+      }
+      row_max = group_max(row_max);
+      const T m_new = max(m_run[i], row_max);
+      const T m_ref = m_new == kNegInf<T> ? T(0) : m_new;  // nothing visible yet: keep exact zeros
+      const T corr = exp(m_run[i] - m_ref);
+      T row_sum = T(0);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        sc[i][j] = exp(sc[i][j] - m_ref);
+        row_sum += sc[i][j];
+      }
+      // The normaliser counts every occurrence; dropout only removes terms from the output.
+      l_run[i] = l_run[i] * corr + group_sum(row_sum);
+      m_run[i] = m_new;
+#pragma unroll
+      for (int c = 0; c < L::C; ++c) acc[i][c] *= corr;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int rk = cb + kGroup * j;
+        T prob = sc[i][j];
+        if (p.dropout && prob != T(0))
+          prob = keep(p, s, s.position(mq), s.position(kt * kTile + rk)) ? prob * p.keep_scale : T(0);
+        Ps[rq][rk] = prob;
+      }
+    }
+    __syncthreads();  // P is complete and nobody reads K any more
+    load_rows<T, D>(KVs, p.v, s, kt * kTile);
+    __syncthreads();
+    tile_accumulate<T, D>(acc, Ps, KVs, ra, cb);
+  }
+
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t m = qt * kTile + ra + kGroup * i;
+    if (m >= s.L) continue;
+    const T inv = T(1) / l_run[i];
+#pragma unroll
+    for (int q = 0; q < L::NC; ++q) {
+      Vec<T, L::VC> o;
+#pragma unroll
+      for (int c = 0; c < L::VC; ++c) o.v[c] = acc[i][q * L::VC + c] * inv;
+      store_vec(p.o + s.offset(m) + L::col(cb, q), o);
+    }
+    if (cb == 0) p.lse[s.lse0 + s.position(m)] = m_run[i] + log(l_run[i]);
+  }
+}
+
+// ---------------------------------------------------------------- backward
+
+// delta[b, h, t] = <do[b, t, h, :], o[b, t, h, :]>, the softmax-gradient row term shared by all
+// branches. One warp per (b, t, h) row.
+template <typename T>
+__global__ void attention_delta_kernel(T* delta, const T* dout, const T* o, int64_t rows, int64_t N, int64_t H,
+                                       int D) {
+  const int64_t row = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;  // whole warps leave together
+  T acc = T(0);
+  for (int d = lane; d < D; d += 32) acc += dout[row * D + d] * o[row * D + d];
+#pragma unroll
+  for (int lane_mask = 16; lane_mask > 0; lane_mask >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, lane_mask);
+  if (lane == 0) {
+    const int64_t h = row % H, t = (row / H) % N, b = row / (H * N);
+    delta[(b * H + h) * N + t] = acc;
+  }
+}
+
+// dbias contributions of one tile pair, from dS in shared memory: diag[d] sums dS over the
+// diagonal (query row - key row = d - 63) in row order; then the thread owning bucket k adds the
+// diagonals that fall in k, in diagonal order. Fixed orders, no atomics: bitwise reproducible.
+template <typename T, int D>
+__device__ void accumulate_dbias(const BackwardShared<T, D>& sh, int num_buckets) {
+  for (int d = threadIdx.x; d < kStrip; d += kThreads) {
+    const int shift = d - (kTile - 1);
+    T sum = T(0);
+    for (int row = max(0, shift); row < min(kTile, kTile + shift); ++row) sum += sh.S[row][row - shift];
+    sh.diag[d] = sum;
+  }
+  __syncthreads();
+  for (int k = threadIdx.x; k < num_buckets; k += kThreads) {
+    T sum = sh.dbias[k];
+    for (int d = 0; d < kStrip; ++d)
+      if (sh.bucket_strip[d] == k) sum += sh.diag[d];
+    sh.dbias[k] = sum;
+  }
+}
+
+// Key-major backward of one branch: this block's key tile gets dK and dV over all query tiles that
+// see it; dq gets its share through atomics unless accumulate_dq is false (deterministic mode).
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Params<T> p, bool accumulate_dq) {
+  using L = Cols<T, D>;
+  const Slice s = locate<D>(p, false);
+  if (s.bh >= p.B * p.H) return;
+  const int64_t kt = s.tile;
+  const bool want_dbias = p.dbias_partial != nullptr;
+  T* partial = want_dbias ? p.dbias_partial + (s.bh * gridDim.x + blockIdx.x) * p.num_buckets : nullptr;
+  if (kt * kTile >= s.L) {  // an empty tile still owns its (zero) partial row
+    for (int k = threadIdx.x; want_dbias && k < p.num_buckets; k += kThreads) partial[k] = T(0);
+    return;
+  }
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  const BackwardShared<T, D> sh(smem, want_dbias ? p.num_buckets : 0);
+  const int ra = threadIdx.x / kGroup, cb = threadIdx.x % kGroup;
+  load_rows<T, D>(sh.K, p.k, s, kt * kTile);
+  load_rows<T, D>(sh.V, p.v, s, kt * kTile);
+  for (int k = threadIdx.x; want_dbias && k < p.num_buckets; k += kThreads) sh.dbias[k] = T(0);
+
+  T dk[4][L::C] = {}, dv[4][L::C] = {};
+  const int64_t query_tiles = (s.L + kTile - 1) / kTile;
+  for (int64_t qt = p.causal ? kt : 0; qt < query_tiles; ++qt) {
+    __syncthreads();  // the previous pair's readers of Q, dO, S and the strips are done
+    load_rows<T, D>(sh.Q, p.q, s, qt * kTile);
+    load_rows<T, D>(sh.dO, p.dout, s, qt * kTile);
+    load_row_stats(sh, p, s, qt);
+    if (p.bias) load_bias_strip(sh.bias_strip, want_dbias ? sh.bucket_strip : nullptr, p, s, qt - kt);
+    __syncthreads();
+
+    T ds[4][4];
+    score_gradients<T, D>(ds, sh.S, p, s, qt, kt, sh, ra, cb);
+    __syncthreads();
+    tile_accumulate_transposed<T, D>(dv, sh.S, sh.dO, ra, cb);
+    __syncthreads();  // done with Pd; S now takes dS
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) sh.S[ra + kGroup * i][cb + kGroup * j] = ds[i][j];
+    __syncthreads();
+    tile_accumulate_transposed<T, D>(dk, sh.S, sh.Q, ra, cb);
+    if (accumulate_dq) {
+      T dq[4][L::C] = {};
+      tile_accumulate<T, D>(dq, sh.S, sh.K, ra, cb);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t m = qt * kTile + ra + kGroup * i;
+        if (m >= s.L) continue;
+        T* row = p.dq + s.offset(m);
+#pragma unroll
+        for (int q = 0; q < L::NC; ++q)
+#pragma unroll
+          for (int c = 0; c < L::VC; ++c) atomicAdd(row + L::col(cb, q) + c, p.scale * dq[i][q * L::VC + c]);
+      }
+    }
+    if (want_dbias) accumulate_dbias(sh, p.num_buckets);
+  }
+
+  // Add this branch's dK, dV to the rows of the key tile (no other block of this launch owns them).
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t m = kt * kTile + 4 * ra + i;
+    if (m >= s.L) continue;
+#pragma unroll
+    for (int q = 0; q < L::NC; ++q) {
+      T* dk_row = p.dk + s.offset(m) + L::col(cb, q);
+      T* dv_row = p.dv + s.offset(m) + L::col(cb, q);
+      Vec<T, L::VC> a = load_vec<L::VC>(dk_row), b = load_vec<L::VC>(dv_row);
+#pragma unroll
+      for (int c = 0; c < L::VC; ++c) {
+        a.v[c] += p.scale * dk[i][q * L::VC + c];
+        b.v[c] += dv[i][q * L::VC + c];
+      }
+      store_vec(dk_row, a);
+      store_vec(dv_row, b);
+    }
+  }
+  if (want_dbias) {
+    __syncthreads();
+    for (int k = threadIdx.x; k < p.num_buckets; k += kThreads) partial[k] = sh.dbias[k];
+  }
+}
+
+// Deterministic dq of one branch: a block owns a query tile, walks its key tiles in order and adds
+// dS K to its rows once at the end (no atomics; costs a second pass over the scores).
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(const Params<T> p) {
+  using L = Cols<T, D>;
+  const Slice s = locate<D>(p, p.causal);
+  const int64_t qt = s.tile;
+  if (s.bh >= p.B * p.H || qt * kTile >= s.L) return;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  const BackwardShared<T, D> sh(smem, 0);
+  const int ra = threadIdx.x / kGroup, cb = threadIdx.x % kGroup;
+  load_rows<T, D>(sh.Q, p.q, s, qt * kTile);
+  load_rows<T, D>(sh.dO, p.dout, s, qt * kTile);
+  load_row_stats(sh, p, s, qt);
+
+  T dq[4][L::C] = {};
+  const int64_t key_tiles = p.causal ? qt + 1 : (s.L + kTile - 1) / kTile;
+  for (int64_t kt = 0; kt < key_tiles; ++kt) {
+    __syncthreads();  // the previous pair's readers of K, V and S are done
+    load_rows<T, D>(sh.K, p.k, s, kt * kTile);
+    load_rows<T, D>(sh.V, p.v, s, kt * kTile);
+    if (p.bias) load_bias_strip(sh.bias_strip, static_cast<int*>(nullptr), p, s, qt - kt);
+    __syncthreads();
+    T ds[4][4];
+    score_gradients<T, D>(ds, nullptr, p, s, qt, kt, sh, ra, cb);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) sh.S[ra + kGroup * i][cb + kGroup * j] = ds[i][j];
+    __syncthreads();
+    tile_accumulate<T, D>(dq, sh.S, sh.K, ra, cb);
+  }
+
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t m = qt * kTile + ra + kGroup * i;
+    if (m >= s.L) continue;
+#pragma unroll
+    for (int q = 0; q < L::NC; ++q) {
+      T* row = p.dq + s.offset(m) + L::col(cb, q);
+      Vec<T, L::VC> a = load_vec<L::VC>(row);
+#pragma unroll
+      for (int c = 0; c < L::VC; ++c) a.v[c] += p.scale * dq[i][q * L::VC + c];
+      store_vec(row, a);
+    }
+  }
+}
+
+// dbias[h, k] += sum over (b, block) of the per-block partial sums of one branch, in a fixed order.
+template <typename T>
+__global__ void attention_dbias_reduce_kernel(T* dbias, const T* partial, int64_t B, int64_t H, int64_t blocks_x,
+                                              int num_buckets) {
+  const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (i >= H * num_buckets) return;
+  const int64_t h = i / num_buckets, k = i % num_buckets;
+  T sum = T(0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t x = 0; x < blocks_x; ++x) sum += partial[((b * H + h) * blocks_x + x) * num_buckets + k];
+  dbias[i] += sum;
+}
+
+// ---------------------------------------------------------------- host side
+
+// One branch's launch shape: x over (segment, tile), (y, z) over b*H + h.
+struct BranchGrid {
+  dim3 grid;
+  int64_t tiles_per_segment;
+};
+BranchGrid branch_grid(int64_t N, int64_t BH, const AttentionBranch& br) {
+  const int64_t rows = (std::min(br.segment, N) + br.dilation - 1) / br.dilation;  // most rows of a segment
+  const int64_t tiles = (rows + kTile - 1) / kTile;
+  const int64_t segments = (N + br.segment - 1) / br.segment;
+  DILATRON_CHECK(segments * tiles < (int64_t{1} << 31), "dilated attention on CUDA: branch (", br.segment, ", ",
+                 br.dilation, ") with N = ", N, " needs ", segments * tiles, " tiles per head, over the 2^31 grid limit");
+  const int64_t y = std::min<int64_t>(BH, 65535);
+  return {dim3(static_cast<unsigned>(segments * tiles), static_cast<unsigned>(y),
+               static_cast<unsigned>((BH + y - 1) / y)),
+          tiles};
+}
+
+template <typename T, typename F>
+void dispatch_head_dim(int64_t D, F&& f) {
+  switch (D) {
+    case 16: return f(std::integral_constant<int, 16>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128:
+      // A float64 backward tile set for D = 128 would need 300 KB of shared memory.
+      if constexpr (std::is_same_v<T, float>) return f(std::integral_constant<int, 128>{});
+      break;
+    default: break;
+  }
+  throw Error(detail::concat("dilated attention on CUDA: head dim D = ", D, " is not supported for ",
+                             dtype_name(dtype_of<T>::value), " (float32: 16, 32, 64, 128; float64: 16, 32, 64)"));
+}
+
+template <typename Kernel>
+void allow_shared_memory(Kernel kernel, size_t bytes) {
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+// The shape and dtype checks common to forward and backward; returns {B, N, H, D}.
+struct Dims {
+  int64_t B, N, H, D;
+};
+Dims check_attention_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias,
+                            const AttentionParams& params, int device_index) {
+  DILATRON_CHECK(q.dim() == 4, op, ": q must be [B, N, H, D], got shape ", shape_str(q.shape()));
+  const Dims d{q.size(0), q.size(1), q.size(2), q.size(3)};
+  for (const auto& [name, t] : {std::pair{"q", &q}, std::pair{"k", &k}, std::pair{"v", &v}}) {
+    DILATRON_CHECK(t->shape() == q.shape() && t->dtype() == q.dtype() && t->is_contiguous(), op, ": ", name,
+                   " must be a contiguous ", dtype_name(q.dtype()), " ", shape_str(q.shape()), " tensor, got ",
+                   dtype_name(t->dtype()), " ", shape_str(t->shape()));
+    cuda::check_on_device(op, name, *t, device_index);
+  }
+  DILATRON_CHECK(!params.schedule.empty() && params.schedule.size() <= 16, op, ": the schedule must have 1 to 16 branches, got ",
+                 params.schedule.size());
+  for (size_t i = 0; i < params.schedule.size(); ++i) {
+    const AttentionBranch& br = params.schedule[i];
+    DILATRON_CHECK(br.segment >= 1 && br.dilation >= 1 && br.dilation <= br.segment, op, ": branch ", i,
+                   " has segment ", br.segment, " and dilation ", br.dilation, " (need 1 <= r <= w)");
+  }
+  DILATRON_CHECK(d.B * d.H < (int64_t{1} << 28) && d.N < (int64_t{1} << 31), op, ": B*H = ", d.B * d.H, " and N = ",
+                 d.N, " must stay below 2^28 and 2^31");
+  if (bias.defined()) {
+    DILATRON_CHECK(bias.dim() == 2 && bias.size(0) == d.H && bias.dtype() == q.dtype() && bias.is_contiguous(), op,
+                   ": bias must be a contiguous ", dtype_name(q.dtype()), " [H = ", d.H, ", num_buckets], got ",
+                   dtype_name(bias.dtype()), " ", shape_str(bias.shape()));
+    cuda::check_on_device(op, "bias", bias, device_index);
+    DILATRON_CHECK(static_cast<int64_t>(params.bucket_of_distance.size()) == 2 * d.N - 1 && params.bucket_base == d.N - 1,
+                   op, ": the bucket table has ", params.bucket_of_distance.size(), " entries with base ",
+                   params.bucket_base, ", expected ", 2 * d.N - 1, " with base ", d.N - 1);
+    const int64_t nb = bias.size(1);
+    for (size_t i = 0; i < params.bucket_of_distance.size(); ++i)
+      DILATRON_CHECK(params.bucket_of_distance[i] >= 0 && params.bucket_of_distance[i] < nb, op, ": bucket table entry ",
+                     i, " (distance ", static_cast<int64_t>(i) - params.bucket_base, ") is ",
+                     params.bucket_of_distance[i], ", outside [0, ", nb, ")");
+  }
+  return d;
+}
+
+void check_output(const char* op, const char* name, const Tensor& t, const Shape& shape, DType dtype,
+                  int device_index) {
+  DILATRON_CHECK(t.shape() == shape && t.dtype() == dtype && t.is_contiguous(), op, ": ", name, " must be a contiguous ",
+                 dtype_name(dtype), " ", shape_str(shape), " tensor, got ", dtype_name(t.dtype()), " ",
+                 shape_str(t.shape()));
+  cuda::check_on_device(op, name, t, device_index);
+}
+
+// The kernels read and write rows as 16-byte vectors: a view whose data starts off that alignment
+// (a storage offset) is copied once into fresh, aligned memory.
+Tensor aligned(const Tensor& t, Backend& backend) {
+  if (!t.defined() || reinterpret_cast<uintptr_t>(t.raw_data()) % 16 == 0) return t;
+  Tensor copy = Tensor::empty(t.shape(), t.options());
+  backend.copy(copy, t);
+  return copy;
+}
+void check_aligned(const char* op, const char* name, const Tensor& t) {
+  DILATRON_CHECK(reinterpret_cast<uintptr_t>(t.raw_data()) % 16 == 0, op, ": ", name,
+                 " must start 16-byte aligned (a fresh tensor does; got a view with storage offset ", t.offset(), ")");
+}
+
+// The bucket table on the device (uploaded per call: it is 4 (2N - 1) bytes).
+struct DeviceBuckets {
+  std::unique_ptr<ScratchBuffer<int32_t>> buffer;
+  DeviceBuckets(const AttentionParams& params, bool enabled, int device_index) {
+    if (!enabled) return;
+    buffer = std::make_unique<ScratchBuffer<int32_t>>(params.bucket_of_distance.size(), Device::cuda(device_index));
+    CUDA_CHECK(cudaMemcpy(buffer->data(), params.bucket_of_distance.data(),
+                          params.bucket_of_distance.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+  }
+  const int32_t* data() const { return buffer ? buffer->data() : nullptr; }
+};
+
+template <typename T>
+Params<T> make_params(const Dims& d, const AttentionParams& ap, const Tensor& bias, const int32_t* buckets) {
+  Params<T> p{};
+  p.B = d.B;
+  p.N = d.N;
+  p.H = d.H;
+  p.scale = static_cast<T>(ap.scale);
+  p.causal = ap.causal;
+  p.dropout = ap.dropout_p > 0.0;
+  p.drop_threshold = dropout_threshold(ap.dropout_p);
+  p.keep_scale = static_cast<T>(1.0 / (1.0 - ap.dropout_p));
+  p.seed = ap.seed;
+  p.offset = ap.offset;
+  p.bias = bias.defined() ? bias.data<T>() : nullptr;
+  p.buckets = buckets;
+  p.num_buckets = bias.defined() ? static_cast<int>(bias.size(1)) : 0;
+  return p;
+}
+
+void set_branch(auto& p, const AttentionBranch& br, int index, const BranchGrid& g) {
+  p.w = br.segment;
+  p.r = br.dilation;
+  p.branch = index;
+  p.tiles_per_segment = g.tiles_per_segment;
+}
+
+}  // namespace
+
+void CudaBackend::dilated_attention_forward(Tensor& o, Tensor& lse, const Tensor& q_in, const Tensor& k_in,
+                                            const Tensor& v_in, const Tensor& bias, const AttentionParams& params) {
+  constexpr const char* op = "dilated_attention_forward";
+  const Dims d = check_attention_inputs(op, q_in, k_in, v_in, bias, params, index_);
+  check_output(op, "o", o, q_in.shape(), q_in.dtype(), index_);
+  check_output(op, "lse", lse, {d.B, d.H, d.N}, q_in.dtype(), index_);
+  check_aligned(op, "o", o);
+  if (o.numel() == 0) return;
+  DeviceGuard guard(index_);
+  const Tensor q = aligned(q_in, *this), k = aligned(k_in, *this), v = aligned(v_in, *this);
+  const DeviceBuckets buckets(params, bias.defined(), index_);
+
+  dispatch_float(q.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_head_dim<T>(d.D, [&](auto dim) {
+      constexpr int D = decltype(dim)::value;
+      Params<T> p = make_params<T>(d, params, bias, buckets.data());
+      p.q = q.data<T>();
+      p.k = k.data<T>();
+      p.v = v.data<T>();
+      p.o = o.data<T>();
+      p.lse = lse.data<T>();
+      // The carried state starts empty: o = 0, lse = -inf (also the final values off every grid).
+      CUDA_CHECK(cudaMemsetAsync(p.o, 0, static_cast<size_t>(o.numel()) * sizeof(T), kStream));
+      fill(lse, -std::numeric_limits<double>::infinity());
+      const size_t smem = Smem<T, D>::forward_bytes;
+      allow_shared_memory(attention_forward_kernel<T, D>, smem);
+      for (size_t i = 0; i < params.schedule.size(); ++i) {
+        const BranchGrid g = branch_grid(d.N, d.B * d.H, params.schedule[i]);
+        set_branch(p, params.schedule[i], static_cast<int>(i), g);
+        attention_forward_kernel<T, D><<<g.grid, kThreads, smem, kStream>>>(p);
+        CUDA_CHECK_LAUNCH();
+      }
+    });
+  });
+}
+
+void CudaBackend::dilated_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dbias, const Tensor& dout_in,
+                                             const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                             const Tensor& o_in, const Tensor& lse, const Tensor& bias,
+                                             const AttentionParams& params) {
+  constexpr const char* op = "dilated_attention_backward";
+  const Dims d = check_attention_inputs(op, q_in, k_in, v_in, bias, params, index_);
+  const std::pair<const char*, const Tensor*> same_as_q[] = {
+      {"dq", &dq}, {"dk", &dk}, {"dv", &dv}, {"dout", &dout_in}, {"o", &o_in}};
+  for (const auto& [name, t] : same_as_q) check_output(op, name, *t, q_in.shape(), q_in.dtype(), index_);
+  for (const auto& [name, t] : same_as_q)
+    if (t != &dout_in && t != &o_in) check_aligned(op, name, *t);
+  check_output(op, "lse", lse, {d.B, d.H, d.N}, q_in.dtype(), index_);
+  if (dbias.defined()) {
+    DILATRON_CHECK(bias.defined(), op, ": dbias given without a bias");
+    check_output(op, "dbias", dbias, bias.shape(), bias.dtype(), index_);
+  }
+  if (dq.numel() == 0) {
+    if (dbias.defined()) fill(dbias, 0.0);
+    return;
+  }
+  DeviceGuard guard(index_);
+  const Device dev = Device::cuda(index_);
+  const Tensor q = aligned(q_in, *this), k = aligned(k_in, *this), v = aligned(v_in, *this);
+  const Tensor o = aligned(o_in, *this), dout = aligned(dout_in, *this);
+  const DeviceBuckets buckets(params, bias.defined(), index_);
+  const bool deterministic = cuda::deterministic_attention();
+  const int64_t BH = d.B * d.H;
+
+  dispatch_float(q.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_head_dim<T>(d.D, [&](auto dim) {
+      constexpr int D = decltype(dim)::value;
+      Params<T> p = make_params<T>(d, params, bias, buckets.data());
+      p.q = q.data<T>();
+      p.k = k.data<T>();
+      p.v = v.data<T>();
+      p.lse = const_cast<T*>(lse.data<T>());  // read only in the backward kernels
+      p.dout = dout.data<T>();
+      p.dq = dq.data<T>();
+      p.dk = dk.data<T>();
+      p.dv = dv.data<T>();
+      const size_t bytes = static_cast<size_t>(dq.numel()) * sizeof(T);
+      for (T* g : {p.dq, p.dk, p.dv}) CUDA_CHECK(cudaMemsetAsync(g, 0, bytes, kStream));
+
+      ScratchBuffer<T> delta(static_cast<size_t>(BH * d.N), dev);
+      const int64_t rows = d.B * d.N * d.H;
+      attention_delta_kernel<T><<<static_cast<unsigned>((rows * 32 + 255) / 256), 256, 0, kStream>>>(
+          delta.data(), p.dout, o.data<T>(), rows, d.N, d.H, static_cast<int>(D));
+      CUDA_CHECK_LAUNCH();
+      p.delta = delta.data();
+
+      // dbias: per-block partial rows, sized for the largest branch grid.
+      const bool want_dbias = dbias.defined();
+      int64_t max_blocks = 0;
+      for (const AttentionBranch& br : params.schedule)
+        max_blocks = std::max<int64_t>(max_blocks, branch_grid(d.N, BH, br).grid.x * BH);
+      ScratchBuffer<T> partial(want_dbias ? static_cast<size_t>(max_blocks * p.num_buckets) : 0, dev);
+      if (want_dbias) fill(dbias, 0.0);
+      p.dbias_partial = want_dbias ? partial.data() : nullptr;
+
+      const size_t smem = Smem<T, D>::backward_bytes(want_dbias ? p.num_buckets : 0);
+      allow_shared_memory(attention_backward_kernel<T, D>, smem);
+      const size_t dq_smem = Smem<T, D>::backward_bytes(0);
+      if (deterministic) allow_shared_memory(attention_backward_dq_kernel<T, D>, dq_smem);
+      for (size_t i = 0; i < params.schedule.size(); ++i) {
+        const BranchGrid g = branch_grid(d.N, BH, params.schedule[i]);
+        set_branch(p, params.schedule[i], static_cast<int>(i), g);
+        attention_backward_kernel<T, D><<<g.grid, kThreads, smem, kStream>>>(p, !deterministic);
+        CUDA_CHECK_LAUNCH();
+        if (deterministic) {
+          attention_backward_dq_kernel<T, D><<<g.grid, kThreads, dq_smem, kStream>>>(p);
+          CUDA_CHECK_LAUNCH();
+        }
+        if (want_dbias) {
+          const int64_t outs = d.H * p.num_buckets;
+          attention_dbias_reduce_kernel<T><<<static_cast<unsigned>((outs + 255) / 256), 256, 0, kStream>>>(
+              dbias.data<T>(), partial.data(), d.B, d.H, g.grid.x, p.num_buckets);
+          CUDA_CHECK_LAUNCH();
+        }
+      }
+    });
+  });
+}
+
+}  // namespace dilatron::kernels

@@ -1,0 +1,71 @@
+// Flash dilated attention (LongNet): the op, its schedule helpers and the relative-position bias
+// buckets. The function is defined in ../shared/specs/dilated-attention.md (the contract).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "dilatron/kernels/dilated_attention.h"
+#include "dilatron/tensor.h"
+
+namespace dilatron {
+
+using kernels::AttentionBranch;
+
+struct DilatedAttentionOptions {
+  std::vector<AttentionBranch> schedule;  // 1..16 branches (w_i, r_i)
+  bool causal = false;
+  std::optional<double> scale;            // default 1/sqrt(D)
+  double dropout = 0.0;                   // on attention probabilities, in [0, 1)
+  uint64_t seed = 0;                      // dropout bits: read only when dropout > 0
+  uint32_t offset = 0;
+  int64_t bias_num_buckets = 32;          // relative-position bias, used when a bias table is given
+  int64_t bias_max_distance = 128;
+};
+
+// q, k, v [B, N, H, D] (same dtype and device); bias: undefined, or the learned table
+// [H, bias_num_buckets]. Returns o [B, N, H, D]. Differentiable in q, k, v and bias.
+Tensor dilated_attention(const Tensor& q, const Tensor& k, const Tensor& v, const DilatedAttentionOptions& opts,
+                         const Tensor& bias = Tensor());
+
+// The same, with the log-sum-exp of each query's scores, lse [B, H, N] (no gradient; -inf for a
+// query on no branch's grid). lse is float32 for float32 inputs and float64 for float64 inputs
+// (a float32 lse would cap the float64 backward at float32 accuracy).
+struct AttentionOutput {
+  Tensor o, lse;
+};
+AttentionOutput dilated_attention_with_lse(const Tensor& q, const Tensor& k, const Tensor& v,
+                                           const DilatedAttentionOptions& opts, const Tensor& bias = Tensor());
+
+// ---- schedules ----
+
+// "2048:1,4096:2" -> {{2048, 1}, {4096, 2}} (segment:dilation, comma separated), validated.
+std::vector<AttentionBranch> parse_schedule(const std::string& text);
+// Throws an Error naming the problem: empty, more than 16 branches, or a branch with w < 1, r < 1
+// or r > w (naming the branch index and its values).
+void validate_schedule(const std::vector<AttentionBranch>& schedule);
+
+// Whether every (query t, head h) lies on some branch's grid; if not, the first uncovered pair in
+// (t, then h) order (both -1 when full).
+struct Coverage {
+  bool full = true;
+  int64_t first_uncovered_t = -1;
+  int64_t first_uncovered_h = -1;
+};
+Coverage schedule_coverage(const std::vector<AttentionBranch>& schedule, int64_t H, int64_t N);
+
+// The exact number of (query, key) score evaluations of one batch element, summed over heads and
+// branches (a key in two branches counts twice): the work the kernels do, for FLOP counting.
+int64_t visited_pairs(const std::vector<AttentionBranch>& schedule, int64_t H, int64_t N, bool causal);
+
+// ---- relative-position bias ----
+
+// The T5 bucket of every distance n = t - j in [-(N-1), N-1], entry n + N - 1 (the contract's
+// formula, thresholds in double). Rejects num_buckets / max_distance that leave the formula
+// undefined (max_exact < 1, max_distance <= max_exact) and, bidirectional, an odd num_buckets
+// (its last bucket could never be used).
+std::vector<int32_t> relative_position_buckets(int64_t N, bool causal, int64_t num_buckets, int64_t max_distance);
+
+}  // namespace dilatron

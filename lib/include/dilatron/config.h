@@ -1,0 +1,60 @@
+// Run configuration from TOML: strict (unknown keys and wrong types are errors naming the key),
+// with `--set section.key=value` overrides applied before validation.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "dilatron/model.h"
+
+namespace dilatron {
+
+struct DataConfig {
+  std::string task = "passkey";  // passkey | text
+  std::string path;              // text: a UTF-8 file
+  int64_t batch_size = 8;
+  double val_fraction = 0.05;    // text
+  int64_t min_distance = 0;      // passkey training: needle at least this many tokens before the answer
+};
+
+struct TrainConfig {
+  int64_t steps = 1000;
+  double lr = 3e-3;
+  double min_lr = 3e-4;
+  int64_t warmup_steps = 50;
+  double weight_decay = 0.1;
+  double beta1 = 0.9, beta2 = 0.95;
+  double grad_clip = 1.0;
+  uint64_t seed = 1;
+  int64_t eval_every = 100;
+  int64_t eval_samples = 64;
+  int64_t checkpoint_every = 500;
+  int64_t keep_checkpoints = 3;
+  int64_t log_every = 1;
+  std::string device = "cpu";
+  std::string dtype = "float32";
+};
+
+struct EvalConfig {
+  std::vector<int64_t> lengths;  // passkey context lengths (default: the training length)
+  int64_t samples = 100;
+  uint64_t seed = 12345;
+  int64_t min_distance = 0;  // passkey: only needles at least this far from the answer (beyond the local segment)
+};
+
+struct RunConfig {
+  std::string source;  // file name, for messages
+  std::string toml;    // the effective config (overrides applied), stored in checkpoints
+  ModelConfig model;
+  DataConfig data;
+  TrainConfig train;
+  EvalConfig eval;
+};
+
+// Parse a TOML document; `source` names it in errors. overrides are "section.key=value" (value
+// parsed as TOML, else taken as a string).
+RunConfig parse_config(const std::string& text, const std::string& source, const std::vector<std::string>& overrides = {});
+RunConfig load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+
+}  // namespace dilatron

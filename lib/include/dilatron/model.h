@@ -1,0 +1,117 @@
+// The decoder-only transformer LM: byte embedding, pre-LayerNorm blocks of dilated multi-head
+// attention (fused qkv projection, output projection) and a GELU MLP, final LayerNorm, output head
+// tied to the embedding (or its own Linear).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dilatron/attention.h"
+#include "dilatron/nn.h"
+#include "dilatron/random.h"
+
+namespace dilatron {
+
+using Schedule = std::vector<AttentionBranch>;
+
+struct ModelConfig {
+  int64_t vocab_size = 259;  // bytes + BOS/EOS/PAD (dilatron/data.h)
+  int64_t seq_len = 2048;    // training context
+  int64_t d_model = 128;
+  int64_t n_layers = 4;
+  int64_t n_heads = 8;
+  int64_t d_ff = 512;
+  double dropout = 0.0;       // embeddings and residual branches
+  double attn_dropout = 0.0;  // attention probabilities (inside the op)
+  std::string positional = "xpos";  // none | rotary | xpos
+  double xpos_scale_base = 512.0;
+  bool rel_pos_bias = false;
+  int64_t bias_buckets = 32;
+  int64_t bias_max_distance = 128;
+  bool tie_embeddings = true;
+  double init_std = 0.02;
+  std::vector<Schedule> layer_schedules;  // one per layer, each covering every (t, h)
+};
+
+// LongNet's geometric schedule: w_k = w0 * ratio^k, r_k = ratio^k for k = 0, 1, ... while w_k < n,
+// then one last branch whose segment is capped at n.
+Schedule geometric_schedule(int64_t w0, int64_t ratio, int64_t n);
+
+// Rotary position embedding (positional = "rotary") or XPOS (positional = "xpos", the contract's
+// definition) for x [B, N, H, D]: pairs (x[2i], x[2i+1]) rotated by t * theta_i and, for XPOS,
+// scaled by zeta_i^(c_t / scale_base) (queries) or its inverse (keys). Built from elementwise ops,
+// so it differentiates and runs on every backend.
+class RotaryEmbedding {
+ public:
+  RotaryEmbedding(std::string kind, int64_t head_dim, double scale_base);
+  // Throws when XPOS scales for length n leave float32's normal range, naming n and the alternatives.
+  Tensor apply(const Tensor& x, bool is_key) const;
+
+ private:
+  struct Tables {
+    Tensor cos_q, sin_q, cos_k, sin_k;  // [N, 1, D/2, 1], scale folded in
+  };
+  const Tables& tables(int64_t n, DType dtype) const;
+
+  std::string kind_;
+  int64_t head_dim_;
+  double scale_base_;
+  mutable std::map<std::pair<int64_t, DType>, Tables> cache_;
+};
+
+// Dropout offsets for the whole model come from one generator, in a fixed order per forward, so
+// (seed, offset) after each step is all a checkpoint needs to replay the masks.
+class DilatedSelfAttention : public nn::Module {
+ public:
+  DilatedSelfAttention(const ModelConfig& c, const Schedule& schedule, Generator& init,
+                       std::shared_ptr<Generator> dropout_gen, TensorOptions opts);
+  Tensor forward(const Tensor& x);  // [B, N, d_model]
+
+  std::shared_ptr<nn::Linear> qkv, proj;
+  Tensor rel_bias;  // [H, buckets] when enabled
+
+ private:
+  int64_t n_heads_, head_dim_;
+  DilatedAttentionOptions attn_;
+  std::shared_ptr<RotaryEmbedding> rotary_;
+  std::shared_ptr<Generator> dropout_gen_;
+};
+
+class TransformerBlock : public nn::Module {
+ public:
+  TransformerBlock(const ModelConfig& c, const Schedule& schedule, Generator& init,
+                   std::shared_ptr<Generator> dropout_gen, TensorOptions opts);
+  Tensor forward(const Tensor& x);
+
+  std::shared_ptr<nn::LayerNorm> ln1, ln2;
+  std::shared_ptr<DilatedSelfAttention> attn;
+  std::shared_ptr<nn::Linear> fc, fc_out;
+  std::shared_ptr<nn::Dropout> drop;
+};
+
+class TransformerLM : public nn::Module {
+ public:
+  // Parameters drawn from Generator(seed); dropout masks from dropout_gen.
+  TransformerLM(const ModelConfig& c, uint64_t seed, std::shared_ptr<Generator> dropout_gen,
+                TensorOptions opts = {});
+  // tokens Int64 [B, T] -> logits [B, T, vocab].
+  Tensor forward(const Tensor& tokens);
+  // batch Int64 [B, T + 1]: mean next-token cross-entropy of columns 1..T given 0..T-1.
+  Tensor loss(const Tensor& batch);
+
+  const ModelConfig& config() const { return config_; }
+
+  std::shared_ptr<nn::Embedding> tok;
+  std::vector<std::shared_ptr<TransformerBlock>> blocks;
+  std::shared_ptr<nn::LayerNorm> ln_f;
+  std::shared_ptr<nn::Linear> head;  // null when tied to tok
+  std::shared_ptr<nn::Dropout> drop;
+
+ private:
+  ModelConfig config_;
+};
+
+}  // namespace dilatron

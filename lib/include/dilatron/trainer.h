@@ -1,0 +1,54 @@
+// The training loop behind `dilatron train`, and the evaluations behind `dilatron eval`.
+#pragma once
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dilatron/config.h"
+#include "dilatron/data.h"
+#include "dilatron/model.h"
+
+namespace dilatron {
+
+struct TrainOptions {
+  std::string out_dir = "runs/default";
+  std::string resume;                         // "", "auto" (latest in out_dir, if any) or a checkpoint path
+  const std::atomic<bool>* stop = nullptr;    // set (by SIGINT) to checkpoint and return early
+  bool progress = true;                       // the live progress line on stderr
+};
+
+struct TrainResult {
+  int64_t first_step = 0;  // 0, or the step resumed from
+  int64_t steps_done = 0;  // the step reached
+  std::vector<double> losses;  // one per step run here
+  std::string last_checkpoint;
+  bool interrupted = false;
+};
+
+TrainResult train(const RunConfig& config, const TrainOptions& options);
+
+// Passkey accuracy: a sample counts when the greedy prediction of all its key digits is right
+// (teacher-forced argmax at every digit, which is the same thing for greedy decoding).
+struct PasskeyAccuracy {
+  int64_t correct = 0, total = 0;
+  double accuracy() const { return total ? static_cast<double>(correct) / static_cast<double>(total) : 0.0; }
+};
+struct PasskeyReport {
+  std::map<int64_t, PasskeyAccuracy> by_length;
+  std::map<int64_t, std::map<data::DistanceBucket, PasskeyAccuracy>> by_length_distance;
+};
+PasskeyReport evaluate_passkey(TransformerLM& model, const std::vector<int64_t>& lengths, int64_t samples,
+                               uint64_t seed, int64_t min_distance, int64_t batch_size);
+std::string format_passkey_report(const PasskeyReport& report);
+
+// Mean next-token loss over up to max_windows validation windows of the text.
+double evaluate_text_loss(TransformerLM& model, const data::TextDataset& text, int64_t seq_len, int64_t max_windows,
+                          int64_t batch_size);
+
+// Builds the model a config describes (parameters from the config's seed).
+std::unique_ptr<TransformerLM> build_model(const RunConfig& config, std::shared_ptr<Generator> dropout_gen);
+
+}  // namespace dilatron

@@ -1,0 +1,216 @@
+#include "dilatron/attention.h"
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <limits>
+
+#include "dilatron/autograd.h"
+#include "dilatron/kernels/backend.h"
+
+namespace dilatron {
+
+using kernels::AttentionParams;
+
+namespace {
+
+constexpr size_t kMaxBranches = 16;  // the dropout stream id packs the branch into 4 bits
+
+// Number of grid points of (dilation r, offset o) in a segment of `len` positions.
+int64_t grid_count(int64_t len, int64_t r, int64_t o) { return len > o ? (len - o - 1) / r + 1 : 0; }
+
+struct DilatedAttentionFunction : autograd::Function<DilatedAttentionFunction> {
+  static const char* name() { return "dilated_attention"; }
+
+  // Returns {o, lse}; the caller detaches lse, so only o carries a gradient.
+  static std::vector<Tensor> forward(autograd::Context& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                                     const Tensor& bias, const AttentionParams& params) {
+    const Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+    const Tensor bc = bias.defined() ? bias.contiguous() : Tensor();
+    const int64_t B = q.size(0), N = q.size(1), H = q.size(2);
+    Tensor o = Tensor::empty(q.shape(), q.options());
+    Tensor lse = Tensor::empty({B, H, N}, q.options());
+    kernels::backend_of(q).dilated_attention_forward(o, lse, qc, kc, vc, bc, params);
+    ctx.save_for_backward({qc, kc, vc, bc, o, lse});
+    ctx.set("params", params);
+    return {o, lse};
+  }
+
+  static std::vector<Tensor> backward(autograd::Context& ctx, const std::vector<Tensor>& grads) {
+    if (!grads[0].defined()) return {};
+    const std::vector<Tensor>& s = ctx.saved();
+    const Tensor &q = s[0], &k = s[1], &v = s[2], &bias = s[3], &o = s[4], &lse = s[5];
+    const Tensor dout = grads[0].contiguous();
+    Tensor dq = Tensor::empty(q.shape(), q.options());
+    Tensor dk = Tensor::empty(k.shape(), k.options());
+    Tensor dv = Tensor::empty(v.shape(), v.options());
+    Tensor dbias = bias.defined() && ctx.needs_input_grad[3] ? Tensor::empty(bias.shape(), bias.options()) : Tensor();
+    kernels::backend_of(q).dilated_attention_backward(dq, dk, dv, dbias, dout, q, k, v, o, lse, bias,
+                                                      ctx.get<AttentionParams>("params"));
+    return {dq, dk, dv, dbias};
+  }
+};
+
+// Checks everything the contract rejects and resolves the kernel parameters.
+AttentionParams make_params(const Tensor& q, const Tensor& k, const Tensor& v, const DilatedAttentionOptions& opts,
+                            const Tensor& bias) {
+  DILATRON_CHECK(q.defined() && k.defined() && v.defined(), "dilated_attention: q, k and v must be defined");
+  DILATRON_CHECK(q.dim() == 4, "dilated_attention: q must be 4-D [B, N, H, D], got shape ", shape_str(q.shape()));
+  DILATRON_CHECK(k.shape() == q.shape() && v.shape() == q.shape(), "dilated_attention: q, k, v shapes differ: q ",
+                 shape_str(q.shape()), ", k ", shape_str(k.shape()), ", v ", shape_str(v.shape()));
+  DILATRON_CHECK(is_floating(q.dtype()), "dilated_attention: q must be float32 or float64, got ",
+                 dtype_name(q.dtype()));
+  DILATRON_CHECK(k.dtype() == q.dtype() && v.dtype() == q.dtype(), "dilated_attention: q, k, v dtypes differ: q ",
+                 dtype_name(q.dtype()), ", k ", dtype_name(k.dtype()), ", v ", dtype_name(v.dtype()));
+  DILATRON_CHECK(k.device() == q.device() && v.device() == q.device(), "dilated_attention: q, k, v devices differ: q ",
+                 q.device().str(), ", k ", k.device().str(), ", v ", v.device().str());
+  validate_schedule(opts.schedule);
+  const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
+  DILATRON_CHECK(B * H < (int64_t{1} << 28), "dilated_attention: B*H = ", B, "*", H, " = ", B * H,
+                 " must be < 2^28 (the dropout stream id (b*H + h)*16 + i is 32-bit)");
+  DILATRON_CHECK(N < (int64_t{1} << 31), "dilated_attention: sequence length N = ", N, " must be < 2^31");
+  const double scale = opts.scale.value_or(1.0 / std::sqrt(static_cast<double>(D)));
+  DILATRON_CHECK(std::isfinite(scale), "dilated_attention: scale must be finite, got ", scale,
+                 opts.scale ? "" : " (the default 1/sqrt(D) with D = 0)");
+  DILATRON_CHECK(opts.dropout >= 0.0 && opts.dropout < 1.0, "dilated_attention: dropout p must be in [0, 1), got ",
+                 opts.dropout);
+
+  AttentionParams params;
+  params.schedule = opts.schedule;
+  params.causal = opts.causal;
+  params.scale = scale;
+  params.dropout_p = opts.dropout;
+  params.seed = opts.seed;
+  params.offset = opts.offset;
+  if (bias.defined()) {
+    DILATRON_CHECK(bias.dim() == 2 && bias.size(0) == H && bias.size(1) == opts.bias_num_buckets,
+                   "dilated_attention: bias must be [H, num_buckets] = [", H, ", ", opts.bias_num_buckets, "], got ",
+                   shape_str(bias.shape()));
+    DILATRON_CHECK(bias.dtype() == q.dtype(), "dilated_attention: bias dtype ", dtype_name(bias.dtype()),
+                   " differs from q's ", dtype_name(q.dtype()));
+    DILATRON_CHECK(bias.device() == q.device(), "dilated_attention: bias device ", bias.device().str(),
+                   " differs from q's ", q.device().str());
+    params.bucket_of_distance =
+        relative_position_buckets(N, opts.causal, opts.bias_num_buckets, opts.bias_max_distance);
+    params.bucket_base = N - 1;
+  }
+  return params;
+}
+
+}  // namespace
+
+AttentionOutput dilated_attention_with_lse(const Tensor& q, const Tensor& k, const Tensor& v,
+                                           const DilatedAttentionOptions& opts, const Tensor& bias) {
+  const AttentionParams params = make_params(q, k, v, opts, bias);
+  std::vector<Tensor> out = DilatedAttentionFunction::apply(q, k, v, bias, params);
+  return {out[0], out[1].detach()};
+}
+
+Tensor dilated_attention(const Tensor& q, const Tensor& k, const Tensor& v, const DilatedAttentionOptions& opts,
+                         const Tensor& bias) {
+  return dilated_attention_with_lse(q, k, v, opts, bias).o;
+}
+
+// ---------------------------------------------------------------- schedules
+
+std::vector<AttentionBranch> parse_schedule(const std::string& text) {
+  std::vector<AttentionBranch> schedule;
+  size_t begin = 0;
+  while (begin <= text.size()) {
+    const size_t end = std::min(text.find(',', begin), text.size());
+    std::string token = text.substr(begin, end - begin);
+    token.erase(0, token.find_first_not_of(" \t"));
+    token.erase(token.find_last_not_of(" \t") + 1);
+    const size_t colon = token.find(':');
+    AttentionBranch branch;
+    auto parse = [](const std::string& s, int64_t& value) {
+      const auto [ptr, ec] = std::from_chars(s.data(), s.data() + s.size(), value);
+      return ec == std::errc() && ptr == s.data() + s.size() && !s.empty();
+    };
+    DILATRON_CHECK(colon != std::string::npos && parse(token.substr(0, colon), branch.segment) &&
+                       parse(token.substr(colon + 1), branch.dilation),
+                   "parse_schedule: bad branch \"", token, "\" (branch ", schedule.size(), ") in \"", text,
+                   "\": expected segment:dilation pairs separated by commas, e.g. \"2048:1,4096:2\"");
+    schedule.push_back(branch);
+    begin = end + 1;
+  }
+  validate_schedule(schedule);
+  return schedule;
+}
+
+void validate_schedule(const std::vector<AttentionBranch>& schedule) {
+  DILATRON_CHECK(!schedule.empty(), "dilated attention schedule is empty: give at least one (segment, dilation)");
+  DILATRON_CHECK(schedule.size() <= kMaxBranches, "dilated attention schedule has ", schedule.size(),
+                 " branches; at most ", kMaxBranches, " are allowed");
+  for (size_t i = 0; i < schedule.size(); ++i) {
+    const auto [w, r] = schedule[i];
+    DILATRON_CHECK(w >= 1, "dilated attention branch ", i, ": segment w = ", w, " must be >= 1");
+    DILATRON_CHECK(r >= 1, "dilated attention branch ", i, ": dilation r = ", r, " must be >= 1");
+    DILATRON_CHECK(r <= w, "dilated attention branch ", i, ": dilation r = ", r, " exceeds segment w = ", w);
+  }
+}
+
+Coverage schedule_coverage(const std::vector<AttentionBranch>& schedule, int64_t H, int64_t N) {
+  validate_schedule(schedule);
+  // A branch with r = 1 has every position on its grid for every head. Otherwise test each
+  // (t, h): coverage is a union of residue classes modulo different segment lengths with ragged
+  // ends, which has no simpler exact form, and N * H * branches stays small (a few million).
+  for (const auto& br : schedule)
+    if (br.dilation == 1) return {};
+  for (int64_t t = 0; t < N; ++t) {
+    for (int64_t h = 0; h < H; ++h) {
+      const bool covered = std::any_of(schedule.begin(), schedule.end(), [&](const AttentionBranch& br) {
+        const int64_t u = t % br.segment, o = h % br.dilation;
+        return u >= o && (u - o) % br.dilation == 0;
+      });
+      if (!covered) return {false, t, h};
+    }
+  }
+  return {};
+}
+
+int64_t visited_pairs(const std::vector<AttentionBranch>& schedule, int64_t H, int64_t N, bool causal) {
+  validate_schedule(schedule);
+  // Per segment with g grid points: g(g+1)/2 pairs causal, g^2 otherwise. Full segments of a
+  // (branch, head) all have the same g; only the ragged last one differs.
+  auto pairs = [causal](int64_t g) { return causal ? g * (g + 1) / 2 : g * g; };
+  int64_t total = 0;
+  for (const auto& [w, r] : schedule) {
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t o = h % r;
+      total += (N / w) * pairs(grid_count(w, r, o)) + pairs(grid_count(N % w, r, o));
+    }
+  }
+  return total;
+}
+
+// ---------------------------------------------------------------- relative-position bias
+
+std::vector<int32_t> relative_position_buckets(int64_t N, bool causal, int64_t num_buckets, int64_t max_distance) {
+  DILATRON_CHECK(N >= 1, "relative_position_buckets: N = ", N, " must be >= 1");
+  DILATRON_CHECK(causal || num_buckets % 2 == 0, "relative-position bias: bidirectional (non-causal) attention "
+                 "needs an even num_buckets (half for each direction), got ", num_buckets);
+  const int64_t nb = causal ? num_buckets : num_buckets / 2;  // buckets per direction
+  const int64_t max_exact = nb / 2;
+  DILATRON_CHECK(max_exact >= 1, "relative-position bias: num_buckets = ", num_buckets, " is too small (need >= ",
+                 causal ? 2 : 4, causal ? " causal)" : " bidirectional)");
+  DILATRON_CHECK(max_distance > max_exact, "relative-position bias: max_distance = ", max_distance,
+                 " must exceed max_exact = ", max_exact, " (the log-spaced buckets span (max_exact, max_distance])");
+  // Bucket of a distance m >= 0 within one direction.
+  const double log_range = std::log(static_cast<double>(max_distance) / static_cast<double>(max_exact));
+  auto bucket = [&](int64_t m) {
+    if (m < max_exact) return m;
+    const double large = std::log(static_cast<double>(m) / static_cast<double>(max_exact)) / log_range *
+                         static_cast<double>(nb - max_exact);
+    return std::min(nb - 1, max_exact + static_cast<int64_t>(std::floor(large)));
+  };
+  std::vector<int32_t> table(static_cast<size_t>(2 * N - 1));
+  for (int64_t m = 0; m < N; ++m) {
+    const int64_t b = bucket(m);
+    table[static_cast<size_t>(N - 1 + m)] = static_cast<int32_t>(b);  // n = t - j = m >= 0
+    if (m > 0) table[static_cast<size_t>(N - 1 - m)] = static_cast<int32_t>(causal ? 0 : nb + b);  // n = -m
+  }
+  return table;
+}
+
+}  // namespace dilatron

@@ -1,0 +1,289 @@
+// TOML run configs. Every key is read through Reader, which checks its type and range and remembers
+// it; whatever is left unread at the end is an unknown key and an error.
+#include "dilatron/config.h"
+
+#include <cmath>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <toml++/toml.h>
+
+#include "dilatron/attention.h"
+#include "dilatron/error.h"
+
+namespace dilatron {
+namespace {
+
+class Reader {
+ public:
+  Reader(toml::table& root, std::string source) : root_(root), source_(std::move(source)) {}
+
+  template <typename T>
+  void read(const std::string& key, T& out) {
+    const toml::node* node = find(key);
+    if (!node) return;
+    if constexpr (std::is_same_v<T, bool>) {
+      if (!node->is_boolean()) type_error(key, *node, "a boolean");
+      out = node->as_boolean()->get();
+    } else if constexpr (std::is_integral_v<T>) {
+      if (!node->is_integer()) type_error(key, *node, "an integer");
+      const int64_t v = node->as_integer()->get();
+      if (std::is_unsigned_v<T> && v < 0) fail(key, "must be >= 0, got " + std::to_string(v));
+      out = static_cast<T>(v);
+    } else if constexpr (std::is_floating_point_v<T>) {
+      if (node->is_integer()) out = static_cast<T>(node->as_integer()->get());
+      else if (node->is_floating_point()) out = static_cast<T>(node->as_floating_point()->get());
+      else type_error(key, *node, "a number");
+    } else if constexpr (std::is_same_v<T, std::string>) {
+      if (!node->is_string()) type_error(key, *node, "a string");
+      out = node->as_string()->get();
+    } else if constexpr (std::is_same_v<T, std::vector<int64_t>>) {
+      const toml::array* arr = node->as_array();
+      if (!arr) type_error(key, *node, "an array of integers");
+      out.clear();
+      for (const auto& el : *arr) {
+        if (!el.is_integer()) type_error(key, el, "an array of integers");
+        out.push_back(el.as_integer()->get());
+      }
+    }
+  }
+
+  template <typename T>
+  void read_range(const std::string& key, T& out, double lo, double hi) {
+    read(key, out);
+    const double v = static_cast<double>(out);
+    if (!(v >= lo && v <= hi)) {
+      std::ostringstream os;
+      os << "must be in [" << lo << ", " << hi << "], got " << v;
+      fail(key, os.str());
+    }
+  }
+
+  // Keys of a table (for per-layer schedules), marking the table itself as known.
+  std::vector<std::string> table_keys(const std::string& key) {
+    const toml::node* node = find(key);
+    if (!node) return {};
+    const toml::table* t = node->as_table();
+    if (!t) type_error(key, *node, "a table");
+    std::vector<std::string> keys;
+    for (const auto& [k, v] : *t) keys.emplace_back(k.str());
+    return keys;
+  }
+
+  [[noreturn]] void fail(const std::string& key, const std::string& what) const {
+    throw Error(source_ + ": key '" + key + "' " + what);
+  }
+
+  // Anything present but never read is a typo or an unsupported option.
+  void reject_unknown() const {
+    std::vector<std::string> unknown;
+    collect_unknown(root_, "", unknown);
+    if (unknown.empty()) return;
+    std::string list;
+    for (const auto& k : unknown) list += (list.empty() ? "'" : ", '") + k + "'";
+    throw Error(source_ + ": unknown key " + list);
+  }
+
+ private:
+  const toml::node* find(const std::string& key) {
+    known_.insert(key);
+    for (size_t p = key.find('.'); p != std::string::npos; p = key.find('.', p + 1)) known_.insert(key.substr(0, p));
+    return root_.at_path(key).node();
+  }
+  [[noreturn]] void type_error(const std::string& key, const toml::node& node, const char* expected) const {
+    std::ostringstream os;
+    os << "must be " << expected << ", got " << node.type();
+    fail(key, os.str());
+  }
+  void collect_unknown(const toml::table& t, const std::string& prefix, std::vector<std::string>& out) const {
+    for (const auto& [k, v] : t) {
+      const std::string key = prefix.empty() ? std::string(k.str()) : prefix + "." + std::string(k.str());
+      if (!known_.count(key)) out.push_back(key);
+      else if (const toml::table* sub = v.as_table()) collect_unknown(*sub, key, out);
+    }
+  }
+
+  toml::table& root_;
+  std::string source_;
+  std::set<std::string> known_;
+};
+
+// "section.key=value": value parsed as TOML (number, bool, array, quoted string), else a bare string.
+void apply_override(toml::table& root, const std::string& assignment, const std::string& source) {
+  const size_t eq = assignment.find('=');
+  DILATRON_CHECK(eq != std::string::npos && eq > 0, "--set ", assignment, ": expected section.key=value");
+  const std::string key = assignment.substr(0, eq), text = assignment.substr(eq + 1);
+  toml::table parsed;
+  try {
+    parsed = toml::parse("v = " + text);
+  } catch (const toml::parse_error&) {
+    parsed.insert_or_assign("v", text);
+  }
+  toml::table* t = &root;
+  std::string rest = key;
+  for (size_t dot; (dot = rest.find('.')) != std::string::npos; rest = rest.substr(dot + 1)) {
+    const std::string part = rest.substr(0, dot);
+    toml::node* child = t->get(part);
+    if (!child) child = &t->insert_or_assign(part, toml::table{}).first->second;
+    DILATRON_CHECK(child->is_table(), source, ": --set ", key, ": '", part, "' is not a section");
+    t = child->as_table();
+  }
+  t->insert_or_assign(rest, *parsed.get("v"));
+}
+
+Schedule read_schedule(Reader& r, const std::string& key, const std::string& text) {
+  try {
+    return parse_schedule(text);
+  } catch (const Error& e) {
+    r.fail(key, std::string("is not a valid schedule: ") + e.what());
+  }
+}
+
+void read_attention(Reader& r, RunConfig& c) {
+  ModelConfig& m = c.model;
+  // One of: schedule (all layers), generator = "geometric" | "local_then_dilated"; then per-layer overrides.
+  std::string schedule, generator;
+  int64_t w0 = 256, ratio = 4, local_segment = 256, local_layers = 1;
+  r.read("attention.schedule", schedule);
+  r.read("attention.generator", generator);
+  r.read_range("attention.w0", w0, 1, 1 << 30);
+  r.read_range("attention.ratio", ratio, 2, 1024);
+  r.read_range("attention.local_segment", local_segment, 1, 1 << 30);
+  r.read_range("attention.local_layers", local_layers, 0, 1 << 20);
+  if (!schedule.empty() && !generator.empty())
+    r.fail("attention.generator", "conflicts with attention.schedule (give one)");
+  Schedule base;
+  if (!schedule.empty()) base = read_schedule(r, "attention.schedule", schedule);
+  m.layer_schedules.clear();
+  for (int64_t l = 0; l < m.n_layers; ++l) {
+    if (generator.empty()) {
+      if (schedule.empty()) r.fail("attention.schedule", "is missing (or give attention.generator)");
+      m.layer_schedules.push_back(base);
+    } else if (generator == "geometric") {
+      m.layer_schedules.push_back(geometric_schedule(w0, ratio, m.seq_len));
+    } else if (generator == "local_then_dilated") {
+      m.layer_schedules.push_back(l < local_layers ? Schedule{{std::min(local_segment, m.seq_len), 1}}
+                                                   : geometric_schedule(w0, ratio, m.seq_len));
+    } else {
+      r.fail("attention.generator", "must be \"geometric\" or \"local_then_dilated\", got \"" + generator + "\"");
+    }
+  }
+  for (const std::string& k : r.table_keys("attention.layers")) {
+    char* end = nullptr;
+    const long l = std::strtol(k.c_str(), &end, 10);
+    const std::string key = "attention.layers." + k;
+    if (*end != '\0' || l < 0 || l >= m.n_layers)
+      r.fail(key, "names no layer (layers are 0.." + std::to_string(m.n_layers - 1) + ")");
+    std::string text;
+    r.read(key, text);
+    m.layer_schedules[static_cast<size_t>(l)] = read_schedule(r, key, text);
+  }
+  for (size_t l = 0; l < m.layer_schedules.size(); ++l) {
+    const Coverage cov = schedule_coverage(m.layer_schedules[l], m.n_heads, m.seq_len);
+    if (!cov.full) {
+      throw Error(c.source + ": layer " + std::to_string(l) + " schedule leaves position " +
+                  std::to_string(cov.first_uncovered_t) + " of head " + std::to_string(cov.first_uncovered_h) +
+                  " unattended (add a branch with dilation 1, or more heads)");
+    }
+  }
+}
+
+}  // namespace
+
+RunConfig parse_config(const std::string& text, const std::string& source, const std::vector<std::string>& overrides) {
+  toml::table root;
+  try {
+    root = toml::parse(text, source);
+  } catch (const toml::parse_error& e) {
+    std::ostringstream os;
+    os << source << ":" << e.source().begin.line << ":" << e.source().begin.column << ": " << e.description();
+    throw Error(os.str());
+  }
+  for (const auto& o : overrides) apply_override(root, o, source);
+
+  RunConfig c;
+  c.source = source;
+  std::ostringstream effective;
+  effective << root;
+  c.toml = effective.str();
+  Reader r(root, source);
+
+  ModelConfig& m = c.model;
+  r.read_range("model.seq_len", m.seq_len, 8, 1 << 24);
+  r.read_range("model.d_model", m.d_model, 1, 1 << 16);
+  r.read_range("model.n_layers", m.n_layers, 1, 1024);
+  r.read_range("model.n_heads", m.n_heads, 1, 1024);
+  r.read_range("model.d_ff", m.d_ff, 1, 1 << 18);
+  r.read_range("model.dropout", m.dropout, 0.0, 0.999);
+  r.read_range("model.attn_dropout", m.attn_dropout, 0.0, 0.999);
+  r.read("model.positional", m.positional);
+  r.read_range("model.xpos_scale_base", m.xpos_scale_base, 1.0, 1e9);
+  r.read("model.rel_pos_bias", m.rel_pos_bias);
+  r.read_range("model.bias_buckets", m.bias_buckets, 2, 1 << 16);
+  r.read_range("model.bias_max_distance", m.bias_max_distance, 2, 1 << 30);
+  r.read("model.tie_embeddings", m.tie_embeddings);
+  r.read_range("model.init_std", m.init_std, 1e-6, 10.0);
+  if (m.d_model % m.n_heads != 0)
+    r.fail("model.n_heads", "must divide model.d_model = " + std::to_string(m.d_model) + ", got " +
+                                std::to_string(m.n_heads));
+  if (m.positional != "none" && m.positional != "rotary" && m.positional != "xpos")
+    r.fail("model.positional", "must be \"none\", \"rotary\" or \"xpos\", got \"" + m.positional + "\"");
+  if (m.positional != "none" && (m.d_model / m.n_heads) % 2 != 0)
+    r.fail("model.positional", "needs an even head dimension, got d_model / n_heads = " +
+                                   std::to_string(m.d_model / m.n_heads));
+  read_attention(r, c);
+
+  DataConfig& d = c.data;
+  r.read("data.task", d.task);
+  r.read("data.path", d.path);
+  r.read_range("data.batch_size", d.batch_size, 1, 1 << 20);
+  r.read_range("data.val_fraction", d.val_fraction, 1e-6, 0.5);
+  r.read_range("data.min_distance", d.min_distance, 0, m.seq_len);
+  if (d.task != "passkey" && d.task != "text") r.fail("data.task", "must be \"passkey\" or \"text\", got \"" + d.task + "\"");
+
+  TrainConfig& t = c.train;
+  r.read_range("train.steps", t.steps, 0, int64_t{1} << 40);
+  r.read_range("train.lr", t.lr, 0.0, 10.0);
+  r.read_range("train.min_lr", t.min_lr, 0.0, 10.0);
+  r.read_range("train.warmup_steps", t.warmup_steps, 0, int64_t{1} << 40);
+  r.read_range("train.weight_decay", t.weight_decay, 0.0, 10.0);
+  r.read_range("train.beta1", t.beta1, 0.0, 0.999999);
+  r.read_range("train.beta2", t.beta2, 0.0, 0.999999);
+  r.read_range("train.grad_clip", t.grad_clip, 0.0, 1e9);
+  r.read("train.seed", t.seed);
+  r.read_range("train.eval_every", t.eval_every, 0, int64_t{1} << 40);
+  r.read_range("train.eval_samples", t.eval_samples, 1, 1 << 20);
+  r.read_range("train.checkpoint_every", t.checkpoint_every, 0, int64_t{1} << 40);
+  r.read_range("train.keep_checkpoints", t.keep_checkpoints, 1, 1 << 20);
+  r.read_range("train.log_every", t.log_every, 1, int64_t{1} << 40);
+  r.read("train.device", t.device);
+  r.read("train.dtype", t.dtype);
+  if (t.dtype != "float32" && t.dtype != "float64") r.fail("train.dtype", "must be \"float32\" or \"float64\", got \"" + t.dtype + "\"");
+  try {
+    Device::parse(t.device);
+  } catch (const Error& e) {
+    r.fail("train.device", e.what());
+  }
+
+  EvalConfig& e = c.eval;
+  r.read("eval.lengths", e.lengths);
+  r.read_range("eval.samples", e.samples, 1, 1 << 20);
+  r.read("eval.seed", e.seed);
+  r.read_range("eval.min_distance", e.min_distance, 0, int64_t{1} << 30);
+  if (e.lengths.empty()) e.lengths = {m.seq_len};
+  for (int64_t len : e.lengths)
+    if (len < 8) r.fail("eval.lengths", "entries must be >= 8, got " + std::to_string(len));
+
+  r.reject_unknown();
+  return c;
+}
+
+RunConfig load_config(const std::string& path, const std::vector<std::string>& overrides) {
+  std::ifstream in(path);
+  DILATRON_CHECK(in.good(), "cannot open config '", path, "'");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return parse_config(ss.str(), path, overrides);
+}
+
+}  // namespace dilatron

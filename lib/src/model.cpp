@@ -1,0 +1,183 @@
+#include "dilatron/model.h"
+
+#include <cfloat>
+#include <cmath>
+
+#include "dilatron/autograd.h"
+#include "dilatron/ops.h"
+
+namespace dilatron {
+
+Schedule geometric_schedule(int64_t w0, int64_t ratio, int64_t n) {
+  DILATRON_CHECK(w0 >= 1 && ratio >= 2 && n >= 1, "geometric schedule: needs w0 >= 1, ratio >= 2, n >= 1; got w0 = ",
+                 w0, ", ratio = ", ratio, ", n = ", n);
+  Schedule s;
+  for (int64_t w = w0, r = 1;; w *= ratio, r *= ratio) {
+    const int64_t seg = std::min(w, n);
+    s.push_back({seg, std::min(r, seg)});
+    if (w >= n || s.size() == 16) break;
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------- rotary / XPOS
+
+RotaryEmbedding::RotaryEmbedding(std::string kind, int64_t head_dim, double scale_base)
+    : kind_(std::move(kind)), head_dim_(head_dim), scale_base_(scale_base) {
+  DILATRON_CHECK(kind_ == "rotary" || kind_ == "xpos", "positional embedding '", kind_, "': expected rotary or xpos");
+  DILATRON_CHECK(head_dim % 2 == 0, "rotary/xpos needs an even head dimension, got ", head_dim);
+}
+
+const RotaryEmbedding::Tables& RotaryEmbedding::tables(int64_t n, DType dtype) const {
+  auto it = cache_.find({n, dtype});
+  if (it != cache_.end()) return it->second;
+  const int64_t half = head_dim_ / 2;
+  const auto size = static_cast<size_t>(n * half);
+  std::vector<double> cq(size), sq(size), ck(size), sk(size);
+  const double d = static_cast<double>(head_dim_);
+  const int64_t c0 = static_cast<int64_t>(std::floor(-static_cast<double>(n) / 2.0));
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t i = 0; i < half; ++i) {
+      const double theta = std::pow(10000.0, -2.0 * static_cast<double>(i) / d);
+      const double angle = static_cast<double>(t) * theta;
+      double scale = 1.0;
+      if (kind_ == "xpos") {
+        const double zeta = (2.0 * static_cast<double>(i) + 0.4 * d) / (1.4 * d);
+        scale = std::pow(zeta, static_cast<double>(t + c0) / scale_base_);
+        // Keys use 1/scale: both must stay normal float32 numbers.
+        DILATRON_CHECK(scale > FLT_MIN && scale < FLT_MAX && 1.0 / scale > FLT_MIN && 1.0 / scale < FLT_MAX,
+                       "xpos: sequence length ", n, " with scale_base ", scale_base_,
+                       " puts the position scale (", scale, " at position ", t,
+                       ") outside float32's range; use a larger model.xpos_scale_base or positional = \"rotary\" "
+                       "(no scale)");
+      }
+      const auto k = static_cast<size_t>(t * half + i);
+      cq[k] = scale * std::cos(angle);
+      sq[k] = scale * std::sin(angle);
+      ck[k] = std::cos(angle) / scale;
+      sk[k] = std::sin(angle) / scale;
+    }
+  }
+  const Shape shape{n, 1, half, 1};
+  Tables tb{Tensor::from_vector(cq, shape, dtype), Tensor::from_vector(sq, shape, dtype),
+            Tensor::from_vector(ck, shape, dtype), Tensor::from_vector(sk, shape, dtype)};
+  return cache_.emplace(std::make_pair(n, dtype), std::move(tb)).first->second;
+}
+
+Tensor RotaryEmbedding::apply(const Tensor& x, bool is_key) const {
+  const int64_t b = x.size(0), n = x.size(1), h = x.size(2);
+  const Tables& tb = tables(n, x.dtype());
+  const Tensor& c = is_key ? tb.cos_k : tb.cos_q;
+  const Tensor& s = is_key ? tb.sin_k : tb.sin_q;
+  Tensor pairs = reshape(x, {b, n, h, head_dim_ / 2, 2});
+  Tensor x0 = narrow(pairs, 4, 0, 1), x1 = narrow(pairs, 4, 1, 1);
+  Tensor y0 = sub(mul(x0, c), mul(x1, s));
+  Tensor y1 = add(mul(x1, c), mul(x0, s));
+  return reshape(cat({y0, y1}, 4), {b, n, h, head_dim_});
+}
+
+// ---------------------------------------------------------------- modules
+
+namespace {
+// GPT-2 initialisation: weights N(0, std), biases zero.
+void init_linear(nn::Linear& l, Generator& gen, double std) {
+  autograd::NoGradGuard g;
+  l.weight.copy_(Tensor::randn(l.weight.shape(), gen, l.weight.options(), 0.0, std));
+  if (l.bias.defined()) l.bias.zero_();
+}
+}  // namespace
+
+DilatedSelfAttention::DilatedSelfAttention(const ModelConfig& c, const Schedule& schedule, Generator& init,
+                                           std::shared_ptr<Generator> dropout_gen, TensorOptions opts)
+    : n_heads_(c.n_heads), head_dim_(c.d_model / c.n_heads), dropout_gen_(std::move(dropout_gen)) {
+  qkv = register_module("qkv", std::make_shared<nn::Linear>(c.d_model, 3 * c.d_model, init, true, opts));
+  proj = register_module("proj", std::make_shared<nn::Linear>(c.d_model, c.d_model, init, true, opts));
+  init_linear(*qkv, init, c.init_std);
+  // Residual projections scaled down with depth (GPT-2).
+  init_linear(*proj, init, c.init_std / std::sqrt(2.0 * static_cast<double>(c.n_layers)));
+  if (c.rel_pos_bias) rel_bias = register_parameter("rel_bias", Tensor::zeros({c.n_heads, c.bias_buckets}, opts));
+  if (c.positional != "none") rotary_ = std::make_shared<RotaryEmbedding>(c.positional, head_dim_, c.xpos_scale_base);
+  validate_schedule(schedule);
+  attn_.schedule = schedule;
+  attn_.causal = true;
+  attn_.dropout = c.attn_dropout;
+  attn_.bias_num_buckets = c.bias_buckets;
+  attn_.bias_max_distance = c.bias_max_distance;
+}
+
+Tensor DilatedSelfAttention::forward(const Tensor& x) {
+  const int64_t b = x.size(0), n = x.size(1), d = x.size(2);
+  Tensor qkv_out = reshape(qkv->forward(x), {b, n, 3, n_heads_, head_dim_});
+  Tensor q = reshape(narrow(qkv_out, 2, 0, 1), {b, n, n_heads_, head_dim_});
+  Tensor k = reshape(narrow(qkv_out, 2, 1, 1), {b, n, n_heads_, head_dim_});
+  Tensor v = reshape(narrow(qkv_out, 2, 2, 1), {b, n, n_heads_, head_dim_});
+  if (rotary_) {
+    q = rotary_->apply(q, false);
+    k = rotary_->apply(k, true);
+  }
+  DilatedAttentionOptions opts = attn_;
+  if (is_training() && opts.dropout > 0.0) {
+    opts.seed = dropout_gen_->seed();
+    opts.offset = static_cast<uint32_t>(dropout_gen_->next_offset());
+  } else {
+    opts.dropout = 0.0;
+  }
+  Tensor o = dilated_attention(q.contiguous(), k.contiguous(), v.contiguous(), opts, rel_bias);
+  return proj->forward(reshape(o, {b, n, d}));
+}
+
+TransformerBlock::TransformerBlock(const ModelConfig& c, const Schedule& schedule, Generator& init,
+                                   std::shared_ptr<Generator> dropout_gen, TensorOptions opts) {
+  ln1 = register_module("ln1", std::make_shared<nn::LayerNorm>(c.d_model, 1e-5, true, opts));
+  attn = register_module("attn", std::make_shared<DilatedSelfAttention>(c, schedule, init, dropout_gen, opts));
+  ln2 = register_module("ln2", std::make_shared<nn::LayerNorm>(c.d_model, 1e-5, true, opts));
+  fc = register_module("fc", std::make_shared<nn::Linear>(c.d_model, c.d_ff, init, true, opts));
+  fc_out = register_module("fc_out", std::make_shared<nn::Linear>(c.d_ff, c.d_model, init, true, opts));
+  init_linear(*fc, init, c.init_std);
+  init_linear(*fc_out, init, c.init_std / std::sqrt(2.0 * static_cast<double>(c.n_layers)));
+  drop = register_module("drop", std::make_shared<nn::Dropout>(c.dropout, dropout_gen));
+}
+
+Tensor TransformerBlock::forward(const Tensor& x) {
+  Tensor h = add(x, drop->forward(attn->forward(ln1->forward(x))));
+  return add(h, drop->forward(fc_out->forward(gelu(fc->forward(ln2->forward(h))))));
+}
+
+TransformerLM::TransformerLM(const ModelConfig& c, uint64_t seed, std::shared_ptr<Generator> dropout_gen,
+                             TensorOptions opts)
+    : config_(c) {
+  DILATRON_CHECK(c.d_model % c.n_heads == 0, "model: n_heads = ", c.n_heads, " must divide d_model = ", c.d_model);
+  DILATRON_CHECK(static_cast<int64_t>(c.layer_schedules.size()) == c.n_layers, "model: ", c.layer_schedules.size(),
+                 " layer schedules for n_layers = ", c.n_layers);
+  Generator init(seed);
+  tok = register_module("tok", std::make_shared<nn::Embedding>(c.vocab_size, c.d_model, init, c.init_std, opts));
+  drop = register_module("drop", std::make_shared<nn::Dropout>(c.dropout, dropout_gen));
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    blocks.push_back(register_module(
+        "blocks." + std::to_string(l),
+        std::make_shared<TransformerBlock>(c, c.layer_schedules[static_cast<size_t>(l)], init, dropout_gen, opts)));
+  }
+  ln_f = register_module("ln_f", std::make_shared<nn::LayerNorm>(c.d_model, 1e-5, true, opts));
+  if (!c.tie_embeddings) {
+    head = register_module("head", std::make_shared<nn::Linear>(c.d_model, c.vocab_size, init, false, opts));
+    init_linear(*head, init, c.init_std);
+  }
+}
+
+Tensor TransformerLM::forward(const Tensor& tokens) {
+  DILATRON_CHECK(tokens.dim() == 2 && tokens.dtype() == DType::Int64, "TransformerLM: tokens must be int64 [B, T], got ",
+                 dtype_name(tokens.dtype()), " ", shape_str(tokens.shape()));
+  Tensor x = drop->forward(tok->forward(tokens.contiguous()));
+  for (auto& block : blocks) x = block->forward(x);
+  x = ln_f->forward(x);
+  return head ? head->forward(x) : matmul(x, transpose(tok->weight, 0, 1));
+}
+
+Tensor TransformerLM::loss(const Tensor& batch) {
+  const int64_t b = batch.size(0), t = batch.size(1) - 1;
+  Tensor logits = forward(narrow(batch, 1, 0, t));
+  Tensor targets = narrow(batch, 1, 1, t).contiguous();
+  return cross_entropy(reshape(logits, {b * t, config_.vocab_size}), reshape(targets, {b * t}));
+}
+
+}  // namespace dilatron

@@ -1,0 +1,267 @@
+#include "dilatron/trainer.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "dilatron/autograd.h"
+#include "dilatron/checkpoint.h"
+#include "dilatron/ops.h"
+#include "dilatron/optim.h"
+
+namespace dilatron {
+namespace fs = std::filesystem;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+TensorOptions model_options(const RunConfig& c) {
+  return TensorOptions(dtype_from_name(c.train.dtype)).with_device(Device::parse(c.train.device));
+}
+
+std::string format_eta(double seconds) {
+  const auto s = static_cast<int64_t>(std::max(0.0, seconds));
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%lld:%02lld:%02lld", static_cast<long long>(s / 3600),
+                static_cast<long long>(s / 60 % 60), static_cast<long long>(s % 60));
+  return buf;
+}
+
+// Training batches of either task, drawn from one generator.
+class Batches {
+ public:
+  explicit Batches(const RunConfig& c) : seq_len_(c.model.seq_len), batch_(c.data.batch_size) {
+    if (c.data.task == "passkey") {
+      data::PasskeyOptions o;
+      o.seq_len = seq_len_;
+      o.min_distance = c.data.min_distance;
+      o.seed = c.train.seed;
+      passkey_ = std::make_unique<data::PasskeyTask>(o);
+    } else {
+      DILATRON_CHECK(!c.data.path.empty(), c.source, ": data.task = \"text\" needs data.path (a UTF-8 file)");
+      text_ = std::make_unique<data::TextDataset>(c.data.path, c.data.val_fraction);
+    }
+  }
+  Tensor next(Generator& gen) const {
+    return passkey_ ? passkey_->batch(gen, batch_) : text_->sample_batch(data::Split::Train, batch_, seq_len_, gen);
+  }
+  const data::TextDataset* text() const { return text_.get(); }
+
+ private:
+  int64_t seq_len_, batch_;
+  std::unique_ptr<data::PasskeyTask> passkey_;
+  std::unique_ptr<data::TextDataset> text_;
+};
+
+void append_line(const std::string& path, const std::string& line) {
+  std::ofstream out(path, std::ios::app);
+  out << line << "\n";
+}
+
+std::string passkey_json(int64_t step, const PasskeyReport& r) {
+  std::ostringstream os;
+  os << "{\"step\": " << step << ", \"eval\": \"passkey\", \"by_length\": {";
+  bool first = true;
+  for (const auto& [len, acc] : r.by_length) {
+    os << (first ? "" : ", ") << "\"" << len << "\": " << acc.accuracy();
+    first = false;
+  }
+  os << "}, \"by_distance\": {";
+  first = true;
+  for (const auto& [len, buckets] : r.by_length_distance)
+    for (const auto& [bucket, acc] : buckets) {
+      os << (first ? "" : ", ") << "\"" << len << " " << bucket.label() << "\": " << acc.accuracy();
+      first = false;
+    }
+  os << "}}";
+  return os.str();
+}
+
+}  // namespace
+
+std::unique_ptr<TransformerLM> build_model(const RunConfig& config, std::shared_ptr<Generator> dropout_gen) {
+  return std::make_unique<TransformerLM>(config.model, config.train.seed, std::move(dropout_gen), model_options(config));
+}
+
+TrainResult train(const RunConfig& c, const TrainOptions& o) {
+  fs::create_directories(o.out_dir);
+  const std::string metrics_path = (fs::path(o.out_dir) / "metrics.jsonl").string();
+  {
+    std::ofstream cfg(fs::path(o.out_dir) / "config.toml");
+    cfg << c.toml;
+  }
+  // Stream ids keep data and dropout apart from the parameter init stream (seed itself).
+  auto dropout_gen = std::make_shared<Generator>(c.train.seed ^ 0x64726f706f7574ull);
+  Generator data_gen(c.train.seed ^ 0x64617461ull);
+  auto model = build_model(c, dropout_gen);
+  optim::AdamWOptions ao;
+  ao.beta1 = c.train.beta1;
+  ao.beta2 = c.train.beta2;
+  optim::AdamW opt(optim::weight_decay_groups(model->named_parameters(), c.train.lr, c.train.weight_decay), ao);
+  const optim::WarmupCosine schedule(c.train.lr, c.train.warmup_steps, c.train.steps, c.train.min_lr);
+  CheckpointDir ckpts((fs::path(o.out_dir) / "checkpoints").string(), c.train.keep_checkpoints);
+  const Batches batches(c);
+
+  TrainingState st;
+  st.data_seed = data_gen.seed();
+  st.dropout_seed = dropout_gen->seed();
+  std::string resume_path = o.resume;
+  if (resume_path == "auto") resume_path = ckpts.latest().value_or("");
+  if (!resume_path.empty()) {
+    st = load_checkpoint(resume_path, *model, &opt);
+    data_gen.set_state(st.data_seed, st.data_offset);
+    dropout_gen->set_state(st.dropout_seed, st.dropout_offset);
+    std::fprintf(stderr, "resumed from %s at step %lld\n", resume_path.c_str(), static_cast<long long>(st.step));
+  }
+
+  TrainResult res;
+  res.first_step = st.step;
+  auto save = [&] {
+    st.data_offset = data_gen.offset();
+    st.dropout_offset = dropout_gen->offset();
+    res.last_checkpoint = ckpts.save(*model, &opt, st, c.toml);
+  };
+  auto evaluate = [&] {
+    model->eval();
+    if (c.data.task == "passkey") {
+      const PasskeyReport r = evaluate_passkey(*model, c.eval.lengths, c.train.eval_samples, c.eval.seed,
+                                               c.eval.min_distance, c.data.batch_size);
+      append_line(metrics_path, passkey_json(st.step, r));
+      if (o.progress) std::fprintf(stderr, "\n%s", format_passkey_report(r).c_str());
+    } else {
+      const double vl = evaluate_text_loss(*model, *batches.text(), c.model.seq_len, c.train.eval_samples,
+                                           c.data.batch_size);
+      append_line(metrics_path, "{\"step\": " + std::to_string(st.step) + ", \"val_loss\": " + std::to_string(vl) + "}");
+      if (o.progress) std::fprintf(stderr, "\nstep %lld: val loss %.4f\n", static_cast<long long>(st.step), vl);
+    }
+    model->train();
+  };
+
+  const bool tty = isatty(STDERR_FILENO);
+  const auto t0 = Clock::now();
+  const int64_t tokens_per_step = c.data.batch_size * c.model.seq_len;
+  model->train();
+  while (st.step < c.train.steps) {
+    if (o.stop && o.stop->load()) {
+      res.interrupted = true;
+      break;
+    }
+    const auto ts = Clock::now();
+    const double lr = schedule.lr_at(st.step);
+    opt.set_lr(lr);
+    Tensor batch = batches.next(data_gen).to(Device::parse(c.train.device));
+    Tensor loss = model->loss(batch);
+    loss.backward();
+    const double gnorm = c.train.grad_clip > 0 ? optim::clip_grad_norm_(model->parameters(), c.train.grad_clip) : 0.0;
+    opt.step();
+    opt.zero_grad();
+    ++st.step;
+    st.tokens_seen += tokens_per_step;
+    const double l = loss.item();
+    res.losses.push_back(l);
+    DILATRON_CHECK(std::isfinite(l), "training diverged at step ", st.step, ": loss ", l, " (lower train.lr?)");
+
+    const double step_s = std::chrono::duration<double>(Clock::now() - ts).count();
+    const double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
+    const double tok_s = static_cast<double>(tokens_per_step) / step_s;
+    const int64_t done_here = st.step - res.first_step;
+    const double eta = elapsed / static_cast<double>(done_here) * static_cast<double>(c.train.steps - st.step);
+    char line[256];
+    std::snprintf(line, sizeof line, "{\"step\": %lld, \"loss\": %.6f, \"lr\": %.6g, \"grad_norm\": %.4f, "
+                  "\"tokens_per_s\": %.1f, \"elapsed_s\": %.2f}", static_cast<long long>(st.step), l, lr, gnorm,
+                  tok_s, elapsed);
+    append_line(metrics_path, line);
+    if (o.progress && (st.step % c.train.log_every == 0 || st.step == c.train.steps)) {
+      std::fprintf(stderr, "%sstep %lld/%lld | loss %.4f | %.0f tok/s | lr %.2e | ETA %s%s", tty ? "\r" : "",
+                   static_cast<long long>(st.step), static_cast<long long>(c.train.steps), l, tok_s, lr,
+                   format_eta(eta).c_str(), tty ? "   " : "\n");
+    }
+    if (c.train.eval_every > 0 && st.step % c.train.eval_every == 0 && st.step < c.train.steps) evaluate();
+    if (c.train.checkpoint_every > 0 && st.step % c.train.checkpoint_every == 0) save();
+  }
+  if (o.progress && tty) std::fprintf(stderr, "\n");
+  if (res.last_checkpoint.empty() || st.step % std::max<int64_t>(c.train.checkpoint_every, 1) != 0 ||
+      res.interrupted)
+    save();
+  if (!res.interrupted && c.train.eval_every > 0) evaluate();
+  res.steps_done = st.step;
+  return res;
+}
+
+// ---------------------------------------------------------------- evaluation
+
+PasskeyReport evaluate_passkey(TransformerLM& model, const std::vector<int64_t>& lengths, int64_t samples,
+                               uint64_t seed, int64_t min_distance, int64_t batch_size) {
+  autograd::NoGradGuard no_grad;
+  const Device device = model.tok->weight.device();
+  PasskeyReport report;
+  for (int64_t len : lengths) {
+    data::PasskeyOptions po;
+    po.seq_len = len;
+    po.min_distance = std::min(min_distance, len);
+    const data::PasskeyTask task(po);
+    const std::vector<data::PasskeySample> set = task.eval_set(samples, seed);
+    for (size_t first = 0; first < set.size(); first += static_cast<size_t>(batch_size)) {
+      const size_t count = std::min(set.size() - first, static_cast<size_t>(batch_size));
+      std::vector<int64_t> ids;
+      for (size_t i = 0; i < count; ++i)
+        ids.insert(ids.end(), set[first + i].tokens.begin(), set[first + i].tokens.end() - 1);
+      Tensor logits = model.forward(Tensor::from_vector(ids, {static_cast<int64_t>(count), len}).to(device));
+      const int64_t digits = po.digits;
+      for (size_t i = 0; i < count; ++i) {
+        const data::PasskeySample& s = set[first + i];
+        // The digit at tokens[answer_start + d] is predicted at input position answer_start + d - 1.
+        Tensor rows = narrow(narrow(logits, 0, static_cast<int64_t>(i), 1), 1, s.answer_start - 1, digits);
+        const std::vector<int64_t> pred = max(rows, -1).indices.to_vector<int64_t>();
+        bool ok = true;
+        for (int64_t d = 0; d < digits; ++d) ok = ok && pred[static_cast<size_t>(d)] == s.tokens[static_cast<size_t>(s.answer_start + d)];
+        for (PasskeyAccuracy* acc : {&report.by_length[len], &report.by_length_distance[len][data::distance_bucket(s.distance)]}) {
+          acc->correct += ok;
+          acc->total += 1;
+        }
+      }
+    }
+  }
+  return report;
+}
+
+std::string format_passkey_report(const PasskeyReport& r) {
+  std::ostringstream os;
+  char buf[128];
+  os << "passkey accuracy (all digits right, greedy)\n";
+  std::snprintf(buf, sizeof buf, "%-8s %-18s %8s %8s\n", "length", "needle distance", "samples", "accuracy");
+  os << buf;
+  for (const auto& [len, acc] : r.by_length) {
+    for (const auto& [bucket, b] : r.by_length_distance.at(len)) {
+      std::snprintf(buf, sizeof buf, "%-8lld %-18s %8lld %7.1f%%\n", static_cast<long long>(len), bucket.label().c_str(),
+                    static_cast<long long>(b.total), 100.0 * b.accuracy());
+      os << buf;
+    }
+    std::snprintf(buf, sizeof buf, "%-8lld %-18s %8lld %7.1f%%\n", static_cast<long long>(len), "all",
+                  static_cast<long long>(acc.total), 100.0 * acc.accuracy());
+    os << buf;
+  }
+  return os.str();
+}
+
+double evaluate_text_loss(TransformerLM& model, const data::TextDataset& text, int64_t seq_len, int64_t max_windows,
+                          int64_t batch_size) {
+  autograd::NoGradGuard no_grad;
+  const int64_t n = std::min(text.num_windows(data::Split::Validation, seq_len), max_windows);
+  DILATRON_CHECK(n > 0, "'", text.path(), "': the validation split holds no window of ", seq_len + 1, " bytes");
+  double total = 0.0;
+  for (int64_t first = 0; first < n; first += batch_size) {
+    const int64_t count = std::min(batch_size, n - first);
+    Tensor w = text.windows(data::Split::Validation, seq_len, first, count).to(model.tok->weight.device());
+    total += model.loss(w).item() * static_cast<double>(count);
+  }
+  return total / static_cast<double>(n);
+}
+
+}  // namespace dilatron

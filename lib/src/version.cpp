@@ -1,0 +1,5 @@
+#include "dilatron/version.h"
+
+namespace dilatron {
+const char* version() { return DILATRON_VERSION; }
+}  // namespace dilatron

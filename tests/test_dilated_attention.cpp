@@ -1,0 +1,541 @@
+// Flash dilated attention: the kernels against the literal float64 reference (attention_reference.h)
+// over a grid of shapes and options, gradchecks, equivalences with ordinary attention, dropout
+// bits, input validation, memory use, and the schedule / bias-bucket helpers.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "attention_reference.h"
+#include "dilatron/attention.h"
+#include "dilatron/autograd.h"
+#include "dilatron/gradcheck.h"
+#include "dilatron/ops.h"
+#include "dilatron/philox.h"
+#include "dilatron/random.h"
+#include "dilatron/storage.h"
+
+#ifdef DILATRON_WITH_CUDA
+#include <curand.h>
+#endif
+
+using namespace dilatron;
+namespace ref = dilatron::attention_reference;
+
+namespace {
+
+// max over elements of |got - want| / max(|want|, 1); equal infinities (lse of uncovered queries)
+// count as exact, any other non-finite value as an infinite error.
+double max_error(const std::vector<double>& got, const std::vector<double>& want) {
+  EXPECT_EQ(got.size(), want.size());
+  double worst = 0.0;
+  for (size_t i = 0; i < std::min(got.size(), want.size()); ++i) {
+    if (got[i] == want[i]) continue;
+    const double err = std::abs(got[i] - want[i]) / std::max(std::abs(want[i]), 1.0);
+    worst = std::max(worst, std::isfinite(err) ? err : std::numeric_limits<double>::infinity());
+  }
+  return worst;
+}
+
+// Runs f and checks that it throws a dilatron::Error whose message contains every part.
+void expect_error(const std::function<void()>& f, const std::vector<std::string>& parts) {
+  try {
+    f();
+    ADD_FAILURE() << "no error thrown; expected one mentioning \"" << parts.front() << "\"";
+  } catch (const Error& e) {
+    for (const auto& part : parts)
+      EXPECT_NE(std::string(e.what()).find(part), std::string::npos)
+          << "error message \"" << e.what() << "\" does not mention \"" << part << "\"";
+  }
+}
+
+Tensor from_values(const std::vector<double>& values, const Shape& shape, DType dtype, bool requires_grad = false) {
+  return Tensor::from_vector(values, shape, TensorOptions(dtype).with_requires_grad(requires_grad));
+}
+
+std::vector<double> random_values(const Shape& shape, Generator& gen, double std = 1.0) {
+  // Drawn in float32 so that float32 and float64 runs see the same inputs.
+  return Tensor::randn(shape, gen, DType::Float32, 0.0, std).to_vector<double>();
+}
+
+// A naive dense attention of one (b, h) over the positions `pos` (ascending): softmax over the keys
+// pos[c] (c <= a when causal) of query pos[a]; used for the equivalence tests.
+std::vector<double> naive_attention(const std::vector<double>& q, const std::vector<double>& k,
+                                    const std::vector<double>& v, int64_t N, int64_t H, int64_t D, int64_t h,
+                                    const std::vector<int64_t>& pos, bool causal) {
+  std::vector<double> o(static_cast<size_t>(N * H * D), 0.0);
+  auto row = [&](int64_t t) { return static_cast<size_t>((t * H + h) * D); };
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  for (size_t a = 0; a < pos.size(); ++a) {
+    const size_t keys = causal ? a + 1 : pos.size();
+    std::vector<double> s(keys);
+    for (size_t c = 0; c < keys; ++c) {
+      double dot = 0.0;
+      for (int64_t d = 0; d < D; ++d) dot += q[row(pos[a]) + d] * k[row(pos[c]) + d];
+      s[c] = dot * scale;
+    }
+    const double mx = *std::max_element(s.begin(), s.end());
+    double Z = 0.0;
+    for (double x : s) Z += std::exp(x - mx);
+    for (size_t c = 0; c < keys; ++c)
+      for (int64_t d = 0; d < D; ++d) o[row(pos[a]) + d] += std::exp(s[c] - mx) / Z * v[row(pos[c]) + d];
+  }
+  return o;
+}
+
+// ---------------------------------------------------------------- kernels vs reference
+
+struct Case {
+  std::string name;
+  int64_t B, N, H, D;
+  std::string schedule;
+  bool causal;
+  double dropout;
+  bool bias;
+};
+
+// Every value of every axis appears at least once: causal or not; 1 to 4 branches; N = 97, 100,
+// 1025 (w dividing N and not); r = 1, 2, 3, 5 with H above and below r (and queries on no grid);
+// D = 16, 32, 64; B = 1, 2; dropout 0 and 0.3; bias on and off.
+const std::vector<Case> kCases = {
+    {"one_branch_w_eq_n_causal", 1, 97, 2, 16, "97:1", true, 0.0, false},
+    {"uncovered_queries_dropout_bias", 2, 100, 3, 32, "32:2,64:4", false, 0.3, true},
+    {"three_branches_causal_dropout_bias", 1, 97, 4, 64, "16:1,40:3,97:5", true, 0.3, true},
+    {"four_branches_bias", 2, 100, 6, 16, "20:1,25:5,50:2,100:3", false, 0.0, true},
+    {"long_ragged_causal_dropout_bias", 1, 1025, 2, 32, "256:1,1024:4", true, 0.3, true},
+    {"long_dilated_one_head", 1, 1025, 1, 64, "100:2,300:3,1025:5", false, 0.0, false},
+    {"short_segments_causal_dropout", 1, 100, 5, 16, "7:1,13:3", true, 0.3, false},
+    {"w_above_n_and_r_eq_w", 2, 97, 3, 32, "128:1,4:4", false, 0.0, false},
+    {"segments_dividing_n_causal_bias", 1, 100, 2, 64, "50:1,25:5,10:2", true, 0.0, true},
+};
+
+class DilatedAttentionVsReference : public ::testing::TestWithParam<Case> {};
+
+TEST_P(DilatedAttentionVsReference, ForwardAndBackward) {
+  const Case& c = GetParam();
+  const Shape shape{c.B, c.N, c.H, c.D};
+  Generator gen(1234);
+  ref::Problem p;
+  p.B = c.B, p.N = c.N, p.H = c.H, p.D = c.D;
+  p.schedule = parse_schedule(c.schedule);
+  p.causal = c.causal;
+  p.scale = 1.0 / std::sqrt(static_cast<double>(c.D));
+  p.p = c.dropout;
+  p.seed = 0x9e3779b97f4a7c15ULL;
+  p.offset = 7;
+  p.num_buckets = 8;
+  p.max_distance = 40;
+  p.q = random_values(shape, gen);
+  p.k = random_values(shape, gen);
+  p.v = random_values(shape, gen);
+  if (c.bias) p.bias = random_values({c.H, p.num_buckets}, gen);
+  const std::vector<double> dout = random_values(shape, gen);
+  const ref::Forward want = ref::forward(p);
+  const ref::Grads want_grads = ref::backward(p, want, dout);
+
+  DilatedAttentionOptions opts;
+  opts.schedule = p.schedule;
+  opts.causal = c.causal;
+  opts.dropout = c.dropout;
+  opts.seed = p.seed;
+  opts.offset = p.offset;
+  opts.bias_num_buckets = p.num_buckets;
+  opts.bias_max_distance = p.max_distance;
+  for (DType dtype : {DType::Float64, DType::Float32}) {
+    SCOPED_TRACE(dtype_name(dtype));
+    const double tol = 0;
+    Tensor q = from_values(p.q, shape, dtype, true), k = from_values(p.k, shape, dtype, true),
+           v = from_values(p.v, shape, dtype, true);
+    Tensor bias = c.bias ? from_values(p.bias, {c.H, p.num_buckets}, dtype, true) : Tensor();
+    const AttentionOutput out = dilated_attention_with_lse(q, k, v, opts, bias);
+    EXPECT_EQ(out.lse.dtype(), dtype);
+    EXPECT_EQ(out.lse.shape(), (Shape{c.B, c.H, c.N}));
+    EXPECT_LE(max_error(out.o.to_vector<double>(), want.o), tol) << "o";
+    EXPECT_LE(max_error(out.lse.to_vector<double>(), want.lse), tol) << "lse";
+    out.o.backward(from_values(dout, shape, dtype));
+    EXPECT_LE(max_error(q.grad().to_vector<double>(), want_grads.dq), tol) << "dq";
+    EXPECT_LE(max_error(k.grad().to_vector<double>(), want_grads.dk), tol) << "dk";
+    EXPECT_LE(max_error(v.grad().to_vector<double>(), want_grads.dv), tol) << "dv";
+    if (c.bias) {
+      EXPECT_LE(max_error(bias.grad().to_vector<double>(), want_grads.dbias), tol) << "dbias";
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(DilatedAttention, DilatedAttentionVsReference, ::testing::ValuesIn(kCases),
+                         [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+
+TEST(DilatedAttention, UncoveredQueriesGetZeroOutputAndNoGradient) {
+  // H = 1, r = 2: odd positions are on no grid.
+  Generator gen(5);
+  const Shape shape{1, 10, 1, 4};
+  Tensor q = Tensor::randn(shape, gen, DType::Float64).requires_grad_();
+  Tensor k = Tensor::randn(shape, gen, DType::Float64).requires_grad_();
+  Tensor v = Tensor::randn(shape, gen, DType::Float64).requires_grad_();
+  DilatedAttentionOptions opts;
+  opts.schedule = parse_schedule("10:2");
+  const AttentionOutput out = dilated_attention_with_lse(q, k, v, opts);
+  out.o.sum().backward();
+  for (int64_t t = 0; t < 10; ++t) {
+    const bool covered = t % 2 == 0;
+    EXPECT_EQ(std::isinf(out.lse.at({0, 0, t})), !covered) << t;
+    for (int64_t d = 0; d < 4; ++d) {
+      if (covered) continue;
+      EXPECT_EQ(out.o.at({0, t, 0, d}), 0.0);
+      EXPECT_EQ(q.grad().at({0, t, 0, d}), 0.0);
+      EXPECT_EQ(k.grad().at({0, t, 0, d}), 0.0);
+      EXPECT_EQ(v.grad().at({0, t, 0, d}), 0.0);
+    }
+  }
+}
+
+TEST(DilatedAttention, DeterministicAcrossRuns) {
+  Generator gen(11);
+  const Shape shape{2, 300, 3, 16};
+  DilatedAttentionOptions opts;
+  opts.schedule = parse_schedule("64:1,128:2,300:3");
+  opts.causal = true;
+  opts.dropout = 0.2;
+  Tensor q = Tensor::randn(shape, gen), k = Tensor::randn(shape, gen), v = Tensor::randn(shape, gen);
+  Tensor bias = Tensor::randn({3, 32}, gen);
+  const Tensor dout = Tensor::randn(shape, gen);
+  std::vector<std::vector<float>> first;
+  for (int run = 0; run < 2; ++run) {
+    Tensor qr = q.clone().requires_grad_(), kr = k.clone().requires_grad_(), vr = v.clone().requires_grad_(),
+           br = bias.clone().requires_grad_();
+    Tensor o = dilated_attention(qr, kr, vr, opts, br);
+    o.backward(dout);
+    const std::vector<std::vector<float>> got = {o.to_vector<float>(), qr.grad().to_vector<float>(),
+                                                 kr.grad().to_vector<float>(), vr.grad().to_vector<float>(),
+                                                 br.grad().to_vector<float>()};
+    if (run == 0) first = got;
+    else EXPECT_EQ(got, first);
+  }
+}
+
+// ---------------------------------------------------------------- gradcheck
+
+TEST(DilatedAttentionGradcheck, QKVAndBias) {
+  struct Options {
+    const char* schedule;
+    bool causal;
+    double dropout;
+  };
+  for (const Options& c : {Options{"4:1,6:2", false, 0.0}, Options{"4:1,9:3", true, 0.0},
+                           Options{"5:1,6:2", false, 0.3}, Options{"3:1,9:2", true, 0.3}}) {
+    SCOPED_TRACE(c.schedule);
+    Generator gen(21);
+    const Shape shape{2, 9, 2, 3};
+    DilatedAttentionOptions opts;
+    opts.schedule = parse_schedule(c.schedule);
+    opts.causal = c.causal;
+    opts.dropout = c.dropout;
+    opts.seed = 99;
+    opts.bias_num_buckets = 6;
+    opts.bias_max_distance = 8;
+    const TensorOptions f64 = TensorOptions(DType::Float64).with_requires_grad();
+    const std::vector<Tensor> inputs = {Tensor::randn(shape, gen, f64), Tensor::randn(shape, gen, f64),
+                                        Tensor::randn(shape, gen, f64), Tensor::randn({2, 6}, gen, f64)};
+    const GradcheckResult r = gradcheck(
+        [&](const std::vector<Tensor>& x) { return dilated_attention(x[0], x[1], x[2], opts, x[3]); }, inputs);
+    EXPECT_TRUE(r.ok) << r.message;
+  }
+}
+
+// ---------------------------------------------------------------- equivalences
+
+struct QKV {
+  std::vector<double> q, k, v;
+  Tensor tq, tk, tv;
+};
+QKV random_qkv(const Shape& shape, uint64_t seed) {
+  Generator gen(seed);
+  QKV x;
+  x.q = random_values(shape, gen), x.k = random_values(shape, gen), x.v = random_values(shape, gen);
+  x.tq = from_values(x.q, shape, DType::Float64), x.tk = from_values(x.k, shape, DType::Float64);
+  x.tv = from_values(x.v, shape, DType::Float64);
+  return x;
+}
+
+TEST(DilatedAttentionEquivalence, OneDenseBranchIsOrdinaryAttention) {
+  const int64_t N = 70, H = 2, D = 8;
+  const QKV x = random_qkv({1, N, H, D}, 3);
+  std::vector<int64_t> all(N);
+  for (int64_t t = 0; t < N; ++t) all[static_cast<size_t>(t)] = t;
+  for (bool causal : {false, true}) {
+    for (int64_t w : {N, 2 * N}) {
+      DilatedAttentionOptions opts;
+      opts.schedule = {{w, 1}};
+      opts.causal = causal;
+      const std::vector<double> got = dilated_attention(x.tq, x.tk, x.tv, opts).to_vector<double>();
+      std::vector<double> want(got.size(), 0.0);
+      for (int64_t h = 0; h < H; ++h) {
+        const std::vector<double> o = naive_attention(x.q, x.k, x.v, N, H, D, h, all, causal);
+        for (int64_t t = 0; t < N; ++t)
+          for (int64_t d = 0; d < D; ++d) want[static_cast<size_t>((t * H + h) * D + d)] = o[static_cast<size_t>((t * H + h) * D + d)];
+      }
+      EXPECT_LE(max_error(got, want), 1e-12) << "causal " << causal << ", w " << w;
+    }
+  }
+}
+
+TEST(DilatedAttentionEquivalence, DilationTwoIsAttentionOverTheHeadsResidue) {
+  const int64_t N = 71, H = 3, D = 8;
+  const QKV x = random_qkv({1, N, H, D}, 4);
+  for (bool causal : {false, true}) {
+    DilatedAttentionOptions opts;
+    opts.schedule = {{N, 2}};
+    opts.causal = causal;
+    const std::vector<double> got = dilated_attention(x.tq, x.tk, x.tv, opts).to_vector<double>();
+    std::vector<double> want(got.size(), 0.0);
+    for (int64_t h = 0; h < H; ++h) {
+      std::vector<int64_t> residue;  // positions t = h mod 2 (mod 2)
+      for (int64_t t = h % 2; t < N; t += 2) residue.push_back(t);
+      const std::vector<double> o = naive_attention(x.q, x.k, x.v, N, H, D, h, residue, causal);
+      for (int64_t t = 0; t < N; ++t)
+        for (int64_t d = 0; d < D; ++d) want[static_cast<size_t>((t * H + h) * D + d)] += o[static_cast<size_t>((t * H + h) * D + d)];
+    }
+    EXPECT_LE(max_error(got, want), 1e-12) << "causal " << causal;
+  }
+}
+
+TEST(DilatedAttentionEquivalence, HalfLengthSegmentsAreTwoIndependentHalves) {
+  const int64_t N = 96, H = 3, D = 8;
+  const QKV x = random_qkv({2, N, H, D}, 5);
+  DilatedAttentionOptions opts;
+  opts.schedule = {{N / 2, 1}, {N / 2, 2}};
+  opts.causal = true;
+  const Tensor whole = dilated_attention(x.tq, x.tk, x.tv, opts);
+  for (int64_t half = 0; half < 2; ++half) {
+    auto part = [&](const Tensor& t) { return t.narrow(1, half * N / 2, N / 2).contiguous(); };
+    const Tensor o = dilated_attention(part(x.tq), part(x.tk), part(x.tv), opts);
+    EXPECT_LE(max_error(part(whole).to_vector<double>(), o.to_vector<double>()), 1e-12) << "half " << half;
+  }
+}
+
+// ---------------------------------------------------------------- dropout
+
+TEST(DilatedAttentionDropout, SameSeedAndOffsetSameMaskOtherwiseDifferent) {
+  Generator gen(8);
+  const Shape shape{1, 128, 2, 8};
+  Tensor q = Tensor::randn(shape, gen), k = Tensor::randn(shape, gen), v = Tensor::randn(shape, gen);
+  DilatedAttentionOptions opts;
+  opts.schedule = parse_schedule("64:1,128:2");
+  opts.dropout = 0.3;
+  opts.seed = 42;
+  opts.offset = 3;
+  auto run = [&](uint64_t seed, uint32_t offset) {
+    DilatedAttentionOptions o = opts;
+    o.seed = seed, o.offset = offset;
+    return dilated_attention(q, k, v, o).to_vector<float>();
+  };
+  const std::vector<float> base = run(42, 3);
+  EXPECT_EQ(run(42, 3), base);
+  EXPECT_NE(run(42, 4), base);
+  EXPECT_NE(run(43, 3), base);
+  opts.dropout = 0.0;
+  const std::vector<float> no_dropout = dilated_attention(q, k, v, opts).to_vector<float>();
+  EXPECT_NE(no_dropout, base);
+}
+
+TEST(DilatedAttentionDropout, KeptFractionIsOneMinusP) {
+  // q = k = 0 makes every probability 1/N, and v = 1 with D = 1 makes o[t] = kept(t) / (N (1 - p)):
+  // the mean of o * (1 - p) is the kept fraction over all B*H*N*N (query, key) pairs.
+  const int64_t N = 2048, H = 2;
+  const Shape shape{1, N, H, 1};
+  const Tensor zeros = Tensor::zeros(shape), ones = Tensor::ones(shape);
+  for (double p : {0.3, 0.75}) {
+    DilatedAttentionOptions opts;
+    opts.schedule = {{N, 1}};
+    opts.dropout = p;
+    opts.seed = 2024;
+    const std::vector<double> o = dilated_attention(zeros, zeros, ones, opts).to_vector<double>();
+    double mean = 0.0;
+    for (double x : o) mean += x;
+    mean /= static_cast<double>(o.size());
+    EXPECT_NEAR(mean * (1.0 - p), 1.0 - p, 0.005) << "p = " << p;
+  }
+}
+
+#ifdef DILATRON_WITH_CUDA
+TEST(DilatedAttentionDropout, PhiloxMatchesCurandHostGenerator) {
+  curandGenerator_t gen;
+  const curandStatus_t status = curandCreateGeneratorHost(&gen, CURAND_RNG_PSEUDO_PHILOX4_32_10);
+  if (status != CURAND_STATUS_SUCCESS) GTEST_SKIP() << "curandCreateGeneratorHost failed: curandStatus " << status;
+  const uint64_t seed = 0x0123456789abcdefULL;
+  ASSERT_EQ(curandSetPseudoRandomGeneratorSeed(gen, seed), CURAND_STATUS_SUCCESS);
+  constexpr size_t n = size_t{1} << 21;  // 8 blocks of each of the 65536 subsequences
+  std::vector<uint32_t> words(n);
+  ASSERT_EQ(curandGenerate(gen, words.data(), n), CURAND_STATUS_SUCCESS);
+  curandDestroyGenerator(gen);
+  // cuRAND's host Philox stream (default ordering) interleaves 65536 subsequences one 4-word block
+  // at a time: block b of the stream is step b / 65536 of subsequence b % 65536, whose counter is
+  // {step lo, step hi, subsequence lo, subsequence hi} with key {seed lo, seed hi}; that is
+  // philox_word(seed, offset = subsequence, 4 * step + word).
+  size_t mismatches = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const uint64_t block = i / 4, subsequence = block % 65536, step = block / 65536;
+    if (philox_word(seed, subsequence, 4 * step + i % 4) != words[i] && mismatches++ == 0)
+      ADD_FAILURE() << "first mismatch at word " << i;
+  }
+  EXPECT_EQ(mismatches, 0u);
+}
+#endif
+
+// ---------------------------------------------------------------- bad input
+
+TEST(DilatedAttentionValidation, RejectsEveryInvalidInputNamingTheValue) {
+  Generator gen(1);
+  const Shape shape{1, 8, 2, 4};
+  const Tensor q = Tensor::randn(shape, gen), k = Tensor::randn(shape, gen), v = Tensor::randn(shape, gen);
+  DilatedAttentionOptions good;
+  good.schedule = parse_schedule("4:1,8:2");
+  auto run = [&](const DilatedAttentionOptions& o, const Tensor& qq, const Tensor& kk, const Tensor& vv,
+                 const Tensor& bias = Tensor()) { return [=] { dilated_attention(qq, kk, vv, o, bias); }; };
+  auto with = [&](const std::function<void(DilatedAttentionOptions&)>& edit) {
+    DilatedAttentionOptions o = good;
+    edit(o);
+    return o;
+  };
+
+  expect_error(run(with([](auto& o) { o.schedule.clear(); }), q, k, v), {"empty"});
+  expect_error(run(with([](auto& o) { o.schedule.assign(17, {8, 1}); }), q, k, v), {"17 branches", "16"});
+  expect_error(run(with([](auto& o) { o.schedule[1] = {0, 1}; }), q, k, v), {"branch 1", "w = 0"});
+  expect_error(run(with([](auto& o) { o.schedule[0] = {4, 0}; }), q, k, v), {"branch 0", "r = 0"});
+  expect_error(run(with([](auto& o) { o.schedule[1] = {4, 8}; }), q, k, v), {"branch 1", "r = 8", "w = 4"});
+  expect_error(run(good, q, Tensor::randn({1, 9, 2, 4}, gen), v), {"[1, 8, 2, 4]", "[1, 9, 2, 4]"});
+  expect_error(run(good, q, k, Tensor::randn({1, 8, 2, 5}, gen)), {"[1, 8, 2, 5]"});
+  expect_error(run(good, Tensor::randn({8, 2, 4}, gen), k, v), {"4-D", "[8, 2, 4]"});
+  expect_error(run(good, q, k.to(DType::Float64), v), {"float64"});
+  expect_error(run(with([](auto& o) { o.scale = std::numeric_limits<double>::infinity(); }), q, k, v),
+               {"scale", "inf"});
+  expect_error(run(with([](auto& o) { o.scale = std::nan(""); }), q, k, v), {"scale", "nan"});
+  expect_error(run(with([](auto& o) { o.dropout = 1.0; }), q, k, v), {"dropout", "1"});
+  expect_error(run(with([](auto& o) { o.dropout = -0.25; }), q, k, v), {"dropout", "-0.25"});
+  // Sizes at the limits, as stride-0 views (nothing is allocated before the check).
+  const Tensor one = Tensor::zeros({1, 1, 1, 1});
+  const Tensor many_heads = expand(one, {int64_t{1} << 14, 1, int64_t{1} << 14, 1});
+  expect_error(run(good, many_heads, many_heads, many_heads), {"B*H", "268435456"});
+  const Tensor long_seq = expand(one, {1, int64_t{1} << 31, 1, 1});
+  expect_error(run(good, long_seq, long_seq, long_seq), {"N = 2147483648"});
+  // Relative-position bias table and options.
+  expect_error(run(good, q, k, v, Tensor::zeros({2, 31})), {"[2, 31]", "[2, 32]"});
+  expect_error(run(good, q, k, v, Tensor::zeros({2, 32}, DType::Float64)), {"bias", "float64"});
+  expect_error(run(with([](auto& o) { o.bias_num_buckets = 33; }), q, k, v, Tensor::zeros({2, 33})),
+               {"even", "33"});
+  expect_error(run(with([](auto& o) { o.bias_num_buckets = 2; }), q, k, v, Tensor::zeros({2, 2})),
+               {"num_buckets = 2"});
+  expect_error(run(with([](auto& o) { o.bias_max_distance = 8; }), q, k, v, Tensor::zeros({2, 32})),
+               {"max_distance = 8", "max_exact = 8"});
+}
+
+TEST(DilatedAttentionValidation, ParseScheduleNamesTheBadToken) {
+  EXPECT_EQ(parse_schedule("2048:1,4096:2"), (std::vector<AttentionBranch>{{2048, 1}, {4096, 2}}));
+  EXPECT_EQ(parse_schedule(" 16:1 , 32:4 "), (std::vector<AttentionBranch>{{16, 1}, {32, 4}}));
+  expect_error([] { parse_schedule("2048:1,abc"); }, {"\"abc\"", "branch 1"});
+  expect_error([] { parse_schedule("2048"); }, {"\"2048\""});
+  expect_error([] { parse_schedule("2048:1,"); }, {"branch 1"});
+  expect_error([] { parse_schedule("16:1x"); }, {"\"16:1x\""});
+  expect_error([] { parse_schedule("16:32"); }, {"r = 32", "w = 16"});
+}
+
+// ---------------------------------------------------------------- memory
+
+TEST(DilatedAttentionMemory, ForwardBackwardExtraMemoryIsLinearInN) {
+  const int64_t B = 1, N = 65536, H = 2, D = 16;
+  const Shape shape{B, N, H, D};
+  Generator gen(9);
+  Tensor q = Tensor::randn(shape, gen).requires_grad_(), k = Tensor::randn(shape, gen).requires_grad_(),
+         v = Tensor::randn(shape, gen).requires_grad_();
+  const Tensor dout = Tensor::randn(shape, gen);
+  DilatedAttentionOptions opts;
+  opts.schedule = parse_schedule("1024:1,4096:4");
+  opts.causal = true;
+  const int64_t baseline = memory_stats().current_bytes;
+  reset_peak_memory_stats();
+  {
+    Tensor o = dilated_attention(q, k, v, opts);
+    o.backward(dout);
+  }
+  const int64_t extra = memory_stats().peak_bytes - baseline;
+  // o, dq, dk, dv (4 tensors of X bytes each) plus [B, H, N] rows (lse, Dt, the lse gradient):
+  // at most 5 X + 1 MiB of per-thread tiles and slack. N x w floats would be 2^28 bytes.
+  const int64_t X = B * N * H * D * static_cast<int64_t>(sizeof(float));
+  RecordProperty("extra_bytes", std::to_string(extra));
+  EXPECT_LE(extra, 5 * X + (int64_t{1} << 20)) << "extra " << extra << " bytes, X = " << X;
+  EXPECT_LT(extra, N * 4096 * static_cast<int64_t>(sizeof(float)) / 16);
+}
+
+// ---------------------------------------------------------------- schedule helpers
+
+TEST(DilatedAttentionSchedule, CoverageAndVisitedPairsMatchBruteForce) {
+  const std::vector<std::string> schedules = {"4:1", "6:2", "6:2,9:3", "5:2,10:4", "8:3,3:3", "7:5,12:2,3:2",
+                                              "16:4,16:2"};
+  for (const auto& text : schedules) {
+    const auto schedule = parse_schedule(text);
+    for (int64_t H : {1, 2, 3, 5}) {
+      for (int64_t N : {1, 7, 16, 31}) {
+        SCOPED_TRACE(text + " H=" + std::to_string(H) + " N=" + std::to_string(N));
+        Coverage want;
+        for (int64_t t = 0; t < N && want.full; ++t)
+          for (int64_t h = 0; h < H && want.full; ++h) {
+            bool covered = false;
+            for (const auto& br : schedule) covered = covered || ref::on_grid(br, h, t);
+            if (!covered) want = {false, t, h};
+          }
+        const Coverage got = schedule_coverage(schedule, H, N);
+        EXPECT_EQ(got.full, want.full);
+        EXPECT_EQ(got.first_uncovered_t, want.first_uncovered_t);
+        EXPECT_EQ(got.first_uncovered_h, want.first_uncovered_h);
+        for (bool causal : {false, true}) {
+          ref::Problem p;
+          p.N = N, p.H = H, p.schedule = schedule, p.causal = causal;
+          int64_t pairs = 0;
+          for (int64_t h = 0; h < H; ++h)
+            for (size_t i = 0; i < schedule.size(); ++i)
+              for (char m : ref::key_mask(p, i, h)) pairs += m;
+          EXPECT_EQ(visited_pairs(schedule, H, N, causal), pairs) << "causal " << causal;
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- relative-position buckets
+
+TEST(DilatedAttentionBias, BucketsMatchTheContractFormula) {
+  struct Config {
+    bool causal;
+    int64_t num_buckets, max_distance;
+  };
+  const int64_t N = 400;
+  for (const Config& c : {Config{true, 32, 128}, Config{false, 32, 128}, Config{true, 8, 40}, Config{false, 6, 8},
+                          Config{false, 64, 300}}) {
+    const std::vector<int32_t> table = relative_position_buckets(N, c.causal, c.num_buckets, c.max_distance);
+    ASSERT_EQ(table.size(), static_cast<size_t>(2 * N - 1));
+    for (int64_t n = -(N - 1); n < N; ++n)
+      ASSERT_EQ(table[static_cast<size_t>(n + N - 1)], ref::bucket(n, c.causal, c.num_buckets, c.max_distance))
+          << "n = " << n << ", causal " << c.causal << ", buckets " << c.num_buckets;
+  }
+}
+
+TEST(DilatedAttentionBias, KnownT5Buckets) {
+  // torchscale's RelativePositionBias defaults (32 buckets, max distance 128), n = t - j.
+  const int64_t N = 1001;
+  const std::vector<int32_t> causal = relative_position_buckets(N, true, 32, 128);
+  const std::vector<int32_t> bidir = relative_position_buckets(N, false, 32, 128);
+  auto at = [N](const std::vector<int32_t>& table, int64_t n) { return table[static_cast<size_t>(n + N - 1)]; };
+  const std::vector<std::pair<int64_t, int32_t>> causal_known = {
+      {-5, 0}, {0, 0}, {1, 1}, {15, 15}, {16, 16}, {18, 16}, {19, 17}, {22, 18}, {23, 18},
+      {30, 20}, {45, 23}, {64, 26}, {100, 30}, {127, 31}, {128, 31}, {1000, 31}};
+  for (const auto& [n, b] : causal_known) EXPECT_EQ(at(causal, n), b) << "causal n = " << n;
+  const std::vector<std::pair<int64_t, int32_t>> bidir_known = {
+      {-1000, 31}, {-127, 31}, {-9, 24}, {-8, 24}, {-7, 23}, {-1, 17}, {0, 0}, {1, 1}, {7, 7},
+      {8, 8}, {11, 8}, {12, 9}, {20, 10}, {50, 13}, {100, 15}, {128, 15}};
+  for (const auto& [n, b] : bidir_known) EXPECT_EQ(at(bidir, n), b) << "bidirectional n = " << n;
+}
+
+}  // namespace

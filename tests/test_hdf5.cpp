@@ -1,0 +1,370 @@
+// HDF5 tensor files: bit-exact round trips, names, attributes, error messages, atomic writes, h5py interop.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+
+#include "dilatron/hdf5.h"
+#include "dilatron/random.h"
+
+using namespace dilatron;
+namespace fs = std::filesystem;
+
+namespace {
+
+// Each test works in a fresh directory of its own, removed afterwards.
+class H5Dir : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir_ = fs::temp_directory_path() /
+           ("dilatron_h5_" + std::to_string(::getpid()) + "_" + info->test_suite_name() + "_" + info->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  std::string file(const std::string& name) const { return (dir_ / name).string(); }
+
+  fs::path dir_;
+};
+
+class H5RoundTrip : public H5Dir {};
+class H5Names : public H5Dir {};
+class H5Attr : public H5Dir {};
+class H5Errors : public H5Dir {};
+class H5Atomic : public H5Dir {};
+class H5Py : public H5Dir {};
+
+// The message of the dilatron::Error that f throws ("" and a test failure when it throws none).
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected a dilatron::Error";
+  return "";
+}
+
+void expect_bit_equal(const Tensor& got, const Tensor& want) {
+  ASSERT_EQ(got.dtype(), want.dtype());
+  ASSERT_EQ(got.shape(), want.shape());
+  ASSERT_TRUE(got.device().is_cpu() && got.is_contiguous() && want.is_contiguous());
+  if (want.numel() == 0) return;
+  const size_t nbytes = static_cast<size_t>(want.numel()) * dtype_size(want.dtype());
+  EXPECT_EQ(std::memcmp(got.raw_data(), want.raw_data(), nbytes), 0);
+}
+
+// Random normals with values that only a bit-exact path keeps: NaN, -0, infinities, a denormal.
+template <typename T>
+Tensor awkward_floats(const Shape& shape, Generator& gen) {
+  Tensor t = Tensor::randn(shape, gen, dtype_of<T>::value);
+  T* p = t.data<T>();
+  const T specials[] = {std::numeric_limits<T>::quiet_NaN(), T(-0.0), std::numeric_limits<T>::infinity(),
+                        -std::numeric_limits<T>::infinity(), std::numeric_limits<T>::denorm_min()};
+  for (size_t i = 0; i < std::size(specials) && static_cast<int64_t>(i) < t.numel(); ++i) p[i * 3 % t.numel()] = specials[i];
+  return t;
+}
+
+Tensor bool_pattern(const Shape& shape) {
+  Tensor t = Tensor::empty(shape, DType::Bool);
+  bool* p = t.data<bool>();
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] = (i * 7 % 3) == 0;
+  return t;
+}
+
+Tensor int64_pattern(const Shape& shape) {
+  Tensor t = Tensor::empty(shape, DType::Int64);
+  int64_t* p = t.data<int64_t>();
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] = (i - 50) * 1000003;
+  if (t.numel() >= 2) {
+    p[0] = std::numeric_limits<int64_t>::min();
+    p[1] = std::numeric_limits<int64_t>::max();
+  }
+  return t;
+}
+
+// ---------------------------------------------------------------- round trips
+
+TEST_F(H5RoundTrip, AllDtypesAndShapesAreBitExact) {
+  Generator gen(11);
+  const std::vector<Shape> shapes = {{}, {1}, {13}, {3, 5, 7}, {0, 4}, {2, 1, 3, 1}};
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const std::string s = std::to_string(i);
+    tensors.emplace_back("f32_" + s, awkward_floats<float>(shapes[i], gen));
+    tensors.emplace_back("f64_" + s, awkward_floats<double>(shapes[i], gen));
+    tensors.emplace_back("i64_" + s, int64_pattern(shapes[i]));
+    tensors.emplace_back("bool_" + s, bool_pattern(shapes[i]));
+  }
+  {
+    h5::File f = h5::File::create(file("t.h5"));
+    for (const auto& [name, t] : tensors) f.write(name, t);
+  }
+  const h5::File f = h5::File::open(file("t.h5"));
+  for (const auto& [name, t] : tensors) {
+    SCOPED_TRACE(name + " " + shape_str(t.shape()));
+    expect_bit_equal(f.read(name), t);
+    const h5::DatasetInfo info = f.info(name);
+    EXPECT_EQ(info.shape, t.shape());
+    EXPECT_EQ(info.dtype, dtype_name(t.dtype()));
+  }
+}
+
+TEST_F(H5RoundTrip, StridedTensorIsWrittenInLogicalOrder) {
+  Tensor base = Tensor::arange(0, 15, 1, DType::Float64);  // viewed as 3x5, transposed to 5x3
+  const Tensor transposed = make_view(base, {5, 3}, {1, 5}, 0);
+  ASSERT_FALSE(transposed.is_contiguous());
+  {
+    h5::File f = h5::File::create(file("t.h5"));
+    f.write("t", transposed);
+  }
+  const Tensor back = h5::File::open(file("t.h5")).read("t");
+  ASSERT_EQ(back.shape(), Shape({5, 3}));
+  const double* p = back.data<double>();
+  for (int64_t i = 0; i < 5; ++i)
+    for (int64_t j = 0; j < 3; ++j) EXPECT_EQ(p[i * 3 + j], static_cast<double>(j * 5 + i));
+}
+
+TEST_F(H5RoundTrip, WritingAnExistingNameReplacesIt) {
+  {
+    h5::File f = h5::File::create(file("t.h5"));
+    f.write("model/w", Tensor::ones({2, 3}));
+    f.write("model/w", int64_pattern({4}));
+  }
+  h5::File f = h5::File::open(file("t.h5"), h5::Mode::ReadWrite);
+  expect_bit_equal(f.read("model/w"), int64_pattern({4}));
+  f.write("model/w", Tensor::full({}, 2.5, DType::Float64));  // and again after reopening
+  EXPECT_EQ(f.read("model/w").data<double>()[0], 2.5);
+  EXPECT_EQ(f.list("model"), std::vector<std::string>({"w"}));
+}
+
+// ---------------------------------------------------------------- names
+
+TEST_F(H5Names, HierarchicalNamesCreateGroupsAndListInNameOrder) {
+  h5::File f = h5::File::create(file("t.h5"));
+  f.write("model/blocks.0.attn.qkv.weight", Tensor::zeros({3, 2}));
+  f.write("model/blocks.0.attn.proj.bias", Tensor::zeros({2}));
+  f.write("model/embed/weight", Tensor::zeros({4, 2}));
+  f.write("/loss", Tensor::zeros({}));  // a leading slash names the same root
+
+  EXPECT_EQ(f.list(), std::vector<std::string>({"loss"}));
+  EXPECT_EQ(f.list("/", true), std::vector<std::string>({"loss", "model/blocks.0.attn.proj.bias",
+                                                         "model/blocks.0.attn.qkv.weight", "model/embed/weight"}));
+  EXPECT_EQ(f.list("model"), std::vector<std::string>({"blocks.0.attn.proj.bias", "blocks.0.attn.qkv.weight"}));
+  EXPECT_EQ(f.list("model", true), std::vector<std::string>({"blocks.0.attn.proj.bias", "blocks.0.attn.qkv.weight",
+                                                             "embed/weight"}));
+  EXPECT_TRUE(f.has("model/blocks.0.attn.qkv.weight"));
+  EXPECT_TRUE(f.has("loss"));
+  EXPECT_FALSE(f.has("model"));  // a group, not a dataset
+  EXPECT_FALSE(f.has("model/missing"));
+  EXPECT_FALSE(f.has("nowhere/at/all"));
+  EXPECT_FALSE(f.has("loss/below_a_dataset"));
+  EXPECT_EQ(f.info("model/embed/weight").shape, Shape({4, 2}));
+  EXPECT_NE(error_of([&] { f.list("loss"); }).find("has no group 'loss'"), std::string::npos);
+}
+
+// ---------------------------------------------------------------- attributes
+
+TEST_F(H5Attr, StringsNumbersAndVectorsOnRootGroupsAndDatasets) {
+  {
+    h5::File f = h5::File::create(file("t.h5"));
+    f.write("model/w", Tensor::zeros({2}));
+    f.set_attr("/", "name", "dilatron \u03b1\u03b2\u03b3");
+    f.set_attr("/", "empty", std::string());
+    f.set_attr("/", "step", 5);  // an int literal stores as int64
+    f.set_attr("/", "big", std::numeric_limits<int64_t>::min());
+    f.set_attr("model", "lr", 3e-4);
+    f.set_attr("model/w", "shape", std::vector<int64_t>{2, 3, 4});
+    f.set_attr("model/w", "betas", std::vector<double>{0.9, 0.95});
+    f.set_attr("model/w", "none", std::vector<double>{});
+    f.set_attr("/", "step", 6);                  // replaced, same type
+    f.set_attr("model", "lr", "cosine");         // replaced by another type
+  }
+  const h5::File f = h5::File::open(file("t.h5"));
+  EXPECT_EQ(f.get_attr_string("/", "name"), "dilatron \u03b1\u03b2\u03b3");
+  EXPECT_EQ(f.get_attr_string("/", "empty"), "");
+  EXPECT_EQ(f.get_attr_int("/", "step"), 6);
+  EXPECT_EQ(f.get_attr_double("/", "step"), 6.0);  // integers read as doubles too
+  EXPECT_EQ(f.get_attr_int("/", "big"), std::numeric_limits<int64_t>::min());
+  EXPECT_EQ(f.get_attr_string("model", "lr"), "cosine");
+  EXPECT_EQ(f.get_attr_ints("model/w", "shape"), std::vector<int64_t>({2, 3, 4}));
+  EXPECT_EQ(f.get_attr_doubles("model/w", "betas"), std::vector<double>({0.9, 0.95}));
+  EXPECT_TRUE(f.get_attr_doubles("model/w", "none").empty());
+  EXPECT_EQ(f.get_attr_ints("/", "step"), std::vector<int64_t>({6}));
+  EXPECT_TRUE(f.has_attr("/", "name"));
+  EXPECT_TRUE(f.has_attr("model/w", "shape"));
+  EXPECT_FALSE(f.has_attr("/", "shape"));
+  EXPECT_FALSE(f.has_attr("no/such/group", "shape"));
+}
+
+TEST_F(H5Attr, WrongTypeOrMissingAttributeNamesTheAttribute) {
+  h5::File f = h5::File::create(file("t.h5"));
+  f.write("w", Tensor::zeros({2}));
+  f.set_attr("w", "name", "x");
+  f.set_attr("w", "ratio", 0.5);
+  f.set_attr("w", "dims", std::vector<int64_t>{1, 2});
+  const std::string where = "attribute 'name' of 'w' in '" + file("t.h5") + "'";
+  EXPECT_EQ(error_of([&] { f.get_attr_int("w", "name"); }), where + " is string, not an integer");
+  EXPECT_EQ(error_of([&] { f.get_attr_double("w", "name"); }), where + " is string, not a number");
+  EXPECT_NE(error_of([&] { f.get_attr_int("w", "ratio"); }).find("'ratio' of 'w'"), std::string::npos);
+  EXPECT_NE(error_of([&] { f.get_attr_string("w", "ratio"); }).find("is float64, not a string"), std::string::npos);
+  EXPECT_NE(error_of([&] { f.get_attr_int("w", "dims"); }).find("holds 2 values, not one"), std::string::npos);
+  EXPECT_EQ(error_of([&] { f.get_attr_int("w", "step"); }),
+            "'w' in '" + file("t.h5") + "' has no attribute 'step' (attributes: dims, name, ratio)");
+  EXPECT_EQ(error_of([&] { f.set_attr("missing", "step", 1); }),
+            "'" + file("t.h5") + "' has no group or dataset 'missing' (looking for attribute 'step')");
+  EXPECT_NE(error_of([&] { f.set_attr("w", "bad", std::string("a\0b", 3)); }).find("NUL"), std::string::npos);
+}
+
+// ---------------------------------------------------------------- errors
+
+TEST_F(H5Errors, MissingFile) {
+  EXPECT_EQ(error_of([&] { h5::File::open(file("x.h5")); }), "cannot open '" + file("x.h5") + "': no such file");
+}
+
+TEST_F(H5Errors, NotAnHdf5File) {
+  std::ofstream(file("x.txt")) << "q,k,v\n1,2,3\n";
+  EXPECT_EQ(error_of([&] { h5::File::open(file("x.txt")); }), "'" + file("x.txt") + "' is not an HDF5 file");
+  EXPECT_EQ(error_of([&] { h5::File::open(dir_.string()); }), "cannot open '" + dir_.string() + "': it is a directory");
+}
+
+TEST_F(H5Errors, MissingDatasetListsWhatIsThere) {
+  {
+    h5::File f = h5::File::create(file("in.h5"));
+    f.write("k", Tensor::zeros({2}));
+    f.write("v", Tensor::zeros({2}));
+  }
+  const h5::File f = h5::File::open(file("in.h5"));
+  EXPECT_EQ(error_of([&] { f.read("q"); }), "'" + file("in.h5") + "' has no dataset 'q' (datasets: k, v)");
+  EXPECT_EQ(error_of([&] { f.info("k/q"); }), "'" + file("in.h5") + "' has no dataset 'k/q' (datasets: k, v)");
+  const h5::File empty = h5::File::create(file("empty.h5"));
+  EXPECT_EQ(error_of([&] { empty.read("q"); }), "'" + file("empty.h5") + "' has no dataset 'q' (the file has no datasets)");
+}
+
+TEST_F(H5Errors, TruncatedFileThrowsNamingTheFile) {
+  Generator gen(3);
+  {
+    h5::File f = h5::File::create(file("t.h5"));
+    f.write("q", Tensor::randn({64, 64}, gen));
+    f.set_attr("/", "step", 1);
+  }
+  fs::resize_file(file("t.h5"), fs::file_size(file("t.h5")) / 2);
+  const std::string msg = error_of([&] { h5::File::open(file("t.h5")).read("q"); });
+  EXPECT_NE(msg.find("'" + file("t.h5") + "'"), std::string::npos) << msg;
+}
+
+TEST_F(H5Errors, WritesToReadOnlyOrClosedFilesAndOverGroupsAreRefused) {
+  {
+    h5::File f = h5::File::create(file("t.h5"));
+    f.write("g/w", Tensor::zeros({2}));
+    EXPECT_EQ(error_of([&] { f.write("g", Tensor::zeros({2})); }),
+              "cannot write dataset 'g' to '" + file("t.h5") + "': a group of that name exists");
+    EXPECT_EQ(error_of([&] { f.write("g/w/below", Tensor::zeros({2})); }),
+              "cannot write dataset 'g/w/below' to '" + file("t.h5") + "': 'g/w' is a dataset, not a group");
+    f.close();
+    EXPECT_EQ(error_of([&] { f.read("g/w"); }), "'" + file("t.h5") + "' is closed");
+  }
+  h5::File f = h5::File::open(file("t.h5"));
+  EXPECT_EQ(error_of([&] { f.write("x", Tensor::zeros({2})); }),
+            "cannot write dataset 'x' to '" + file("t.h5") + "': the file is open read-only");
+  EXPECT_NE(error_of([&] { f.set_attr("/", "step", 1); }).find("read-only"), std::string::npos);
+  EXPECT_NE(error_of([&] { h5::File::create(file("no/such/dir/t.h5")); }).find("cannot create '" + file("no/such/dir/t.h5")),
+            std::string::npos);
+}
+
+// ---------------------------------------------------------------- atomic_write
+
+TEST_F(H5Atomic, ReplacesTheFileAndLeavesNoTemporary) {
+  const std::string path = file("ckpt.h5");
+  h5::atomic_write(path, [](h5::File& f) { f.write("step", Tensor::full({}, 1, DType::Int64)); });
+  h5::atomic_write(path, [](h5::File& f) { f.write("step", Tensor::full({}, 2, DType::Int64)); });
+  EXPECT_EQ(h5::File::open(path).read("step").data<int64_t>()[0], 2);
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir_), fs::directory_iterator()), 1);
+}
+
+TEST_F(H5Atomic, FailedFillLeavesTheOldFileIntact) {
+  const std::string path = file("ckpt.h5");
+  h5::atomic_write(path, [](h5::File& f) { f.write("old", Tensor::ones({3})); });
+  const auto old_size = fs::file_size(path);
+  EXPECT_THROW(h5::atomic_write(path,
+                                [](h5::File& f) {
+                                  f.write("new", Tensor::zeros({1000}));
+                                  throw std::runtime_error("disk full, say");
+                                }),
+               std::runtime_error);
+  EXPECT_EQ(fs::file_size(path), old_size);
+  const h5::File f = h5::File::open(path);
+  EXPECT_EQ(f.list(), std::vector<std::string>({"old"}));
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir_), fs::directory_iterator()), 1);  // no ckpt.h5.tmp.<pid>
+}
+
+// ---------------------------------------------------------------- h5py
+
+// Debian's python3 (where python3-h5py installs), not whatever python3 is first on PATH.
+constexpr const char* kPython = "/usr/bin/python3";
+
+TEST_F(H5Py, ReadsWhatWeWriteAndWeReadWhatItWrites) {
+  if (std::system((std::string(kPython) + " -c 'import h5py' >/dev/null 2>&1").c_str()) != 0)
+    GTEST_SKIP() << kPython << " cannot import h5py (install python3-h5py to run this test)";
+
+  {
+    h5::File f = h5::File::create(file("ours.h5"));
+    Tensor x = Tensor::empty({2, 3, 4});
+    for (int64_t i = 0; i < 24; ++i) x.data<float>()[i] = static_cast<float>(i) * 0.25f - 3.0f;  // as the script
+    f.write("tensors/x", x);
+    Tensor mask = Tensor::empty({5}, DType::Bool);
+    const bool mask_values[] = {true, false, false, true, true};
+    std::memcpy(mask.data<bool>(), mask_values, sizeof(mask_values));
+    f.write("mask", mask);
+    f.write("ids", Tensor::from_vector<int64_t>({std::numeric_limits<int64_t>::min(), 0,
+                                                 std::numeric_limits<int64_t>::max()}, {3}));
+    f.write("scale", Tensor::full({}, 0.125, DType::Float64));
+    f.write("empty", Tensor::empty({0, 4}));
+    f.set_attr("/", "name", "dilatron \u2713");
+    f.set_attr("/", "step", 7);
+    f.set_attr("/", "lr", 3e-4);
+    f.set_attr("/", "dims", std::vector<int64_t>{2, 3, 4});
+    f.set_attr("tensors/x", "unit", "m/s");
+  }
+  const std::string script = std::string(DILATRON_SOURCE_DIR) + "/tests/h5py_roundtrip.py";
+  ASSERT_EQ(std::system((std::string(kPython) + " '" + script + "' '" + file("ours.h5") + "' '" + file("theirs.h5") + "'").c_str()), 0)
+      << "h5py_roundtrip.py rejected our file (its message is above)";
+
+  const h5::File f = h5::File::open(file("theirs.h5"));
+  expect_bit_equal(f.read("f32"), Tensor::from_vector<float>({1.5f, -2.0f, 0.0f, 3.25f, 1e-3f, -7.0f}, {3, 2}));
+  expect_bit_equal(f.read("f64"), Tensor::from_vector<double>({M_PI, -M_E, 1e300}, {3}));
+  expect_bit_equal(f.read("i64"), Tensor::from_vector<int64_t>({-(int64_t{1} << 62), 5, 7, int64_t{1} << 62}, {2, 2}));
+  expect_bit_equal(f.read("i32"), Tensor::from_vector<int64_t>({-(int64_t{1} << 31), (int64_t{1} << 31) - 1, 0}, {3}));
+  expect_bit_equal(f.read("u8"), Tensor::from_vector<int64_t>({0, 200, 255}, {3}));
+  expect_bit_equal(f.read("f16"), Tensor::from_vector<float>({0.5f, -1.25f, 2048.0f}, {3}));
+  expect_bit_equal(f.read("group/nested"), Tensor::full({}, 2.5));
+  const Tensor flags = f.read("flags");
+  ASSERT_EQ(flags.dtype(), DType::Bool);
+  ASSERT_EQ(flags.shape(), Shape({3}));
+  EXPECT_TRUE(flags.data<bool>()[0] && !flags.data<bool>()[1] && flags.data<bool>()[2]);
+  EXPECT_EQ(f.info("i32").dtype, "int32");
+  EXPECT_EQ(f.info("f16").dtype, "float16");
+  EXPECT_EQ(f.info("flags").dtype, "bool");
+  EXPECT_EQ(f.info("words").dtype, "string");
+
+  EXPECT_EQ(error_of([&] { f.read("u64"); }),
+            "dataset 'u64' in '" + file("theirs.h5") +
+                "' has type uint64, which does not read as a tensor (supported: float16/32/64, integers up to int64, bool)");
+  EXPECT_NE(error_of([&] { f.read("words"); }).find("dataset 'words' in '" + file("theirs.h5") + "' has type string"),
+            std::string::npos);
+
+  EXPECT_EQ(f.get_attr_string("/", "note"), "written by h5py \u00e9");
+  EXPECT_EQ(f.get_attr_string("/", "fixed"), "fixed-length");
+  EXPECT_EQ(f.get_attr_int("/", "count"), 12);
+  EXPECT_EQ(f.get_attr_double("/", "ratio"), 0.75);
+  EXPECT_EQ(f.get_attr_ints("/", "sizes"), std::vector<int64_t>({3, 1, 4}));
+}
+
+}  // namespace

@@ -1,0 +1,11 @@
+// The dilatron command's subcommands; each file train/cmd_<name>.cpp adds one.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace dilatron::cli {
+
+void add_attention_command(CLI::App& app);
+void add_gradcheck_command(CLI::App& app);
+
+}  // namespace dilatron::cli
