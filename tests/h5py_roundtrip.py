@@ -50,7 +50,7 @@ def write_theirs(path):
         f["u64"] = np.array([2**64 - 1], dtype=np.uint64)
         f["words"] = np.array([b"a", b"b"])
         f.attrs["note"] = "written by h5py \u00e9"
-        f.attrs["fixed"] = np.bytes_(b"fixed-length")
+        f.attrs.create("fixed", b"fixed-length", dtype="S20")  # NUL-padded to 20 bytes
         f.attrs["count"] = np.int32(12)
         f.attrs["ratio"] = 0.75
         f.attrs["sizes"] = np.array([3, 1, 4], dtype=np.int64)

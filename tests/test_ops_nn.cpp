@@ -3,6 +3,8 @@
 #include <omp.h>
 
 #include <cmath>
+#include <functional>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -96,6 +98,65 @@ TEST(NnOpsSoftmax, Gradcheck) {
     Tensor w = Tensor::randn({3, 5, 7}, gen, DType::Float64);
     expect_gradcheck([&](const std::vector<Tensor>& in) { return mul(softmax(in[0], dim), w); }, {x});
     expect_gradcheck([&](const std::vector<Tensor>& in) { return mul(log_softmax(in[0], dim), w); }, {x});
+  }
+}
+
+// The float32 kernels use their own vectorised exp: check it over its whole range, against
+// libm in double, into the subnormals. -inf (a masked logit) gives exactly 0.
+TEST(NnOpsSoftmax, Float32ExpIsAccurateOverItsRange) {
+  const int64_t K = 4003;  // not a multiple of 4: the row tail runs through the same code
+  std::vector<float> x(K);
+  for (int64_t k = 0; k < K; ++k) x[static_cast<size_t>(k)] = -110.0f + 110.0f * static_cast<float>(k) / (K - 1);
+  x[7] = -std::numeric_limits<float>::infinity();
+  const std::vector<double> y = softmax(Tensor::from_vector(x, {1, K}), -1).to_vector<double>();
+  double s = 0.0;
+  for (float v : x) s += std::exp(static_cast<double>(v));
+  for (size_t k = 0; k < x.size(); ++k) {
+    const double ref = std::exp(static_cast<double>(x[k])) / s;
+    ASSERT_NEAR(y[k], ref, 5e-7 * ref + 3e-45) << "x = " << x[k];  // plus a few subnormal steps
+  }
+  EXPECT_EQ(y[7], 0.0);
+}
+
+// Float32 forward and backward of every fused op against the same computation in float64.
+TEST(NnOpsFloat32, ForwardAndBackwardMatchFloat64) {
+  Generator gen(16);
+  const Tensor x64 = Tensor::randn({5, 3, 131}, gen, DType::Float64, 0.0, 3.0);
+  const Tensor w64 = Tensor::randn({131}, gen, DType::Float64);
+  const Tensor b64 = Tensor::randn({131}, gen, DType::Float64);
+  const Tensor dy64 = Tensor::randn({5, 3, 131}, gen, DType::Float64);
+  const Tensor targets = int64_tensor({0, 130, 5, -100, 64, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, {5, 3});
+  const Tensor idx = int64_tensor({0, 4, 4, 2}, {4});
+  using Op = std::function<Tensor(const std::vector<Tensor>&)>;
+  const std::vector<std::pair<std::string, Op>> ops{
+      {"softmax", [](auto& in) { return softmax(in[0], -1); }},
+      {"softmax dim 1", [](auto& in) { return softmax(in[0], 1); }},
+      {"log_softmax", [](auto& in) { return log_softmax(in[0], -1); }},
+      {"cross_entropy", [&](auto& in) { return cross_entropy(in[0], targets, -100, "none"); }},
+      {"layer_norm", [](auto& in) { return layer_norm(in[0], in[1], in[2]); }},
+      {"embedding", [&](auto& in) { return embedding(reshape(in[0], {15, 131}), idx); }},
+      {"dropout", [](auto& in) { return dropout(in[0], 0.25, true, 3, 9); }},
+  };
+  for (const auto& [name, f] : ops) {
+    SCOPED_TRACE(name);
+    std::vector<std::vector<double>> results[2];
+    for (DType dt : {DType::Float64, DType::Float32}) {
+      std::vector<Tensor> in;
+      for (const Tensor& t : {x64, w64, b64}) in.push_back(t.detach().to(dt).requires_grad_());
+      Tensor y = f(in);
+      // Weight the outputs so every gradient entry is exercised.
+      sum(mul(y, narrow(reshape(dy64, {-1}), 0, 0, y.numel()).reshape(y.shape()).to(dt))).backward();
+      auto& r = results[dt == DType::Float32];
+      r.push_back(y.to_vector<double>());
+      for (const Tensor& t : in) r.push_back(t.grad().defined() ? t.grad().to_vector<double>() : std::vector<double>{});
+    }
+    for (size_t i = 0; i < results[0].size(); ++i) {
+      ASSERT_EQ(results[0][i].size(), results[1][i].size());
+      double scale = 0.0;
+      for (double v : results[0][i]) scale = std::max(scale, std::abs(v));
+      for (size_t j = 0; j < results[0][i].size(); ++j)
+        ASSERT_NEAR(results[1][i][j], results[0][i][j], 2e-6 * scale + 1e-7) << "result " << i << " element " << j;
+    }
   }
 }
 

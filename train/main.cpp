@@ -12,6 +12,8 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", dilatron::version());
   dilatron::cli::add_attention_command(app);
   dilatron::cli::add_gradcheck_command(app);
+  dilatron::cli::add_train_commands(app);
+  dilatron::cli::add_plot_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -159,32 +159,49 @@ void tile_dots(const T* x, int64_t x_step, int64_t na, const T* y, int64_t y_ste
     for (int64_t c = 0; c < nc; ++c) S[a * ld + c] = dot(x + a * x_step, y + c * y_step, D);
 }
 
-// out_x += sum_y W[x * wx + y * wy] * in_y for x < nx, y < ny, with rows out_x = out + x * out_step
-// and in_y = in + y * in_step of D elements. Four input rows per pass over out_x; the D loop
-// carries no dependence, so it vectorises without reassociation.
+// out_x += sum_y W[x * wx + y * wy] * in_y for the R rows x < R, with rows out_x = out + x * out_step
+// and in_y = in + y * in_step of D elements. Each pass over D adds four input rows into R output
+// rows, so a loaded input element serves R outputs; the D loop carries no dependence, so it
+// vectorises without reassociation.
+template <int R, typename T>
+void accumulate_block(T* out, int64_t out_step, const T* W, int64_t wx, int64_t wy, const T* in, int64_t in_step,
+                      int64_t ny, int64_t D) {
+  T* dst[R];
+  const T* w[R];
+  for (int x = 0; x < R; ++x) dst[x] = out + x * out_step, w[x] = W + x * wx;
+  int64_t y = 0;
+  for (; y + 4 <= ny; y += 4) {
+    T c[R][4];
+    for (int x = 0; x < R; ++x)
+      for (int u = 0; u < 4; ++u) c[x][u] = w[x][(y + u) * wy];
+    const T* i0 = in + y * in_step;
+    const T* i1 = i0 + in_step;
+    const T* i2 = i1 + in_step;
+    const T* i3 = i2 + in_step;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) {
+      const T v0 = i0[d], v1 = i1[d], v2 = i2[d], v3 = i3[d];
+      for (int x = 0; x < R; ++x) dst[x][d] += (c[x][0] * v0 + c[x][1] * v1) + (c[x][2] * v2 + c[x][3] * v3);
+    }
+  }
+  for (; y < ny; ++y) {
+    T c[R];
+    for (int x = 0; x < R; ++x) c[x] = w[x][y * wy];
+    const T* i0 = in + y * in_step;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d)
+      for (int x = 0; x < R; ++x) dst[x][d] += c[x] * i0[d];
+  }
+}
+
+// The same for all rows x < nx, two at a time.
 template <typename T>
 void accumulate_rows(T* out, int64_t out_step, int64_t nx, const T* W, int64_t wx, int64_t wy, const T* in,
                      int64_t in_step, int64_t ny, int64_t D) {
-  for (int64_t x = 0; x < nx; ++x) {
-    T* dst = out + x * out_step;
-    const T* w = W + x * wx;
-    int64_t y = 0;
-    for (; y + 4 <= ny; y += 4) {
-      const T w0 = w[y * wy], w1 = w[(y + 1) * wy], w2 = w[(y + 2) * wy], w3 = w[(y + 3) * wy];
-      const T* i0 = in + y * in_step;
-      const T* i1 = i0 + in_step;
-      const T* i2 = i1 + in_step;
-      const T* i3 = i2 + in_step;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) dst[d] += (w0 * i0[d] + w1 * i1[d]) + (w2 * i2[d] + w3 * i3[d]);
-    }
-    for (; y < ny; ++y) {
-      const T wy0 = w[y * wy];
-      const T* i0 = in + y * in_step;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) dst[d] += wy0 * i0[d];
-    }
-  }
+  int64_t x = 0;
+  for (; x + 2 <= nx; x += 2)
+    accumulate_block<2>(out + x * out_step, out_step, W + x * wx, wx, wy, in, in_step, ny, D);
+  if (x < nx) accumulate_block<1>(out + x * out_step, out_step, W + x * wx, wx, wy, in, in_step, ny, D);
 }
 
 template <typename T>
@@ -391,8 +408,9 @@ void backward(Tensor& dq_t, Tensor& dk_t, Tensor& dv_t, Tensor& dbias_t, const T
       if (want_dbias) {
 #pragma omp single
         for (int64_t item = 0; item < BH * nseg; ++item) {
-          const int64_t h = item / nseg % P.H;
-          for (int64_t n = 0; n < nb; ++n) dbias_sum[static_cast<size_t>(h * nb + n)] += slots[static_cast<size_t>(item * nb + n)];
+          const double* slot = slots.data() + item * nb;
+          double* sum = dbias_sum.data() + item / nseg % P.H * nb;
+          for (int64_t n = 0; n < nb; ++n) sum[n] += slot[n];
         }
       }
     }

@@ -81,33 +81,32 @@ class ElementwiseLoop {
   std::array<Shape, N> strides_;
 };
 
+// Phi(x), the standard normal CDF: exact gelu is x * Phi(x).
 template <typename T>
-T gelu_exact(T x) {
-  return T(0.5) * x * (T(1) + std::erf(x * T(M_SQRT1_2)));
+T normal_cdf(T x) {
+  return T(0.5) * (T(1) + std::erf(x * T(M_SQRT1_2)));
 }
 // d/dx of x * Phi(x) = Phi(x) + x * phi(x).
 template <typename T>
 T gelu_exact_grad(T x) {
-  const T cdf = T(0.5) * (T(1) + std::erf(x * T(M_SQRT1_2)));
   const T pdf = std::exp(T(-0.5) * x * x) * T(0.5 * M_2_SQRTPI * M_SQRT1_2);
-  return cdf + x * pdf;
+  return normal_cdf(x) + x * pdf;
 }
 constexpr double kGeluBeta = M_SQRT2 * M_2_SQRTPI * 0.5;  // sqrt(2 / pi)
 constexpr double kGeluKappa = 0.044715;
+// PyTorch's approximate="tanh" gelu is 0.5 x (1 + tanh(u)) = x * sigmoid(2u): this is the sigmoid,
+// one exp instead of a (much slower) tanh, and no cancellation for negative u.
 template <typename T>
-T gelu_tanh(T x) {
-  const T inner = T(kGeluBeta) * (x + T(kGeluKappa) * x * x * x);
-  return T(0.5) * x * (T(1) + std::tanh(inner));
+T gelu_tanh_sigmoid(T x) {
+  const T u = T(kGeluBeta) * (x + T(kGeluKappa) * x * x * x);
+  return T(1) / (T(1) + std::exp(T(-2) * u));
 }
-// The same expression as PyTorch's GeluBackward with approximate="tanh".
+// d/dx [0.5 x (1 + tanh u)] = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) u', with 0.5 (1 + tanh u) = s
+// and 1 - tanh^2 u = 4 s (1 - s).
 template <typename T>
 T gelu_tanh_grad(T x) {
-  const T x_sq = x * x;
-  const T tanh_inner = std::tanh(T(kGeluBeta) * (x + T(kGeluKappa) * x_sq * x));
-  const T left_derivative = T(0.5) * (T(1) + tanh_inner);
-  const T right_derivative =
-      T(0.5) * x * (T(1) - tanh_inner * tanh_inner) * T(kGeluBeta) * (T(1) + T(3 * kGeluKappa) * x_sq);
-  return left_derivative + right_derivative;
+  const T s = gelu_tanh_sigmoid(x);
+  return s + T(2) * x * s * (T(1) - s) * T(kGeluBeta) * (T(1) + T(3 * kGeluKappa) * x * x);
 }
 
 // Calls run(f) with f the scalar function of op on T (op dispatched once, outside the loops).
@@ -121,8 +120,8 @@ void with_unary_op(UnaryOp op, Run&& run) {
     case UnaryOp::Sqrt: return run([](T x) { return std::sqrt(x); });
     case UnaryOp::Rsqrt: return run([](T x) { return T(1) / std::sqrt(x); });
     case UnaryOp::Relu: return run([](T x) { return x < T(0) ? T(0) : x; });  // NaN passes through
-    case UnaryOp::Gelu: return run([](T x) { return gelu_exact(x); });
-    case UnaryOp::GeluTanh: return run([](T x) { return gelu_tanh(x); });
+    case UnaryOp::Gelu: return run([](T x) { return x * normal_cdf(x); });
+    case UnaryOp::GeluTanh: return run([](T x) { return x * gelu_tanh_sigmoid(x); });
     case UnaryOp::Abs: return run([](T x) { return std::abs(x); });
     case UnaryOp::Square: return run([](T x) { return x * x; });
     case UnaryOp::Reciprocal: return run([](T x) { return T(1) / x; });
@@ -175,16 +174,16 @@ void with_compare_op(BinaryOp op, Run&& run) {
   throw Error(detail::concat("binary: op ", static_cast<int>(op), " is not a comparison"));
 }
 
-template <typename O, typename X, typename F>
+template <typename T, typename F>
 void unary_loop(Tensor& out, const Tensor& in, F f) {
-  O* po = static_cast<O*>(out.raw_data());
-  const X* px = static_cast<const X*>(in.raw_data());
+  T* po = out.data<T>();
+  const T* px = in.data<T>();
   const ElementwiseLoop<2> loop(out.shape(), {&out.strides(), &in.strides()});
   const int64_t sx = loop.inner_strides()[1];
   parallel_for(out.numel(), kGrain, [&](int64_t begin, int64_t end) {
     loop.for_each_run(begin, end, [&](const std::array<int64_t, 2>& off, int64_t len) {
-      O* o = po + off[0];
-      const X* x = px + off[1];
+      T* o = po + off[0];
+      const T* x = px + off[1];
       if (sx == 1) {
         for (int64_t i = 0; i < len; ++i) o[i] = f(x[i]);
       } else {
@@ -255,7 +254,7 @@ void CpuBackend::unary(UnaryOp op, Tensor& out, const Tensor& in) {
                  dtype_name(out.dtype()));
   dispatch_float(in.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    with_unary_op<T>(op, [&](auto f) { unary_loop<T, T>(out, in, f); });
+    with_unary_op<T>(op, [&](auto f) { unary_loop<T>(out, in, f); });
   });
 }
 

@@ -74,7 +74,8 @@ void CpuBackend::sum_last(Tensor& out, const Tensor& in) {
   dispatch_float(in.dtype(), [&](auto tag) {
     using T = decltype(tag);
     T* o = out.data<T>();
-    row_sums(in.data<T>(), rows, cols, [](double v) { return v; }, [&](int64_t r, double s) { o[r] = static_cast<T>(s); });
+    row_sums(in.data<T>(), rows, cols, [](double v) { return v; },
+             [&](int64_t r, double s) { o[r] = static_cast<T>(s); });
   });
 }
 

@@ -27,8 +27,12 @@
 // query-major kernel that recomputes the scores and sums over key tiles in order. dk, dv and
 // dbias never use atomics: every branch's launch adds into dk/dv rows its blocks own exclusively,
 // and dbias goes through per-block partial sums reduced in a fixed order.
+#include <algorithm>
+#include <initializer_list>
 #include <limits>
+#include <memory>
 #include <type_traits>
+#include <utility>
 
 #include "cpu/cpu_utils.h"
 #include "cuda/cuda_backend.h"
@@ -47,6 +51,12 @@ constexpr int kGroup = 16;             // threads per row group = row groups per
 constexpr int kPad = 4;                // shared-memory row padding, in elements
 constexpr int kStrip = 2 * kTile - 1;  // row differences (query - key) inside a tile pair
 constexpr int kStripLen = kStrip + 1;  // storage for a strip, rounded to keep 16-byte alignment
+
+// Blocks per SM the forward is compiled for: two caps float32 at 128 registers, so two blocks
+// (16 warps) share an SM and hide each other's tile loads. The backward keeps K, V, dK, dV resident
+// and gets all 255 registers (its shared memory allows one or two blocks anyway).
+template <typename T>
+constexpr int kForwardMinBlocks = std::is_same_v<T, float> ? 2 : 1;
 
 // ---------------------------------------------------------------- small vector helpers
 
@@ -190,7 +200,7 @@ __device__ __forceinline__ void tile_dot(T (&s)[4][4], const T (*A)[D + kPad], c
   for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j) s[i][j] = T(0);
-#pragma unroll 4
+#pragma unroll 2
   for (int d = 0; d < D; d += kVec) {
     Vec<T, kVec> a[4], b[4];
 #pragma unroll
@@ -367,7 +377,7 @@ __device__ void load_row_stats(const BackwardShared<T, D>& sh, const Params<T>& 
 // ---------------------------------------------------------------- forward
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Params<T> p) {
+__global__ void __launch_bounds__(kThreads, kForwardMinBlocks<T>) attention_forward_kernel(const Params<T> p) {
   using L = Cols<T, D>;
   const Slice s = locate<D>(p, p.causal);
   const int64_t qt = s.tile;
@@ -512,7 +522,7 @@ __device__ void accumulate_dbias(const BackwardShared<T, D>& sh, int num_buckets
 // Key-major backward of one branch: this block's key tile gets dK and dV over all query tiles that
 // see it; dq gets its share through atomics unless accumulate_dq is false (deterministic mode).
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Params<T> p, bool accumulate_dq) {
+__global__ void __launch_bounds__(kThreads, 1) attention_backward_kernel(const Params<T> p, bool accumulate_dq) {
   using L = Cols<T, D>;
   const Slice s = locate<D>(p, false);
   if (s.bh >= p.B * p.H) return;
@@ -597,7 +607,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Para
 // Deterministic dq of one branch: a block owns a query tile, walks its key tiles in order and adds
 // dS K to its rows once at the end (no atomics; costs a second pass over the scores).
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(const Params<T> p) {
+__global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(const Params<T> p) {
   using L = Cols<T, D>;
   const Slice s = locate<D>(p, p.causal);
   const int64_t qt = s.tile;
@@ -876,7 +886,8 @@ void CudaBackend::dilated_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv,
       p.dk = dk.data<T>();
       p.dv = dv.data<T>();
       const size_t bytes = static_cast<size_t>(dq.numel()) * sizeof(T);
-      for (T* g : {p.dq, p.dk, p.dv}) CUDA_CHECK(cudaMemsetAsync(g, 0, bytes, kStream));
+      T* const grads[] = {p.dq, p.dk, p.dv};
+      for (T* g : grads) CUDA_CHECK(cudaMemsetAsync(g, 0, bytes, kStream));
 
       ScratchBuffer<T> delta(static_cast<size_t>(BH * d.N), dev);
       const int64_t rows = d.B * d.N * d.H;

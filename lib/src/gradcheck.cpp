@@ -89,4 +89,44 @@ GradcheckResult gradcheck(const std::function<Tensor(const std::vector<Tensor>&)
   return result;
 }
 
+GradcheckResult gradcheck_parameters(const std::function<Tensor()>& loss, const std::vector<Tensor>& params,
+                                     int64_t max_elements, const GradcheckOptions& opts) {
+  for (size_t k = 0; k < params.size(); ++k) {
+    DILATRON_CHECK(params[k].dtype() == DType::Float64 && params[k].is_leaf() && params[k].is_contiguous(),
+                   "gradcheck_parameters: parameter ", k, " must be a contiguous float64 leaf");
+    Tensor(params[k]).set_grad(Tensor());
+  }
+  Tensor l = loss();
+  DILATRON_CHECK(l.numel() == 1, "gradcheck_parameters: the loss must be a scalar, got shape ", shape_str(l.shape()));
+  l.backward();
+  GradcheckResult result;
+  autograd::NoGradGuard no_grad;
+  for (size_t k = 0; k < params.size(); ++k) {
+    const Tensor& p = params[k];
+    const std::vector<double> analytic =
+        p.grad().defined() ? p.grad().to_vector<double>() : std::vector<double>(static_cast<size_t>(p.numel()), 0.0);
+    double* data = p.data<double>();
+    const int64_t stride = std::max<int64_t>(1, p.numel() / std::max<int64_t>(max_elements, 1));
+    for (int64_t i = 0; i < p.numel(); i += stride) {
+      const double orig = data[i];
+      data[i] = orig + opts.eps;
+      const double plus = loss().item();
+      data[i] = orig - opts.eps;
+      const double minus = loss().item();
+      data[i] = orig;
+      const double num = (plus - minus) / (2.0 * opts.eps), ana = analytic[static_cast<size_t>(i)];
+      const double err = std::abs(ana - num);
+      result.max_abs_error = std::max(result.max_abs_error, err);
+      result.max_rel_error = std::max(result.max_rel_error, err / std::max(std::abs(num), 1e-12));
+      if (!(err <= opts.atol + opts.rtol * std::abs(num)) && result.ok) {
+        result.ok = false;
+        std::ostringstream os;
+        os << "parameter " << k << " element " << i << ": analytic " << ana << " vs numerical " << num;
+        result.message = os.str();
+      }
+    }
+  }
+  return result;
+}
+
 }  // namespace dilatron

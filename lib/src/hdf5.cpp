@@ -200,7 +200,8 @@ H5I_type_t object_type(hid_t file, const std::string& name) {
 herr_t collect_dataset(hid_t group, const char* name, const H5L_info_t* info, void* names) {
   if (info->type != H5L_TYPE_HARD) return 0;
   const Id object(H5Oopen(group, name, H5P_DEFAULT), H5Oclose);
-  if (object.valid() && H5Iget_type(object) == H5I_DATASET) static_cast<std::vector<std::string>*>(names)->push_back(name);
+  if (object.valid() && H5Iget_type(object) == H5I_DATASET)
+    static_cast<std::vector<std::string>*>(names)->push_back(name);
   return 0;
 }
 
@@ -325,9 +326,11 @@ File File::create(const std::string& path) {
 
 File File::open(const std::string& path, Mode mode) {
   silence_hdf5_errors();
+  // Other stat() failures (a parent without permission, say) are left for HDF5 to explain.
   std::error_code ec;
-  DILATRON_CHECK(std::filesystem::exists(path, ec), "cannot open '", path, "': no such file");
-  DILATRON_CHECK(!std::filesystem::is_directory(path, ec), "cannot open '", path, "': it is a directory");
+  const std::filesystem::file_type kind = std::filesystem::status(path, ec).type();
+  DILATRON_CHECK(kind != std::filesystem::file_type::not_found, "cannot open '", path, "': no such file");
+  DILATRON_CHECK(kind != std::filesystem::file_type::directory, "cannot open '", path, "': it is a directory");
   const htri_t is_hdf5 = H5Fis_hdf5(path.c_str());
   if (is_hdf5 < 0) throw_hdf5("cannot open '", path, "'");
   DILATRON_CHECK(is_hdf5 > 0, "'", path, "' is not an HDF5 file");
@@ -377,7 +380,7 @@ void File::write(const std::string& name, const Tensor& t) {
   // Replacing a dataset lets checkpoints reuse names. A group is not replaced: that would drop its contents.
   const H5I_type_t existing = object_type(file, name);
   DILATRON_CHECK(existing == H5I_BADID || existing == H5I_DATASET, what, ": a group of that name exists");
-  if (false) check(H5Ldelete(file, name.c_str(), H5P_DEFAULT), what);
+  if (existing == H5I_DATASET) check(H5Ldelete(file, name.c_str(), H5P_DEFAULT), what);
 
   const Id link_props = checked(H5Pcreate(H5P_LINK_CREATE), H5Pclose, what);
   check(H5Pset_create_intermediate_group(link_props, 1), what);

@@ -152,10 +152,11 @@ TransformerLM::TransformerLM(const ModelConfig& c, uint64_t seed, std::shared_pt
   Generator init(seed);
   tok = register_module("tok", std::make_shared<nn::Embedding>(c.vocab_size, c.d_model, init, c.init_std, opts));
   drop = register_module("drop", std::make_shared<nn::Dropout>(c.dropout, dropout_gen));
+  layers = register_module("blocks", std::make_shared<nn::Sequential>());
   for (int64_t l = 0; l < c.n_layers; ++l) {
-    blocks.push_back(register_module(
-        "blocks." + std::to_string(l),
-        std::make_shared<TransformerBlock>(c, c.layer_schedules[static_cast<size_t>(l)], init, dropout_gen, opts)));
+    blocks.push_back(
+        std::make_shared<TransformerBlock>(c, c.layer_schedules[static_cast<size_t>(l)], init, dropout_gen, opts));
+    layers->append(blocks.back());  // named blocks.<l>
   }
   ln_f = register_module("ln_f", std::make_shared<nn::LayerNorm>(c.d_model, 1e-5, true, opts));
   if (!c.tie_embeddings) {
@@ -168,8 +169,7 @@ Tensor TransformerLM::forward(const Tensor& tokens) {
   DILATRON_CHECK(tokens.dim() == 2 && tokens.dtype() == DType::Int64, "TransformerLM: tokens must be int64 [B, T], got ",
                  dtype_name(tokens.dtype()), " ", shape_str(tokens.shape()));
   Tensor x = drop->forward(tok->forward(tokens.contiguous()));
-  for (auto& block : blocks) x = block->forward(x);
-  x = ln_f->forward(x);
+  x = ln_f->forward(layers->forward(x));
   return head ? head->forward(x) : matmul(x, transpose(tok->weight, 0, 1));
 }
 

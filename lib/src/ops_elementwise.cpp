@@ -1,5 +1,7 @@
 // Elementwise ops. Binary ops broadcast like PyTorch: inputs reach the kernel as stride-0 views of
 // the output's shape, and gradients are summed back to each input's shape.
+#include <algorithm>
+
 #include "dilatron/autograd.h"
 #include "dilatron/kernels/backend.h"
 #include "dilatron/ops.h"
@@ -89,24 +91,23 @@ struct UnaryFn : autograd::Function<UnaryFn<Op>> {
   }
   static std::vector<Tensor> backward(Context& ctx, const std::vector<Tensor>& grads) {
     const Tensor& g = grads[0];
-    if constexpr (Op == UnaryOp::Neg) {
-      return {neg(g)};
-    } else {
+    if constexpr (Op == UnaryOp::Neg) return {neg(g)};
+    else {
       const Tensor& s = ctx.saved()[0];  // x or y, as unary_saves says
-      switch (Op) {
-        case UnaryOp::Exp: return {mul(g, s)};
-        case UnaryOp::Log: return {div(g, s)};
-        case UnaryOp::Tanh: return {mul(g, rsub(mul(s, s), 1.0))};
-        case UnaryOp::Sigmoid: return {mul(g, mul(s, rsub(s, 1.0)))};
-        case UnaryOp::Sqrt: return {div(g, mul(s, 2.0))};
-        case UnaryOp::Rsqrt: return {mul(g, mul(pow(s, 3.0), -0.5))};  // d x^-1/2 = -1/2 y^3
-        case UnaryOp::Abs: return {mul(g, sign(s))};
-        case UnaryOp::Relu: return {binary_forward(name(), BinaryOp::ReluBackward, g, s, g.dtype())};  // y > 0 iff x > 0
-        case UnaryOp::Gelu: return {binary_forward(name(), BinaryOp::GeluBackward, g, s, g.dtype())};
-        case UnaryOp::GeluTanh: return {binary_forward(name(), BinaryOp::GeluTanhBackward, g, s, g.dtype())};
-        default: break;
+      if constexpr (Op == UnaryOp::Exp) return {mul(g, s)};
+      else if constexpr (Op == UnaryOp::Log) return {div(g, s)};
+      else if constexpr (Op == UnaryOp::Tanh) return {mul(g, rsub(mul(s, s), 1.0))};
+      else if constexpr (Op == UnaryOp::Sigmoid) return {mul(g, mul(s, rsub(s, 1.0)))};
+      else if constexpr (Op == UnaryOp::Sqrt) return {div(g, mul(s, 2.0))};
+      else if constexpr (Op == UnaryOp::Rsqrt) return {mul(g, mul(pow(s, 3.0), -0.5))};  // d x^-1/2 = -1/2 y^3
+      else if constexpr (Op == UnaryOp::Abs) return {mul(g, sign(s))};
+      // relu keeps y, which is > 0 exactly where x is.
+      else if constexpr (Op == UnaryOp::Relu) return {binary_forward(name(), BinaryOp::ReluBackward, g, s, g.dtype())};
+      else if constexpr (Op == UnaryOp::Gelu) return {binary_forward(name(), BinaryOp::GeluBackward, g, s, g.dtype())};
+      else {
+        static_assert(Op == UnaryOp::GeluTanh);
+        return {binary_forward(name(), BinaryOp::GeluTanhBackward, g, s, g.dtype())};
       }
-      throw Error(detail::concat(name(), ": no backward"));
     }
   }
 };

@@ -1,5 +1,7 @@
 // matmul as torch.matmul, on the backend's batched GEMM. Transposed views reach the GEMM as its
 // trans flags instead of being copied, which is also how the backward avoids materialising transposes.
+#include <algorithm>
+
 #include "dilatron/autograd.h"
 #include "dilatron/kernels/backend.h"
 #include "dilatron/ops.h"
@@ -85,14 +87,19 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
                  " cannot be multiplied (", k, " vs ", kb, ")");
 
   // 1-D operands become a row / column matrix whose dim is dropped again from the result.
-  if (a.dim() == 1 && b.dim() == 1) return reshape(MatmulFn::apply(view(a, {1, k}), view(b, {k, 1})), {});
   if (b.dim() == 1) return squeeze(matmul(a, unsqueeze(b, 1)), -1);
   if (a.dim() == 1) return squeeze(matmul(unsqueeze(a, 0), b), -2);
   if (a.dim() == 2 && b.dim() == 2) return MatmulFn::apply(a, b);
 
   const int64_t m = a.size(-2), n = b.size(-1);
   const Shape a_batch(a.shape().begin(), a.shape().end() - 2), b_batch(b.shape().begin(), b.shape().end() - 2);
-  const Shape batch = broadcast_shapes(a_batch, b_batch);
+  Shape batch;
+  try {
+    batch = broadcast_shapes(a_batch, b_batch);
+  } catch (const Error& e) {
+    throw Error(detail::concat("matmul: the batch dims of ", shape_str(a.shape()), " and ", shape_str(b.shape()),
+                               " do not broadcast: ", e.what()));
+  }
   Shape out_shape = batch;
   out_shape.insert(out_shape.end(), {m, n});
   if (shape_numel(b_batch) == 1) {

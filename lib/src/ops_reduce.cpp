@@ -67,7 +67,7 @@ Tensor sum_forward(const Tensor& x, const std::vector<bool>& reduced) {
       if (!reduced[i]) order.push_back(static_cast<int64_t>(i));
     for (size_t i = 0; i < reduced.size(); ++i)
       if (reduced[i]) order.push_back(static_cast<int64_t>(i));
-    be.sum_last(out, reshape(permute(x, order), {m, k}));
+    be.sum_last(out, view(contiguous(permute(x, order)), {m, k}));
   }
   return out;
 }
@@ -120,7 +120,7 @@ MaxResult max(const Tensor& x, int64_t dim, bool keepdim) {
   reduced[static_cast<size_t>(d)] = true;
   const int64_t m = x.numel() / k;
   MaxResult r{Tensor::empty({m}, x.options()), Tensor::empty({m}, TensorOptions(DType::Int64).with_device(x.device()))};
-  kernels::backend(x.device()).max_last(r.values, r.indices, reshape(permute(x, order), {m, k}));
+  kernels::backend(x.device()).max_last(r.values, r.indices, view(contiguous(permute(x, order)), {m, k}));
   const Shape shape = reduced_shape(x.shape(), reduced, keepdim);
   return {reshape(r.values, shape), reshape(r.indices, shape)};
 }
@@ -130,7 +130,7 @@ Tensor max(const Tensor& x) {
   DILATRON_CHECK(x.numel() > 0, "max: the tensor of shape ", shape_str(x.shape()), " has no elements");
   Tensor values = Tensor::empty({1}, x.options());
   Tensor indices = Tensor::empty({1}, TensorOptions(DType::Int64).with_device(x.device()));
-  kernels::backend(x.device()).max_last(values, indices, reshape(x, {1, x.numel()}));
+  kernels::backend(x.device()).max_last(values, indices, view(contiguous(x), {1, x.numel()}));
   return reshape(values, {});
 }
 

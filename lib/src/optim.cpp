@@ -141,8 +141,8 @@ double clip_grad_norm_(const std::vector<Tensor>& params, double max_norm) {
 
 WarmupCosine::WarmupCosine(double base_lr, int64_t warmup_steps, int64_t total_steps, double min_lr)
     : base_lr_(base_lr), warmup_steps_(warmup_steps), total_steps_(total_steps), min_lr_(min_lr) {
-  DILATRON_CHECK(warmup_steps >= 0 && total_steps >= warmup_steps, "WarmupCosine: need 0 <= warmup_steps (",
-                 warmup_steps, ") <= total_steps (", total_steps, ")");
+  DILATRON_CHECK(warmup_steps >= 0 && total_steps >= 0, "WarmupCosine: steps must be >= 0, got warmup_steps ",
+                 warmup_steps, ", total_steps ", total_steps);
   DILATRON_CHECK(base_lr >= min_lr && min_lr >= 0.0, "WarmupCosine: need 0 <= min_lr (", min_lr, ") <= base_lr (",
                  base_lr, ")");
 }

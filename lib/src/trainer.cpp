@@ -104,7 +104,8 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
   ao.beta1 = c.train.beta1;
   ao.beta2 = c.train.beta2;
   optim::AdamW opt(optim::weight_decay_groups(model->named_parameters(), c.train.lr, c.train.weight_decay), ao);
-  const optim::WarmupCosine schedule(c.train.lr, c.train.warmup_steps, c.train.steps, c.train.min_lr);
+  const optim::WarmupCosine schedule(c.train.lr, std::min(c.train.warmup_steps, c.train.steps), c.train.steps,
+                                     c.train.min_lr);
   CheckpointDir ckpts((fs::path(o.out_dir) / "checkpoints").string(), c.train.keep_checkpoints);
   const Batches batches(c);
 
@@ -148,7 +149,7 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
   const int64_t tokens_per_step = c.data.batch_size * c.model.seq_len;
   model->train();
   while (st.step < c.train.steps) {
-    if (o.stop && o.stop->load()) {
+    if ((o.stop && o.stop->load()) || (o.stop_at_step >= 0 && st.step >= o.stop_at_step)) {
       res.interrupted = true;
       break;
     }

@@ -41,3 +41,13 @@ struct GradcheckCase {
 const std::vector<GradcheckCase>& builtin_gradcheck_cases();
 
 }  // namespace dilatron
+
+namespace dilatron {
+
+// The same check for a scalar loss of parameters held elsewhere (a model's): analytic gradients from
+// one backward, central differences by perturbing each parameter element in place (every element, or
+// an evenly spaced max_elements of each parameter). Parameters must be float64 leaves.
+GradcheckResult gradcheck_parameters(const std::function<Tensor()>& loss, const std::vector<Tensor>& params,
+                                     int64_t max_elements = 1 << 30, const GradcheckOptions& opts = {});
+
+}  // namespace dilatron

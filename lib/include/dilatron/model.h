@@ -105,7 +105,8 @@ class TransformerLM : public nn::Module {
   const ModelConfig& config() const { return config_; }
 
   std::shared_ptr<nn::Embedding> tok;
-  std::vector<std::shared_ptr<TransformerBlock>> blocks;
+  std::shared_ptr<nn::Sequential> layers;                 // "blocks"
+  std::vector<std::shared_ptr<TransformerBlock>> blocks;  // the same blocks, typed
   std::shared_ptr<nn::LayerNorm> ln_f;
   std::shared_ptr<nn::Linear> head;  // null when tied to tok
   std::shared_ptr<nn::Dropout> drop;

@@ -123,7 +123,8 @@ class ConstantLR final : public LRSchedule {
 };
 
 // Linear warmup base_lr * (step + 1) / warmup_steps for step < warmup_steps, then a half cosine
-// from base_lr down to min_lr at total_steps, and min_lr after.
+// from base_lr down to min_lr at total_steps, and min_lr after. A run shorter than its warmup
+// only warms up.
 class WarmupCosine final : public LRSchedule {
  public:
   WarmupCosine(double base_lr, int64_t warmup_steps, int64_t total_steps, double min_lr = 0.0);

@@ -17,6 +17,7 @@ struct TrainOptions {
   std::string out_dir = "runs/default";
   std::string resume;                         // "", "auto" (latest in out_dir, if any) or a checkpoint path
   const std::atomic<bool>* stop = nullptr;    // set (by SIGINT) to checkpoint and return early
+  int64_t stop_at_step = -1;                  // >= 0: checkpoint and return early on reaching this step
   bool progress = true;                       // the live progress line on stderr
 };
 

@@ -94,7 +94,8 @@ class Backend {
   virtual void dropout(Tensor& out, const Tensor& in, double p, uint64_t seed, uint32_t offset) = 0;
 
   // ---- flash dilated attention (the contract: ../shared/specs/dilated-attention.md) ----
-  // q, k, v, o: contiguous [B, N, H, D]; lse: float32 [B, H, N]; bias: [H, num_buckets] or undefined.
+  // q, k, v, o: contiguous [B, N, H, D]; lse: [B, H, N] in q's dtype (float32, or float64 for float64 inputs:
+  // a float32 lse would cap the float64 backward at float32 accuracy); bias: [H, num_buckets] or undefined.
   virtual void dilated_attention_forward(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                                          const Tensor& bias, const AttentionParams& params) = 0;
   // dq, dk, dv (and dbias when defined) are overwritten.

@@ -1,0 +1,263 @@
+// The training loop end to end on configs/tiny.toml: loss goes down, runs are reproducible bit for
+// bit, resuming continues exactly, and bad configs and checkpoints are reported clearly.
+#include <gtest/gtest.h>
+
+#include <csignal>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "dilatron/autograd.h"
+#include "dilatron/checkpoint.h"
+#include "dilatron/config.h"
+#include "dilatron/gradcheck.h"
+#include "dilatron/hdf5.h"
+#include "dilatron/ops.h"
+#include "dilatron/trainer.h"
+
+using namespace dilatron;
+namespace fs = std::filesystem;
+
+namespace {
+
+const std::string kTiny = std::string(DILATRON_SOURCE_DIR) + "/configs/tiny.toml";
+
+fs::path fresh_dir(const std::string& name) {
+  fs::path p = fs::temp_directory_path() / ("dilatron_test_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(p);
+  return p;
+}
+
+TrainOptions quiet(const fs::path& dir) {
+  TrainOptions o;
+  o.out_dir = dir.string();
+  o.progress = false;
+  return o;
+}
+
+std::vector<std::vector<double>> parameters_of(const std::string& ckpt) {
+  const RunConfig c = parse_config(read_checkpoint_summary(ckpt).config_toml, ckpt);
+  auto model = build_model(c, std::make_shared<Generator>(0));
+  load_checkpoint(ckpt, *model, nullptr);
+  std::vector<std::vector<double>> out;
+  for (const auto& [name, p] : model->named_parameters()) out.push_back(p.to_vector<double>());
+  return out;
+}
+
+std::string expect_error(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected a dilatron::Error";
+  return "";
+}
+
+}  // namespace
+
+TEST(Training, LossGoesDownOnTinyConfig) {
+  const RunConfig c = load_config(kTiny, {"train.steps=30", "train.checkpoint_every=0"});
+  const TrainResult r = train(c, quiet(fresh_dir("loss")));
+  ASSERT_EQ(r.losses.size(), 30u);
+  double first = 0, last = 0;
+  for (int i = 0; i < 5; ++i) first += r.losses[static_cast<size_t>(i)], last += r.losses[r.losses.size() - 1 - static_cast<size_t>(i)];
+  EXPECT_LT(last, 0.8 * first) << "first five " << first / 5 << ", last five " << last / 5;
+}
+
+TEST(Training, SameSeedGivesBitIdenticalRuns) {
+  const RunConfig c = load_config(kTiny, {"train.steps=6", "model.dropout=0.1", "model.attn_dropout=0.1"});
+  const TrainResult a = train(c, quiet(fresh_dir("det_a")));
+  const TrainResult b = train(c, quiet(fresh_dir("det_b")));
+  EXPECT_EQ(a.losses, b.losses);
+  EXPECT_EQ(parameters_of(a.last_checkpoint), parameters_of(b.last_checkpoint));
+}
+
+TEST(Training, ResumeIsExact) {
+  // Dropout on, so the dropout stream's position must be restored as well as the data stream's.
+  const RunConfig c = load_config(kTiny, {"train.steps=8", "train.checkpoint_every=3", "model.dropout=0.1",
+                                          "model.attn_dropout=0.1"});
+  const TrainResult straight = train(c, quiet(fresh_dir("straight")));
+
+  const fs::path dir = fresh_dir("split");
+  TrainOptions first = quiet(dir);
+  first.stop_at_step = 4;
+  const TrainResult part1 = train(c, first);
+  EXPECT_TRUE(part1.interrupted);
+  EXPECT_EQ(part1.steps_done, 4);
+  TrainOptions second = quiet(dir);
+  second.resume = "auto";
+  const TrainResult part2 = train(c, second);
+  EXPECT_EQ(part2.first_step, 4);
+
+  std::vector<double> joined = part1.losses;
+  joined.insert(joined.end(), part2.losses.begin(), part2.losses.end());
+  EXPECT_EQ(joined, straight.losses);  // bit-identical doubles
+  EXPECT_EQ(parameters_of(part2.last_checkpoint), parameters_of(straight.last_checkpoint));
+}
+
+TEST(Training, KeepsOnlyTheNewestCheckpointsAndFindsLatest) {
+  const fs::path dir = fresh_dir("keep");
+  train(load_config(kTiny, {"train.steps=8", "train.checkpoint_every=2", "train.keep_checkpoints=2"}), quiet(dir));
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir / "checkpoints"))
+    if (e.path().extension() == ".h5") names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"ckpt-000000006.h5", "ckpt-000000008.h5"}));
+  EXPECT_EQ(CheckpointDir((dir / "checkpoints").string(), 2).latest().value(),
+            (dir / "checkpoints" / "ckpt-000000008.h5").string());
+}
+
+class CheckpointErrors : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fresh_dir("ckpt_errors");
+    ckpt_ = train(load_config(kTiny, {"train.steps=2"}), quiet(dir_)).last_checkpoint;
+    config_ = load_config(kTiny);
+  }
+  // A fresh model and its parameters, to check that a failed load changes nothing.
+  std::string load_into_fresh_model(const RunConfig& c, const std::string& path) {
+    auto model = build_model(c, std::make_shared<Generator>(0));
+    const auto before = model->named_parameters().front().second.to_vector<double>();
+    const std::string msg = expect_error([&] { load_checkpoint(path, *model, nullptr); });
+    EXPECT_EQ(model->named_parameters().front().second.to_vector<double>(), before) << "a failed load changed the model";
+    return msg;
+  }
+  fs::path dir_;
+  std::string ckpt_;
+  RunConfig config_;
+};
+
+TEST_F(CheckpointErrors, TruncatedFileIsReportedByName) {
+  const std::string bad = (dir_ / "truncated.h5").string();
+  fs::copy_file(ckpt_, bad);
+  fs::resize_file(bad, fs::file_size(bad) / 2);
+  EXPECT_NE(load_into_fresh_model(config_, bad).find("truncated.h5"), std::string::npos);
+}
+
+TEST_F(CheckpointErrors, CorruptFileIsReportedByName) {
+  const std::string bad = (dir_ / "corrupt.h5").string();
+  fs::copy_file(ckpt_, bad);
+  {
+    std::fstream f(bad, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(0);
+    f.write("garbage!", 8);  // the HDF5 signature
+  }
+  EXPECT_NE(load_into_fresh_model(config_, bad).find("corrupt.h5"), std::string::npos);
+}
+
+TEST_F(CheckpointErrors, DifferentModelShapeNamesTheParameter) {
+  const RunConfig wider = load_config(kTiny, {"model.d_ff=96"});
+  const std::string msg = load_into_fresh_model(wider, ckpt_);
+  EXPECT_NE(msg.find("fc.weight"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("[96, 32]"), std::string::npos) << msg;
+}
+
+TEST_F(CheckpointErrors, ResumeFromMissingFileIsAnErrorAndWritesNothing) {
+  TrainOptions o = quiet(dir_);
+  o.resume = (dir_ / "nope.h5").string();
+  const std::string msg = expect_error([&] { train(config_, o); });
+  EXPECT_NE(msg.find("nope.h5"), std::string::npos) << msg;
+}
+
+TEST(Config, ErrorsNameTheKey) {
+  const auto err = [](const std::string& toml) {
+    return expect_error([&] { parse_config(toml, "bad.toml"); });
+  };
+  const std::string base = "[attention]\nschedule = \"16:1\"\n[model]\nseq_len = 64\n";
+  EXPECT_NE(err(base + "d_modle = 3\n").find("model.d_modle"), std::string::npos);
+  EXPECT_NE(err(base + "d_model = \"wide\"\n").find("model.d_model"), std::string::npos);
+  EXPECT_NE(err(base + "n_heads = 0\n").find("model.n_heads"), std::string::npos);
+  EXPECT_NE(err("[attention]\nschedule = \"16:0\"\n").find("attention.schedule"), std::string::npos);
+  // Dilation 4 alone leaves three of every four positions of head 0 unattended.
+  const std::string uncovered = err("[model]\nn_heads = 1\nd_model = 8\n[attention]\nschedule = \"64:4\"\n");
+  EXPECT_NE(uncovered.find("layer 0"), std::string::npos) << uncovered;
+  EXPECT_NE(err(base + "[attention.layers]\n9 = \"8:1\"\n").find("attention.layers.9"), std::string::npos);
+  EXPECT_NE(err(base + "[train]\ndtype = \"float16\"\n").find("train.dtype"), std::string::npos);
+}
+
+TEST(Config, OverridesAndPerLayerSchedules) {
+  const RunConfig c = load_config(kTiny, {"model.n_layers=3", "attention.layers.2=\"32:1,128:4\"", "train.lr=0.01"});
+  ASSERT_EQ(c.model.layer_schedules.size(), 3u);
+  EXPECT_EQ(c.model.layer_schedules[2], (Schedule{{32, 1}, {128, 4}}));
+  EXPECT_EQ(c.model.layer_schedules[0], parse_schedule("16:1,64:4,128:8"));
+  EXPECT_DOUBLE_EQ(c.train.lr, 0.01);
+  const RunConfig g = load_config(kTiny, {"attention.schedule=\"\"", "attention.generator=\"geometric\"",
+                                          "attention.w0=32", "attention.ratio=2"});
+  EXPECT_EQ(g.model.layer_schedules[0], (Schedule{{32, 1}, {64, 2}, {128, 4}}));
+}
+
+TEST(Model, GradcheckOnATinyFloat64Model) {
+  // Every parameter kind of the model, with XPOS, the relative-position bias and attention dropout.
+  const RunConfig c = load_config(kTiny, {"model.seq_len=12", "model.d_model=8", "model.n_heads=2", "model.d_ff=12",
+                                          "attention.schedule=\"4:1,8:2,12:4\"", "train.dtype=\"float64\"",
+                                          "model.rel_pos_bias=true", "model.bias_buckets=6",
+                                          "model.bias_max_distance=12", "model.tie_embeddings=false",
+                                          "model.dropout=0.2", "model.attn_dropout=0.2"});
+  auto dropout_gen = std::make_shared<Generator>(3);
+  auto model = build_model(c, dropout_gen);
+  // Make the bias table nonzero so its gradient path is exercised away from its init.
+  for (const auto& [name, p] : model->named_parameters())
+    if (name.find("rel_bias") != std::string::npos) Tensor(p).copy_(Tensor::full(p.shape(), 0.3, DType::Float64));
+  const Tensor batch = Tensor::from_vector<int64_t>({1, 5, 9, 2, 7, 7, 3, 0, 4, 8, 6, 2, 5}, {1, 13});
+  const GradcheckResult r = gradcheck_parameters(
+      [&] {
+        dropout_gen->set_state(3, 0);  // the same masks on every evaluation
+        return model->loss(batch);
+      },
+      model->parameters(), /*max_elements=*/8);
+  EXPECT_TRUE(r.ok) << r.message << " (max abs error " << r.max_abs_error << ")";
+}
+
+TEST(Model, XposRejectsLengthsWhoseScaleLeavesFloat32) {
+  RunConfig c = load_config(kTiny, {"model.seq_len=200000", "attention.schedule=\"16:1\""});
+  auto model = build_model(c, std::make_shared<Generator>(0));
+  const std::string msg = expect_error([&] { model->forward(Tensor::zeros({1, 200000}, DType::Int64)); });
+  EXPECT_NE(msg.find("200000"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("rotary"), std::string::npos) << msg;
+}
+
+// The command line: SIGINT saves a loadable checkpoint; h5py reads checkpoints as `inspect` lists them.
+class TrainCommand : public ::testing::Test {
+ protected:
+  static std::string binary() { return std::string(DILATRON_BINARY_DIR) + "/dilatron"; }
+  static int run(const std::string& cmd) { return std::system(cmd.c_str()); }
+};
+
+TEST_F(TrainCommand, SigintLeavesALoadableCheckpoint) {
+  const fs::path dir = fresh_dir("sigint");
+  const std::string cmd = "timeout --preserve-status -s INT 3 " + binary() + " train " + kTiny + " --out " + dir.string() +
+                          " --set train.steps=1000000 --set train.checkpoint_every=0 > " + (dir.string() + ".log") + " 2>&1";
+  const int status = run(cmd);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 130) << "expected the interrupted exit code";
+  const auto latest = CheckpointDir((dir / "checkpoints").string(), 1).latest();
+  ASSERT_TRUE(latest.has_value());
+  EXPECT_GT(parameters_of(*latest).size(), 0u);
+  // And the run resumes from it.
+  TrainOptions o = quiet(dir);
+  o.resume = "auto";
+  const int64_t stopped_at = read_checkpoint_summary(*latest).state.step;
+  const TrainResult r = train(load_config(kTiny, {"train.checkpoint_every=0", "train.steps=" + std::to_string(stopped_at + 2)}), o);
+  EXPECT_EQ(r.first_step, stopped_at);
+  EXPECT_EQ(r.steps_done, stopped_at + 2);
+}
+
+TEST_F(TrainCommand, H5pyReadsEveryParameterInspectLists) {
+  if (run("/usr/bin/python3 -c 'import h5py' >/dev/null 2>&1") != 0)
+    GTEST_SKIP() << "python3-h5py is not installed (scripts/install-deps.sh installs it)";
+  const fs::path dir = fresh_dir("h5py_ckpt");
+  const std::string ckpt = train(load_config(kTiny, {"train.steps=2"}), quiet(dir)).last_checkpoint;
+  const std::string out = dir.string() + "/compare.log";
+  const std::string cmd = binary() + " inspect " + ckpt + " > " + dir.string() + "/inspect.txt && /usr/bin/python3 " +
+                          DILATRON_SOURCE_DIR + "/tests/h5py_checkpoint.py " + ckpt + " " + dir.string() +
+                          "/inspect.txt > " + out + " 2>&1";
+  const int status = run(cmd);
+  std::ifstream log(out);
+  std::stringstream ss;
+  ss << log.rdbuf();
+  EXPECT_EQ(status, 0) << ss.str();
+}

@@ -1,0 +1,190 @@
+// `dilatron train`, `eval`, `sample` and `inspect`: the model's life cycle from the command line.
+#include <csignal>
+#include <cstdio>
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <filesystem>
+#include <numeric>
+
+#include "commands.h"
+#include "dilatron/autograd.h"
+#include "dilatron/checkpoint.h"
+#include "dilatron/data.h"
+#include "dilatron/ops.h"
+#include "dilatron/trainer.h"
+
+namespace dilatron::cli {
+namespace {
+
+std::atomic<bool> g_stop{false};
+extern "C" void on_sigint(int) { g_stop.store(true); }
+
+struct TrainArgs {
+  std::string config;
+  std::vector<std::string> set;
+  std::string resume;
+  std::string out;
+};
+
+void run_train(const TrainArgs& a) {
+  const RunConfig cfg = load_config(a.config, a.set);
+  TrainOptions o;
+  o.out_dir = a.out.empty() ? "runs/" + std::filesystem::path(a.config).stem().string() : a.out;
+  o.resume = a.resume;
+  o.stop = &g_stop;
+  std::signal(SIGINT, on_sigint);
+  std::fprintf(stderr, "training %s -> %s (%lld steps, batch %lld x %lld tokens)\n", a.config.c_str(),
+               o.out_dir.c_str(), static_cast<long long>(cfg.train.steps), static_cast<long long>(cfg.data.batch_size),
+               static_cast<long long>(cfg.model.seq_len));
+  const TrainResult r = train(cfg, o);
+  std::signal(SIGINT, SIG_DFL);
+  std::printf("checkpoint: %s\n", r.last_checkpoint.c_str());
+  if (r.interrupted) {
+    std::fprintf(stderr, "interrupted at step %lld; resume with --resume auto\n", static_cast<long long>(r.steps_done));
+    std::exit(130);
+  }
+}
+
+// The model a checkpoint was trained as, with its weights.
+struct Loaded {
+  RunConfig config;
+  std::unique_ptr<TransformerLM> model;
+};
+Loaded load_model(const std::string& ckpt) {
+  const CheckpointSummary s = read_checkpoint_summary(ckpt);
+  Loaded l{parse_config(s.config_toml, ckpt + " (stored config)"), nullptr};
+  l.model = build_model(l.config, std::make_shared<Generator>(0));
+  load_checkpoint(ckpt, *l.model, nullptr);
+  l.model->eval();
+  return l;
+}
+
+struct EvalArgs {
+  std::string ckpt, task, text;
+  std::vector<int64_t> lengths;
+  int64_t samples = 0, min_distance = -1, batch = 8;
+};
+
+void run_eval(const EvalArgs& a) {
+  Loaded l = load_model(a.ckpt);
+  const std::string task = a.task.empty() ? (a.text.empty() ? l.config.data.task : "text") : a.task;
+  if (task == "passkey") {
+    const auto lengths = a.lengths.empty() ? l.config.eval.lengths : a.lengths;
+    const int64_t samples = a.samples > 0 ? a.samples : l.config.eval.samples;
+    const int64_t min_distance = a.min_distance >= 0 ? a.min_distance : l.config.eval.min_distance;
+    std::printf("%s", format_passkey_report(evaluate_passkey(*l.model, lengths, samples, l.config.eval.seed,
+                                                             min_distance, a.batch)).c_str());
+  } else if (task == "text") {
+    const std::string path = a.text.empty() ? l.config.data.path : a.text;
+    DILATRON_CHECK(!path.empty(), "eval --task text needs --text FILE");
+    const data::TextDataset text(path, l.config.data.val_fraction);
+    const double loss = evaluate_text_loss(*l.model, text, l.config.model.seq_len,
+                                           a.samples > 0 ? a.samples : 1 << 30, a.batch);
+    std::printf("%s validation: loss %.4f nats/byte, perplexity %.3f, %.4f bits/byte\n", path.c_str(), loss,
+                std::exp(loss), loss / std::log(2.0));
+  } else {
+    throw Error("--task " + task + ": expected passkey or text");
+  }
+}
+
+struct SampleArgs {
+  std::string ckpt, prompt;
+  int64_t tokens = 200, top_k = 0;
+  double temperature = 1.0;
+  uint64_t seed = 0;
+};
+
+void run_sample(const SampleArgs& a) {
+  DILATRON_CHECK(a.temperature >= 0.0, "--temperature must be >= 0, got ", a.temperature);
+  DILATRON_CHECK(a.top_k >= 0, "--top-k must be >= 0, got ", a.top_k);
+  Loaded l = load_model(a.ckpt);
+  autograd::NoGradGuard no_grad;
+  std::vector<int64_t> ids = data::encode(a.prompt);
+  ids.insert(ids.begin(), data::kBos);
+  Generator gen(a.seed);
+  const int64_t ctx = l.config.model.seq_len;
+  const Device device = l.model->tok->weight.device();
+  std::fputs(a.prompt.c_str(), stdout);
+  for (int64_t i = 0; i < a.tokens; ++i) {
+    const int64_t start = std::max<int64_t>(0, static_cast<int64_t>(ids.size()) - ctx);
+    const std::vector<int64_t> window(ids.begin() + start, ids.end());
+    Tensor logits = l.model->forward(Tensor::from_vector(window, {1, static_cast<int64_t>(window.size())}).to(device));
+    std::vector<double> row =
+        narrow(logits, 1, static_cast<int64_t>(window.size()) - 1, 1).to_vector<double>();
+    int64_t next = 0;
+    if (a.temperature == 0.0) {
+      next = std::max_element(row.begin(), row.end()) - row.begin();
+    } else {
+      // Softmax at the temperature over the top-k logits, then one uniform draw.
+      std::vector<int64_t> order(row.size());
+      std::iota(order.begin(), order.end(), 0);
+      std::sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return row[x] > row[y]; });
+      const size_t k = a.top_k > 0 ? std::min(order.size(), static_cast<size_t>(a.top_k)) : order.size();
+      std::vector<double> p(k);
+      double z = 0.0;
+      for (size_t j = 0; j < k; ++j) z += p[j] = std::exp((row[order[j]] - row[order[0]]) / a.temperature);
+      double u = gen.next_uniform() * z;
+      next = order[k - 1];
+      for (size_t j = 0; j < k; ++j)
+        if ((u -= p[j]) < 0) {
+          next = order[j];
+          break;
+        }
+    }
+    if (next == data::kEos) break;
+    ids.push_back(next);
+    if (next < 256) std::fputc(static_cast<int>(next), stdout);
+    std::fflush(stdout);
+  }
+  std::fputc('\n', stdout);
+}
+
+void run_inspect(const std::string& ckpt) {
+  const CheckpointSummary s = read_checkpoint_summary(ckpt);
+  std::printf("checkpoint: %s\nversion: %s\nstep: %lld\ntokens seen: %lld\nparameters: %lld\n\n", ckpt.c_str(),
+              s.version.c_str(), static_cast<long long>(s.state.step), static_cast<long long>(s.state.tokens_seen),
+              static_cast<long long>(s.num_parameters));
+  for (const auto& [name, shape] : s.parameters) std::printf("  %-40s %s\n", name.c_str(), shape_str(shape).c_str());
+  std::printf("\nconfig:\n%s\n", s.config_toml.c_str());
+}
+
+}  // namespace
+
+void add_train_commands(CLI::App& app) {
+  auto t = std::make_shared<TrainArgs>();
+  CLI::App* train = app.add_subcommand("train", "Train a model from a TOML config");
+  train->add_option("config", t->config, "config file, e.g. configs/passkey.toml")->required()->check(CLI::ExistingFile);
+  train->add_option("--set", t->set, "override a config key: section.key=value (repeatable)");
+  train->add_option("--resume", t->resume, "auto (the latest checkpoint in --out) or a checkpoint path");
+  train->add_option("--out", t->out, "run directory (default runs/<config name>)");
+  train->callback([t] { run_train(*t); });
+
+  auto e = std::make_shared<EvalArgs>();
+  CLI::App* eval = app.add_subcommand("eval", "Evaluate a checkpoint: passkey accuracy or text loss");
+  eval->add_option("checkpoint", e->ckpt, "checkpoint .h5")->required();
+  eval->add_option("--task", e->task, "passkey or text (default: the task it was trained on)");
+  eval->add_option("--lengths", e->lengths, "passkey context lengths, e.g. 512,1024,2048")->delimiter(',');
+  eval->add_option("--samples", e->samples, "samples per length (passkey) or max windows (text)");
+  eval->add_option("--min-distance", e->min_distance, "passkey: only needles at least this far from the answer");
+  eval->add_option("--text", e->text, "a UTF-8 file whose validation split to score");
+  eval->add_option("--batch", e->batch, "sequences per forward pass");
+  eval->callback([e] { run_eval(*e); });
+
+  auto s = std::make_shared<SampleArgs>();
+  CLI::App* sample = app.add_subcommand("sample", "Generate text from a checkpoint");
+  sample->add_option("checkpoint", s->ckpt, "checkpoint .h5")->required();
+  sample->add_option("--prompt", s->prompt, "text to continue");
+  sample->add_option("--tokens", s->tokens, "bytes to generate");
+  sample->add_option("--temperature", s->temperature, "0 for greedy");
+  sample->add_option("--top-k", s->top_k, "sample among the k most likely bytes (0: all)");
+  sample->add_option("--seed", s->seed, "sampling seed");
+  sample->callback([s] { run_sample(*s); });
+
+  auto ckpt = std::make_shared<std::string>();
+  CLI::App* inspect = app.add_subcommand("inspect", "Show a checkpoint's config, step and parameters");
+  inspect->add_option("checkpoint", *ckpt, "checkpoint .h5")->required();
+  inspect->callback([ckpt] { run_inspect(*ckpt); });
+}
+
+}  // namespace dilatron::cli
