@@ -261,3 +261,37 @@ TEST_F(TrainCommand, H5pyReadsEveryParameterInspectLists) {
   ss << log.rdbuf();
   EXPECT_EQ(status, 0) << ss.str();
 }
+
+TEST_F(TrainCommand, AttentionCommandMatchesTheDenseContractInNumpy) {
+  if (run("/usr/bin/python3 -c 'import h5py, numpy' >/dev/null 2>&1") != 0)
+    GTEST_SKIP() << "python3-h5py / python3-numpy are not installed (scripts/install-deps.sh installs them)";
+  const fs::path dir = fresh_dir("attention_cli");
+  fs::create_directories(dir);
+  const std::string cmd = "/usr/bin/python3 " + std::string(DILATRON_SOURCE_DIR) + "/scripts/attention_example.py " +
+                          binary() + " " + dir.string() + " > " + dir.string() + "/log 2>&1";
+  const int status = run(cmd);
+  std::ifstream log(dir / "log");
+  std::stringstream ss;
+  ss << log.rdbuf();
+  EXPECT_EQ(status, 0) << ss.str();
+}
+
+TEST_F(TrainCommand, AttentionCommandNamesTheMissingDataset) {
+  const fs::path dir = fresh_dir("attention_missing");
+  fs::create_directories(dir);
+  h5::File f = h5::File::create((dir / "in.h5").string());
+  Generator gen(1);
+  f.write("q", Tensor::randn({1, 8, 2, 4}, gen));
+  f.write("k", Tensor::randn({1, 8, 2, 4}, gen));
+  f.close();
+  const std::string log = (dir / "log").string();
+  const int status = run(binary() + " attention --in " + (dir / "in.h5").string() + " --out " +
+                         (dir / "out.h5").string() + " --schedule 4:1 > " + log + " 2>&1");
+  EXPECT_NE(status, 0);
+  std::ifstream in(log);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  EXPECT_NE(ss.str().find("'v'"), std::string::npos) << ss.str();
+  EXPECT_NE(ss.str().find("in.h5"), std::string::npos) << ss.str();
+  EXPECT_FALSE(fs::exists(dir / "out.h5"));
+}

@@ -51,7 +51,17 @@ struct Loaded {
   RunConfig config;
   std::unique_ptr<TransformerLM> model;
 };
-Loaded load_model(const std::string& ckpt) {
+// A checkpoint file, or a run directory (its newest checkpoint).
+std::string resolve_checkpoint(const std::string& path) {
+  namespace fs = std::filesystem;
+  if (!fs::is_directory(path)) return path;
+  for (const fs::path dir : {fs::path(path) / "checkpoints", fs::path(path)})
+    if (fs::exists(dir / "latest")) return *CheckpointDir(dir.string(), 1).latest();
+  throw Error("'" + path + "' is a directory without checkpoints (expected a run directory or a .h5 file)");
+}
+
+Loaded load_model(const std::string& path) {
+  const std::string ckpt = resolve_checkpoint(path);
   const CheckpointSummary s = read_checkpoint_summary(ckpt);
   Loaded l{parse_config(s.config_toml, ckpt + " (stored config)"), nullptr};
   l.model = build_model(l.config, std::make_shared<Generator>(0));
@@ -140,7 +150,8 @@ void run_sample(const SampleArgs& a) {
   std::fputc('\n', stdout);
 }
 
-void run_inspect(const std::string& ckpt) {
+void run_inspect(const std::string& path) {
+  const std::string ckpt = resolve_checkpoint(path);
   const CheckpointSummary s = read_checkpoint_summary(ckpt);
   std::printf("checkpoint: %s\nversion: %s\nstep: %lld\ntokens seen: %lld\nparameters: %lld\n\n", ckpt.c_str(),
               s.version.c_str(), static_cast<long long>(s.state.step), static_cast<long long>(s.state.tokens_seen),
@@ -162,7 +173,7 @@ void add_train_commands(CLI::App& app) {
 
   auto e = std::make_shared<EvalArgs>();
   CLI::App* eval = app.add_subcommand("eval", "Evaluate a checkpoint: passkey accuracy or text loss");
-  eval->add_option("checkpoint", e->ckpt, "checkpoint .h5")->required();
+  eval->add_option("checkpoint", e->ckpt, "checkpoint .h5, or a run directory (its latest)")->required();
   eval->add_option("--task", e->task, "passkey or text (default: the task it was trained on)");
   eval->add_option("--lengths", e->lengths, "passkey context lengths, e.g. 512,1024,2048")->delimiter(',');
   eval->add_option("--samples", e->samples, "samples per length (passkey) or max windows (text)");
@@ -173,7 +184,7 @@ void add_train_commands(CLI::App& app) {
 
   auto s = std::make_shared<SampleArgs>();
   CLI::App* sample = app.add_subcommand("sample", "Generate text from a checkpoint");
-  sample->add_option("checkpoint", s->ckpt, "checkpoint .h5")->required();
+  sample->add_option("checkpoint", s->ckpt, "checkpoint .h5, or a run directory (its latest)")->required();
   sample->add_option("--prompt", s->prompt, "text to continue");
   sample->add_option("--tokens", s->tokens, "bytes to generate");
   sample->add_option("--temperature", s->temperature, "0 for greedy");
@@ -183,7 +194,7 @@ void add_train_commands(CLI::App& app) {
 
   auto ckpt = std::make_shared<std::string>();
   CLI::App* inspect = app.add_subcommand("inspect", "Show a checkpoint's config, step and parameters");
-  inspect->add_option("checkpoint", *ckpt, "checkpoint .h5")->required();
+  inspect->add_option("checkpoint", *ckpt, "checkpoint .h5, or a run directory (its latest)")->required();
   inspect->callback([ckpt] { run_inspect(*ckpt); });
 }
 

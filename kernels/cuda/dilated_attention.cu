@@ -292,9 +292,11 @@ struct Smem {
   static constexpr size_t kRows = size_t{kTile} * (D + kPad);
   static constexpr size_t kScores = size_t{kTile} * (kTile + kPad);
   static constexpr size_t forward_bytes = (2 * kRows + kScores + kStripLen) * sizeof(T);
+  static size_t backward_elements(int num_buckets) {
+    return 4 * kRows + kScores + 2 * kTile + 2 * kStripLen + static_cast<size_t>(num_buckets);
+  }
   static size_t backward_bytes(int num_buckets) {
-    const size_t ts = 4 * kRows + kScores + 2 * kTile + 2 * kStripLen + static_cast<size_t>(num_buckets);
-    return (ts + (ts % 2)) * sizeof(T) + kStripLen * sizeof(int);  // even count keeps the ints 8-byte aligned
+    return backward_elements(num_buckets) * sizeof(T) + kStripLen * sizeof(int);
   }
 };
 
@@ -313,20 +315,19 @@ struct BackwardShared {
   int* bucket_strip;
 
   __device__ BackwardShared(unsigned char* base, int num_buckets) {
-    using S = Smem<T, D>;
+    using Layout = Smem<T, D>;
     T* t = reinterpret_cast<T*>(base);
     K = reinterpret_cast<T (*)[D + kPad]>(t);
-    V = reinterpret_cast<T (*)[D + kPad]>(t + S::kRows);
-    Q = reinterpret_cast<T (*)[D + kPad]>(t + 2 * S::kRows);
-    dO = reinterpret_cast<T (*)[D + kPad]>(t + 3 * S::kRows);
-    this->S = reinterpret_cast<T (*)[kTile + kPad]>(t + 4 * S::kRows);
-    lse = t + 4 * S::kRows + S::kScores;
+    V = reinterpret_cast<T (*)[D + kPad]>(t + Layout::kRows);
+    Q = reinterpret_cast<T (*)[D + kPad]>(t + 2 * Layout::kRows);
+    dO = reinterpret_cast<T (*)[D + kPad]>(t + 3 * Layout::kRows);
+    S = reinterpret_cast<T (*)[kTile + kPad]>(t + 4 * Layout::kRows);
+    lse = t + 4 * Layout::kRows + Layout::kScores;
     delta = lse + kTile;
     bias_strip = delta + kTile;
     diag = bias_strip + kStripLen;
     dbias = diag + kStripLen;
-    const size_t ts = 4 * S::kRows + S::kScores + 2 * kTile + 2 * kStripLen + static_cast<size_t>(num_buckets);
-    bucket_strip = reinterpret_cast<int*>(t + ts + (ts % 2));
+    bucket_strip = reinterpret_cast<int*>(t + Layout::backward_elements(num_buckets));
   }
 };
 
