@@ -79,6 +79,17 @@ int64_t* write_filler(int64_t length, Generator& gen, int64_t* out) {
   return write_text(t.sentences[pick], out);
 }
 
+// The landmark-attention passage; Filler::Repeat cycles it, continuing after the needle where it
+// stopped before it.
+constexpr std::string_view kPassage =
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+
+int64_t* write_passage(int64_t length, int64_t phase, int64_t* out) {
+  const auto n = static_cast<int64_t>(kPassage.size());
+  for (int64_t i = 0; i < length; ++i) *out++ = static_cast<unsigned char>(kPassage[static_cast<size_t>((phase + i) % n)]);
+  return out;
+}
+
 enum class Stream : uint32_t { Train = 0, Eval = 1 };
 
 // Every sample has a generator of its own, seeded by Philox of (index, stream) under the key `seed`:
@@ -140,13 +151,14 @@ std::pair<uint64_t, int64_t> PasskeyTask::write_sample(Generator& gen, int64_t* 
   const int64_t before = before_lo_ + static_cast<int64_t>(gen.next_below(before_hi_ - before_lo_ + 1));
   int64_t* out = tokens;
   *out++ = kBos;
-  out = write_filler(before, gen, out);
+  const bool repeat = options_.filler == PasskeyOptions::Filler::Repeat;
+  out = repeat ? write_passage(before, 0, out) : write_filler(before, gen, out);
   out = write_text(kNeedleHead, out);
   out = write_key(key, d, out);
   out = write_text(kNeedleMid, out);
   out = write_key(key, d, out);
   out = write_text(kNeedleTail, out);
-  out = write_filler(filler_ - before, gen, out);
+  out = repeat ? write_passage(filler_ - before, before, out) : write_filler(filler_ - before, gen, out);
   out = write_text(kQuestion, out);
   out = write_key(key, d, out);
   *out = kEos;

@@ -440,3 +440,26 @@ TEST(DataPasskey, DistanceBucketsDoubleFrom256) {
   EXPECT_LT(distance_bucket(300), distance_bucket(1500));
   EXPECT_THROW(distance_bucket(-1), Error);
 }
+
+TEST(DataPasskey, RepeatFillerCyclesThePassageAroundTheNeedle) {
+  PasskeyOptions o;
+  o.seq_len = 700;
+  o.filler = PasskeyOptions::Filler::Repeat;
+  const PasskeyTask task(o);
+  const std::string passage = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+  for (uint64_t i = 0; i < 20; ++i) {
+    const PasskeySample s = task.sample(i);
+    ASSERT_EQ(s.tokens.size(), 701u);
+    const std::string text = decode(std::span<const int64_t>(s.tokens).subspan(1, s.tokens.size() - 2));
+    const size_t needle = text.find("The pass key is " + s.key);
+    ASSERT_NE(needle, std::string::npos);
+    const std::string needle_end = s.key + " is the pass key. ";
+    const size_t after = text.find(needle_end, needle) + needle_end.size();
+    const size_t question = text.rfind("What is the pass key?");
+    // Filler before the needle is the passage from its start; after it, the passage continues.
+    for (size_t k = 0; k < needle; ++k) ASSERT_EQ(text[k], passage[k % passage.size()]) << "sample " << i << " byte " << k;
+    for (size_t k = after; k < question; ++k)
+      ASSERT_EQ(text[k], passage[(needle + k - after) % passage.size()]) << "sample " << i << " byte " << k;
+    EXPECT_EQ(text.substr(question), "What is the pass key? The pass key is " + s.key);
+  }
+}

@@ -82,9 +82,10 @@ void run_eval(const EvalArgs& a) {
   if (task == "passkey") {
     const auto lengths = a.lengths.empty() ? l.config.eval.lengths : a.lengths;
     const int64_t samples = a.samples > 0 ? a.samples : l.config.eval.samples;
-    const int64_t min_distance = a.min_distance >= 0 ? a.min_distance : l.config.eval.min_distance;
-    std::printf("%s", format_passkey_report(evaluate_passkey(*l.model, lengths, samples, l.config.eval.seed,
-                                                             min_distance, a.batch)).c_str());
+    data::PasskeyOptions base = passkey_options(l.config, true);
+    if (a.min_distance >= 0) base.min_distance = a.min_distance;
+    std::printf("%s", format_passkey_report(evaluate_passkey(*l.model, lengths, samples, l.config.eval.seed, base,
+                                                             a.batch)).c_str());
   } else if (task == "text") {
     const std::string path = a.text.empty() ? l.config.data.path : a.text;
     DILATRON_CHECK(!path.empty(), "eval --task text needs --text FILE");

@@ -1,10 +1,13 @@
-// Helpers shared by the CPU kernels: dtype dispatch, strided indexing, OpenMP parallel loops.
+// Helpers shared by the CPU kernels: dtype dispatch, strided elementwise loops, OpenMP parallel loops.
 #pragma once
 
 #include <omp.h>
 
+#include <algorithm>
+#include <array>
 #include <cstdint>
 #include <utility>
+#include <vector>
 
 #include "dilatron/tensor.h"
 
@@ -31,32 +34,75 @@ void dispatch_all(DType t, F&& f) {
   }
 }
 
-// Maps a row-major linear index to the storage offset (relative to data()) of a strided view.
-class StridedIndex {
+// N strided operands walked together over one shape. Dims are merged wherever every operand is
+// contiguous across them and size-1 dims dropped, so a bias add [B, T, C] + [C] walks [B*T, C] with
+// the bias at row stride 0, and a copy into a narrow view of a cat result walks rows of the
+// piece's width: inner loops see long runs of unit (or zero) strides.
+template <size_t N>
+class ElementwiseLoop {
  public:
-  StridedIndex(const Shape& shape, const Shape& strides) : shape_(shape), strides_(strides) {
-    contiguous_ = true;
-    int64_t expected = 1;
-    for (size_t i = shape.size(); i-- > 0;) {
-      if (shape[i] != 1 && strides[i] != expected) contiguous_ = false;
-      expected *= shape[i];
+  ElementwiseLoop(const Shape& shape, const std::array<const Shape*, N>& strides) {
+    for (size_t d = 0; d < shape.size(); ++d) {
+      if (shape[d] == 1) continue;
+      bool merge = !shape_.empty();
+      for (size_t k = 0; k < N && merge; ++k) merge = strides_[k].back() == (*strides[k])[d] * shape[d];
+      if (merge) {
+        shape_.back() *= shape[d];
+        for (size_t k = 0; k < N; ++k) strides_[k].back() = (*strides[k])[d];
+      } else {
+        shape_.push_back(shape[d]);
+        for (size_t k = 0; k < N; ++k) strides_[k].push_back((*strides[k])[d]);
+      }
+    }
+    if (shape_.empty()) {  // one element
+      shape_.push_back(1);
+      for (auto& s : strides_) s.push_back(0);
     }
   }
-  int64_t operator()(int64_t linear) const {
-    if (contiguous_) return linear;
-    int64_t off = 0;
-    for (size_t i = shape_.size(); i-- > 0;) {
-      const int64_t s = shape_[i];
-      off += (linear % s) * strides_[i];
-      linear /= s;
-    }
-    return off;
+
+  // Strides of the innermost (merged) dim.
+  std::array<int64_t, N> inner_strides() const {
+    std::array<int64_t, N> s;
+    for (size_t k = 0; k < N; ++k) s[k] = strides_[k].back();
+    return s;
   }
-  bool contiguous() const { return contiguous_; }
+
+  // Calls f(offsets, len) for each run along the innermost dim within row-major elements [begin, end);
+  // offsets[k] is operand k's element offset at the start of the run.
+  template <typename F>
+  void for_each_run(int64_t begin, int64_t end, F&& f) const {
+    const auto nd = static_cast<int64_t>(shape_.size());
+    const int64_t inner = shape_.back();
+    std::vector<int64_t> coord(static_cast<size_t>(nd), 0);
+    std::array<int64_t, N> base{};  // offsets at coord with the inner index 0
+    int64_t rest = begin / inner;
+    for (int64_t d = nd - 2; d >= 0; --d) {
+      const auto du = static_cast<size_t>(d);
+      coord[du] = rest % shape_[du];
+      rest /= shape_[du];
+      for (size_t k = 0; k < N; ++k) base[k] += coord[du] * strides_[k][du];
+    }
+    int64_t i0 = begin % inner;
+    for (int64_t pos = begin; pos < end;) {
+      const int64_t len = std::min(inner - i0, end - pos);
+      std::array<int64_t, N> run;
+      for (size_t k = 0; k < N; ++k) run[k] = base[k] + i0 * strides_[k].back();
+      f(run, len);
+      pos += len;
+      i0 = 0;
+      for (int64_t d = nd - 2; d >= 0; --d) {  // odometer step over the outer dims
+        const auto du = static_cast<size_t>(d);
+        for (size_t k = 0; k < N; ++k) base[k] += strides_[k][du];
+        if (++coord[du] < shape_[du]) break;
+        for (size_t k = 0; k < N; ++k) base[k] -= strides_[k][du] * shape_[du];
+        coord[du] = 0;
+      }
+    }
+  }
 
  private:
-  Shape shape_, strides_;
-  bool contiguous_;
+  Shape shape_;
+  std::array<Shape, N> strides_;
 };
 
 // Splits [0, n) into per-thread chunks of at least `grain` items; f(begin, end). Serial when small.

@@ -1,7 +1,6 @@
 // Elementwise CPU kernels: unary, binary (broadcast inputs arrive as stride-0 views), scalar forms and where.
 #include <array>
 #include <cmath>
-#include <vector>
 
 #include "cpu/cpu_backend.h"
 #include "cpu/cpu_utils.h"
@@ -10,76 +9,6 @@ namespace dilatron::kernels {
 namespace {
 
 constexpr int64_t kGrain = 1 << 14;
-
-// N operands over one shape (operand 0 is the contiguous output). Dims are merged wherever every
-// operand is contiguous across them and size-1 dims dropped, so a bias add [B, T, C] + [C] walks
-// [B*T, C] with the bias at row stride 0 and the inner loop sees only unit or zero strides.
-template <size_t N>
-class ElementwiseLoop {
- public:
-  ElementwiseLoop(const Shape& shape, const std::array<const Shape*, N>& strides) {
-    for (size_t d = 0; d < shape.size(); ++d) {
-      if (shape[d] == 1) continue;
-      bool merge = !shape_.empty();
-      for (size_t k = 0; k < N && merge; ++k) merge = strides_[k].back() == (*strides[k])[d] * shape[d];
-      if (merge) {
-        shape_.back() *= shape[d];
-        for (size_t k = 0; k < N; ++k) strides_[k].back() = (*strides[k])[d];
-      } else {
-        shape_.push_back(shape[d]);
-        for (size_t k = 0; k < N; ++k) strides_[k].push_back((*strides[k])[d]);
-      }
-    }
-    if (shape_.empty()) {  // one element
-      shape_.push_back(1);
-      for (auto& s : strides_) s.push_back(0);
-    }
-  }
-
-  // Strides of the innermost (merged) dim.
-  std::array<int64_t, N> inner_strides() const {
-    std::array<int64_t, N> s;
-    for (size_t k = 0; k < N; ++k) s[k] = strides_[k].back();
-    return s;
-  }
-
-  // Calls f(offsets, len) for each run along the innermost dim within row-major elements [begin, end);
-  // offsets[k] is operand k's element offset at the start of the run.
-  template <typename F>
-  void for_each_run(int64_t begin, int64_t end, F&& f) const {
-    const auto nd = static_cast<int64_t>(shape_.size());
-    const int64_t inner = shape_.back();
-    std::vector<int64_t> coord(static_cast<size_t>(nd), 0);
-    std::array<int64_t, N> base{};  // offsets at coord with the inner index 0
-    int64_t rest = begin / inner;
-    for (int64_t d = nd - 2; d >= 0; --d) {
-      const auto du = static_cast<size_t>(d);
-      coord[du] = rest % shape_[du];
-      rest /= shape_[du];
-      for (size_t k = 0; k < N; ++k) base[k] += coord[du] * strides_[k][du];
-    }
-    int64_t i0 = begin % inner;
-    for (int64_t pos = begin; pos < end;) {
-      const int64_t len = std::min(inner - i0, end - pos);
-      std::array<int64_t, N> run;
-      for (size_t k = 0; k < N; ++k) run[k] = base[k] + i0 * strides_[k].back();
-      f(run, len);
-      pos += len;
-      i0 = 0;
-      for (int64_t d = nd - 2; d >= 0; --d) {  // odometer step over the outer dims
-        const auto du = static_cast<size_t>(d);
-        for (size_t k = 0; k < N; ++k) base[k] += strides_[k][du];
-        if (++coord[du] < shape_[du]) break;
-        for (size_t k = 0; k < N; ++k) base[k] -= strides_[k][du] * shape_[du];
-        coord[du] = 0;
-      }
-    }
-  }
-
- private:
-  Shape shape_;
-  std::array<Shape, N> strides_;
-};
 
 // Phi(x), the standard normal CDF: exact gelu is x * Phi(x).
 template <typename T>

@@ -1,6 +1,7 @@
 // Copies (strided, dtype-converting), fills and Philox random fills on the CPU.
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/cpu_backend.h"
 #include "cpu/cpu_utils.h"
@@ -14,19 +15,28 @@ void CpuBackend::copy(Tensor& out, const Tensor& in) {
                  out.device().str());
   const int64_t n = out.numel();
   if (n == 0) return;
-  if (in.dtype() == out.dtype() && in.is_contiguous() && out.is_contiguous()) {
-    std::memcpy(out.raw_data(), in.raw_data(), static_cast<size_t>(n) * dtype_size(in.dtype()));
-    return;
-  }
+  // Both sides walked in runs along their merged innermost dim: a contiguous copy is one run per
+  // thread, a narrow or split piece one run per row; only transposes take the element-strided loop.
+  const ElementwiseLoop<2> loop(out.shape(), {&out.strides(), &in.strides()});
+  const auto inner = loop.inner_strides();
+  const int64_t so = inner[0], si = inner[1];
   dispatch_all(in.dtype(), [&](auto src_tag) {
     using S = decltype(src_tag);
     dispatch_all(out.dtype(), [&](auto dst_tag) {
       using D = decltype(dst_tag);
       const S* src = static_cast<const S*>(in.raw_data());
       D* dst = static_cast<D*>(out.raw_data());
-      const StridedIndex idx(in.shape(), in.strides());
       parallel_for(n, 1 << 14, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) dst[i] = static_cast<D>(src[idx(i)]);
+        loop.for_each_run(begin, end, [&](const std::array<int64_t, 2>& off, int64_t len) {
+          D* o = dst + off[0];
+          const S* x = src + off[1];
+          if (so == 1 && si == 1) {
+            if constexpr (std::is_same_v<S, D>) std::memcpy(o, x, static_cast<size_t>(len) * sizeof(D));
+            else for (int64_t i = 0; i < len; ++i) o[i] = static_cast<D>(x[i]);
+          } else {
+            for (int64_t i = 0; i < len; ++i) o[i * so] = static_cast<D>(x[i * si]);
+          }
+        });
       });
     });
   });

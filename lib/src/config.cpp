@@ -239,6 +239,9 @@ RunConfig parse_config(const std::string& text, const std::string& source, const
   r.read_range("data.batch_size", d.batch_size, 1, 1 << 20);
   r.read_range("data.val_fraction", d.val_fraction, 1e-6, 0.5);
   r.read_range("data.min_distance", d.min_distance, 0, m.seq_len);
+  r.read("data.filler", d.filler);
+  if (d.filler != "repeat" && d.filler != "random")
+    r.fail("data.filler", "must be \"repeat\" or \"random\", got \"" + d.filler + "\"");
   if (d.task != "passkey" && d.task != "text") r.fail("data.task", "must be \"passkey\" or \"text\", got \"" + d.task + "\"");
 
   TrainConfig& t = c.train;

@@ -95,7 +95,7 @@ struct PermuteFn : autograd::Function<PermuteFn> {
   }
 };
 
-// The gradient is padded with zeros back to the input's size along dim.
+// The gradient is written into its place in a zero tensor of the input's size.
 struct NarrowFn : autograd::Function<NarrowFn> {
   static const char* name() { return "narrow"; }
   static Tensor forward(Context& ctx, const Tensor& x, int64_t dim, int64_t start, int64_t length) {
@@ -109,18 +109,12 @@ struct NarrowFn : autograd::Function<NarrowFn> {
   static std::vector<Tensor> backward(Context& ctx, const std::vector<Tensor>& grads) {
     const Tensor& g = grads[0];
     const auto dim = ctx.get<int64_t>("dim");
-    const auto start = ctx.get<int64_t>("start");
-    const int64_t after = ctx.get<int64_t>("size") - start - g.size(dim);
-    std::vector<Tensor> pieces;
-    auto zeros = [&](int64_t n) {
-      Shape s = g.shape();
-      s[static_cast<size_t>(dim)] = n;
-      return Tensor::zeros(s, g.options());
-    };
-    if (start > 0) pieces.push_back(zeros(start));
-    pieces.push_back(g);
-    if (after > 0) pieces.push_back(zeros(after));
-    return {cat(pieces, dim)};
+    Shape shape = g.shape();
+    shape[static_cast<size_t>(dim)] = ctx.get<int64_t>("size");
+    Tensor dx = Tensor::zeros(shape, g.options());
+    Tensor piece = narrow(dx, dim, ctx.get<int64_t>("start"), g.size(dim));
+    kernels::backend(g.device()).copy(piece, g);
+    return {dx};
   }
 };
 
@@ -328,26 +322,16 @@ Tensor cat(const std::vector<Tensor>& xs, int64_t dim) {
     shape[ud] += x.shape()[ud];
   }
 
-  Tensor out;
+  // Each input is copied straight into its narrow view of the result.
+  Tensor out = Tensor::empty(shape, first.options());
   {
     autograd::NoGradGuard no_grad;
-    // Copies need a contiguous destination, which a slab along the leading dim is: fill the result
-    // with dim moved to the front, then move it back (a no-op for dim 0).
-    Shape to_front{d}, back(shape.size());
-    for (int64_t i = 0; i < first.dim(); ++i)
-      if (i != d) to_front.push_back(i);
-    for (size_t i = 0; i < to_front.size(); ++i) back[static_cast<size_t>(to_front[i])] = static_cast<int64_t>(i);
-    Shape front_shape;
-    for (int64_t i : to_front) front_shape.push_back(shape[static_cast<size_t>(i)]);
-    Tensor front = Tensor::empty(front_shape, first.options());
     int64_t start = 0;
     for (size_t i = 0; i < xs.size(); ++i) {
-      if (sizes[i] == 0) continue;
-      Tensor slab = narrow(front, 0, start, sizes[i]);
-      kernels::backend(first.device()).copy(slab, permute(xs[i], to_front));
+      Tensor piece = narrow(out, d, start, sizes[i]);
+      kernels::backend(first.device()).copy(piece, xs[i]);
       start += sizes[i];
     }
-    out = contiguous(permute(front, back));
   }
   if (autograd::any_requires_grad(xs)) {
     auto node = std::make_shared<CatBackward>();

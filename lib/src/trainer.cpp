@@ -38,11 +38,7 @@ class Batches {
  public:
   explicit Batches(const RunConfig& c) : seq_len_(c.model.seq_len), batch_(c.data.batch_size) {
     if (c.data.task == "passkey") {
-      data::PasskeyOptions o;
-      o.seq_len = seq_len_;
-      o.min_distance = c.data.min_distance;
-      o.seed = c.train.seed;
-      passkey_ = std::make_unique<data::PasskeyTask>(o);
+      passkey_ = std::make_unique<data::PasskeyTask>(passkey_options(c, false));
     } else {
       DILATRON_CHECK(!c.data.path.empty(), c.source, ": data.task = \"text\" needs data.path (a UTF-8 file)");
       text_ = std::make_unique<data::TextDataset>(c.data.path, c.data.val_fraction);
@@ -84,6 +80,15 @@ std::string passkey_json(int64_t step, const PasskeyReport& r) {
 }
 
 }  // namespace
+
+data::PasskeyOptions passkey_options(const RunConfig& c, bool for_eval) {
+  data::PasskeyOptions o;
+  o.seq_len = c.model.seq_len;
+  o.seed = c.train.seed;
+  o.min_distance = for_eval ? c.eval.min_distance : c.data.min_distance;
+  o.filler = c.data.filler == "random" ? data::PasskeyOptions::Filler::Random : data::PasskeyOptions::Filler::Repeat;
+  return o;
+}
 
 std::unique_ptr<TransformerLM> build_model(const RunConfig& config, std::shared_ptr<Generator> dropout_gen) {
   return std::make_unique<TransformerLM>(config.model, config.train.seed, std::move(dropout_gen), model_options(config));
@@ -132,7 +137,7 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
     model->eval();
     if (c.data.task == "passkey") {
       const PasskeyReport r = evaluate_passkey(*model, c.eval.lengths, c.train.eval_samples, c.eval.seed,
-                                               c.eval.min_distance, c.data.batch_size);
+                                               passkey_options(c, true), c.data.batch_size);
       append_line(metrics_path, passkey_json(st.step, r));
       if (o.progress) std::fprintf(stderr, "\n%s", format_passkey_report(r).c_str());
     } else {
@@ -198,14 +203,14 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
 // ---------------------------------------------------------------- evaluation
 
 PasskeyReport evaluate_passkey(TransformerLM& model, const std::vector<int64_t>& lengths, int64_t samples,
-                               uint64_t seed, int64_t min_distance, int64_t batch_size) {
+                               uint64_t seed, const data::PasskeyOptions& base, int64_t batch_size) {
   autograd::NoGradGuard no_grad;
   const Device device = model.tok->weight.device();
   PasskeyReport report;
   for (int64_t len : lengths) {
-    data::PasskeyOptions po;
+    data::PasskeyOptions po = base;
     po.seq_len = len;
-    po.min_distance = std::min(min_distance, len);
+    po.min_distance = std::min(base.min_distance, len);
     const data::PasskeyTask task(po);
     const std::vector<data::PasskeySample> set = task.eval_set(samples, seed);
     for (size_t first = 0; first < set.size(); first += static_cast<size_t>(batch_size)) {

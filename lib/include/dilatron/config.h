@@ -16,6 +16,7 @@ struct DataConfig {
   int64_t batch_size = 8;
   double val_fraction = 0.05;    // text
   int64_t min_distance = 0;      // passkey training: needle at least this many tokens before the answer
+  std::string filler = "repeat";  // passkey: "repeat" (the landmark passage) or "random" (random sentences)
 };
 
 struct TrainConfig {

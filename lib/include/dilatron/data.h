@@ -85,6 +85,10 @@ struct PasskeyOptions {
   // attention window.
   int64_t min_distance = 0;
   uint64_t seed = 0;  // the training stream; sample(index) depends on (seed, index) only
+  // Random: sentences drawn at random from a fixed list (the filler carries entropy of its own).
+  // Repeat: the landmark-attention passage "The grass is green. The sky is blue. ..." repeated, cut
+  // to length (the filler becomes predictable, so nearly all the loss left is the key's).
+  enum class Filler { Random, Repeat } filler = Filler::Random;
 };
 
 struct PasskeySample {

@@ -41,8 +41,11 @@ struct PasskeyReport {
   std::map<int64_t, PasskeyAccuracy> by_length;
   std::map<int64_t, std::map<data::DistanceBucket, PasskeyAccuracy>> by_length_distance;
 };
+// `base` gives the task's shape (filler, min_distance, digits); its seq_len is set from `lengths`.
 PasskeyReport evaluate_passkey(TransformerLM& model, const std::vector<int64_t>& lengths, int64_t samples,
-                               uint64_t seed, int64_t min_distance, int64_t batch_size);
+                               uint64_t seed, const data::PasskeyOptions& base, int64_t batch_size);
+// The passkey task a config trains on (seq_len and seed included) and evaluates on (min_distance).
+data::PasskeyOptions passkey_options(const RunConfig& config, bool for_eval);
 std::string format_passkey_report(const PasskeyReport& report);
 
 // Mean next-token loss over up to max_windows validation windows of the text.

@@ -36,8 +36,9 @@ class Backend {
   virtual Device device() const = 0;
 
   // ---- memory ----
-  // Copy between any two tensors of the same shape: strided -> contiguous `out`, any dtypes,
-  // host<->device where one side is on the CPU.
+  // Copy between any two tensors of the same shape, any dtypes, host<->device where one side is on
+  // the CPU. out may be a strided view (not overlapping itself, nor in), so ops write pieces of a
+  // result in place (cat into narrow views of its output).
   virtual void copy(Tensor& out, const Tensor& in) = 0;
   virtual void fill(Tensor& out, double value) = 0;
   // Philox4x32-10 fills: element i uses counter {i/4 lo, i/4 hi, offset lo, offset hi}, key = seed,
