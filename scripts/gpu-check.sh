@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The GPU check: builds dilatron for the GPU it finds, runs every CUDA test, compute-sanitizer
-# memcheck on the attention tests, and the attention benchmark, then writes a Markdown report to
-# OUTDIR/gpu-check.md (a summary table last, also printed). Designed to finish within 8 minutes on
-# an H100: each step has its own time limit.
+# memcheck (and racecheck, for shared-memory races) on the attention tests, and the attention
+# benchmark, then writes a Markdown report to OUTDIR/gpu-check.md (a summary table last, also
+# printed). Designed to finish within 8 minutes on an H100: the steps' time limits add up to less.
 #
 #   scripts/gpu-check.sh OUTDIR
 #
 # Needs nvcc, CMake and the Debian packages of scripts/install-deps.sh. A machine that cannot reach
 # a package registry can take them as .deb files: DILATRON_DEB_DIR=dir installs dir/*.deb first.
 # DILATRON_GPU_BUILD_DIR overrides the build directory (default: build-gpu in the repository).
-# Files in OUTDIR: gpu-check.md, build.log, tests.log, tests.xml, memcheck.log, bench.md.
+# Files in OUTDIR: gpu-check.md, build.log, tests.log, tests.xml, memcheck.log, racecheck.log, bench.md.
 set -uo pipefail
 
 if [ $# -ne 1 ]; then
@@ -54,7 +54,7 @@ if [ -n "${DILATRON_DEB_DIR:-}" ]; then
   echo "== installing $DILATRON_DEB_DIR/*.deb"
   dpkg -i --force-depends "$DILATRON_DEB_DIR"/*.deb >"$out/build.log" 2>&1 || true
 fi
-step "configure and build" 240 "$out/build.log.tmp" bash -c "
+step "configure and build" 200 "$out/build.log.tmp" bash -c "
   cmake -S '$root' -B '$build' -DCMAKE_BUILD_TYPE=Release -DDILATRON_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=native \
         -DDILATRON_BUILD_TESTS=ON -DDILATRON_BUILD_BENCH=ON -DDILATRON_BUILD_TOOLS=OFF &&
   cmake --build '$build' -j \$(nproc) --target dilatron_tests bench_attention_cuda"
@@ -71,7 +71,7 @@ if [ $build_rc -eq 0 ]; then
   tests="$build/tests/dilatron_tests"
 
   # ---- every CUDA test ----
-  step "CUDA tests" 120 "$out/tests.log" "$tests" --gtest_filter='Cuda*' --gtest_output="xml:$out/tests.xml"
+  step "CUDA tests" 90 "$out/tests.log" "$tests" --gtest_filter='Cuda*' --gtest_output="xml:$out/tests.xml"
   passed=$(grep -c '^\[       OK \]' "$out/tests.log")
   failed=$(grep -c '^\[  FAILED  \].*(' "$out/tests.log")
   skipped=$(grep -c '^\[  SKIPPED \]' "$out/tests.log")
@@ -89,18 +89,25 @@ if [ $build_rc -eq 0 ]; then
   # ---- compute-sanitizer memcheck on the attention kernels (the short case list) ----
   # No leak check: the caching allocator keeps its blocks until the process exits, by design.
   if command -v compute-sanitizer >/dev/null 2>&1; then
-    step "memcheck" 100 "$out/memcheck.log" env DILATRON_CUDA_TEST_QUICK=1 compute-sanitizer --tool memcheck \
+    step "memcheck" 70 "$out/memcheck.log" env DILATRON_CUDA_TEST_QUICK=1 compute-sanitizer --tool memcheck \
       --error-exitcode 3 "$tests" --gtest_filter='CudaAttention*:Cuda/CudaAttention.*'
     errors=$(grep -Eo 'ERROR SUMMARY: [0-9]+' "$out/memcheck.log" | tail -n 1 | grep -Eo '[0-9]+' || echo '?')
     add_row "compute-sanitizer memcheck (attention tests)" "$([ $step_rc -eq 0 ] && echo ok || echo "FAILED (rc $step_rc)")" \
       "$step_seconds" "$errors errors"
     { echo "## compute-sanitizer memcheck"; echo; echo '```'; grep -E 'ERROR SUMMARY|Invalid|Address|at 0x|\[  FAILED  \]' "$out/memcheck.log" | head -n 40; echo '```'; echo; } >>"$report"
+    # racecheck: shared-memory hazards between the threads of a block (a missing __syncthreads).
+    step "racecheck" 45 "$out/racecheck.log" env DILATRON_CUDA_TEST_QUICK=1 compute-sanitizer --tool racecheck \
+      --error-exitcode 3 "$tests" --gtest_filter='Cuda/CudaAttention.*/two_branches_causal_bias:Cuda/CudaAttention.*/r_above_h_dropout_bias'
+    hazards=$(grep -Eo 'RACECHECK SUMMARY: [0-9]+' "$out/racecheck.log" | tail -n 1 | grep -Eo '[0-9]+' || echo '?')
+    add_row "compute-sanitizer racecheck (2 attention cases)" "$([ $step_rc -eq 0 ] && echo ok || echo "FAILED (rc $step_rc)")" \
+      "$step_seconds" "$hazards hazards"
+    { echo "## compute-sanitizer racecheck"; echo; echo '```'; grep -E 'RACECHECK SUMMARY|ERROR SUMMARY|Race|hazard|\[  FAILED  \]' "$out/racecheck.log" | head -n 40; echo '```'; echo; } >>"$report"
   else
-    add_row "compute-sanitizer memcheck" "not run" 0 "compute-sanitizer not on PATH"
+    add_row "compute-sanitizer" "not run" 0 "compute-sanitizer not on PATH"
   fi
 
   # ---- attention benchmark ----
-  step "attention benchmark" 90 "$out/bench.md" "$build/bench/bench_attention_cuda" --device cuda --budget-seconds 60
+  step "attention benchmark" 68 "$out/bench.md" "$build/bench/bench_attention_cuda" --device cuda --budget-seconds 60
   rows=$(grep -c '^| [0-9]' "$out/bench.md")
   last=$(grep '^| [0-9]' "$out/bench.md" | tail -n 1 | awk -F'|' '{gsub(/ /, "", $2); gsub(/ /, "", $5); gsub(/ /, "", $7); print "largest N " $2 ": forward " $5 ", fwd+bwd " $7 " TFLOP/s"}')
   add_row "bench_attention_cuda --device cuda" "$([ $step_rc -eq 0 ] && echo ok || echo "FAILED (rc $step_rc)")" "$step_seconds" \

@@ -357,6 +357,46 @@ TEST(OpsCoreShape, CatSplitChunkGradcheckAndValues) {
   expect_gradcheck([](const auto& v) { return split(v[0], 3, 1)[2]; }, {x}, "split size");
 }
 
+// Copies write into strided views (cat and the narrow/split backward rely on it), converting dtypes,
+// on sizes where each thread's share starts and ends inside a row.
+TEST(OpsCoreShape, CopyBetweenStridedViewsAndCatOfViews) {
+  const Tensor src_full = randn({29, 37, 23}, 111, kF64);
+  const Tensor src = transpose(src_full, 0, 1);  // [37, 29, 23]
+  for (DType dt : {DType::Float64, DType::Float32}) {
+    SCOPED_TRACE(dtype_name(dt));
+    const Tensor big = Tensor::zeros({23, 40, 37}, dt);
+    Tensor dst = narrow(permute(big, {2, 1, 0}), 1, 5, 29);  // [37, 29, 23], every stride non-unit but one
+    kernels::backend(Device::cpu()).copy(dst, src);
+    for (int64_t k = 0; k < 23; ++k)
+      for (int64_t j = 0; j < 40; ++j)
+        for (int64_t i = 0; i < 37; ++i) {
+          const double expected = j >= 5 && j < 34 ? static_cast<double>(static_cast<float>(src_full.at({j - 5, i, k})))
+                                                   : 0.0;
+          if (dt == DType::Float64 && j >= 5 && j < 34) ASSERT_EQ(big.at({k, j, i}), src_full.at({j - 5, i, k}));
+          else ASSERT_EQ(big.at({k, j, i}), expected) << k << " " << j << " " << i;
+        }
+  }
+  // Rows of a contiguous source land in a narrow view of a wider row-major tensor.
+  const Tensor rows = randn({41, 3, 211}, 112, kF64);
+  const Tensor wide = Tensor::zeros({41, 6, 211}, kF64);
+  Tensor piece = narrow(wide, 1, 2, 3);
+  kernels::backend(Device::cpu()).copy(piece, rows);
+  EXPECT_EQ(narrow(wide, 1, 2, 3).contiguous().to_vector<double>(), rows.to_vector<double>());
+  EXPECT_EQ(sum(abs(narrow(wide, 1, 0, 2))).item(), 0.0);
+  EXPECT_EQ(sum(abs(narrow(wide, 1, 5, 1))).item(), 0.0);
+
+  const Tensor a = randn({4, 3, 5}, 113), b = randn({5, 4, 2}, 114);
+  const Tensor out = cat({transpose(a, 0, 2), permute(b, {0, 2, 1})}, 1);  // [5, 3, 4] and [5, 2, 4]
+  ASSERT_EQ(out.shape(), (Shape{5, 5, 4}));
+  for (int64_t i = 0; i < 5; ++i)
+    for (int64_t k = 0; k < 4; ++k) {
+      for (int64_t j = 0; j < 3; ++j) EXPECT_EQ(out.at({i, j, k}), a.at({k, j, i}));
+      for (int64_t j = 0; j < 2; ++j) EXPECT_EQ(out.at({i, 3 + j, k}), b.at({i, k, j}));
+    }
+  expect_gradcheck([](const auto& v) { return cat({transpose(v[0], 0, 2), permute(v[1], {0, 2, 1})}, 1); }, {a, b},
+                   "cat of strided views");
+}
+
 // ---------------------------------------------------------------- reductions
 
 TEST(OpsCoreReduce, SumAndMeanGradcheck) {

@@ -1,4 +1,4 @@
-// Fused nn ops: softmax, log_softmax, cross_entropy, layer_norm, embedding, dropout.
+// Fused nn ops: softmax, log_softmax, cross_entropy, layer_norm, embedding, dropout, rotary.
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -399,4 +399,61 @@ TEST(NnOpsDropout, Gradcheck) {
   Tensor x = Tensor::randn({4, 9}, gen, kF64);
   // The mask is a pure function of (seed, offset), so finite differences see the same mask.
   expect_gradcheck([](const std::vector<Tensor>& in) { return dropout(in[0], 0.3, true, 99, 5); }, {x});
+}
+
+// ---------------------------------------------------------------- rotary
+
+// x as the model passes k: a strided [B, N, H, D] view of a fused [B, N, 3, H, D] projection.
+Tensor middle_of_fused(const Tensor& fused) {
+  return reshape(narrow(fused, 2, 1, 1), {fused.size(0), fused.size(1), fused.size(3), fused.size(4)});
+}
+
+TEST(NnOpsRotary, ForwardOnAStridedViewMatchesNaive) {
+  // B * N rows are enough for both threads to take a share.
+  const int64_t B = 3, N = 67, H = 3, D = 6;
+  for (DType dt : {DType::Float64, DType::Float32}) {
+    SCOPED_TRACE(dtype_name(dt));
+    Generator gen(21);
+    const Tensor fused = Tensor::randn({B, N, 3, H, D}, gen, dt);
+    const Tensor cos = Tensor::randn({N, D / 2}, gen, dt), sin = Tensor::randn({N, D / 2}, gen, dt);
+    const Tensor x = middle_of_fused(fused);
+    ASSERT_FALSE(x.is_contiguous());
+    const Tensor y = rotary(x, cos, sin);
+    ASSERT_TRUE(y.is_contiguous());
+    ASSERT_EQ(y.shape(), x.shape());
+    const double tol = dt == DType::Float64 ? 1e-14 : 1e-5;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < N; ++t)
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t i = 0; i < D / 2; ++i) {
+            const double x0 = x.at({b, t, h, 2 * i}), x1 = x.at({b, t, h, 2 * i + 1});
+            const double c = cos.at({t, i}), s = sin.at({t, i});
+            ASSERT_NEAR(y.at({b, t, h, 2 * i}), x0 * c - x1 * s, tol * (1 + std::abs(x0 * c) + std::abs(x1 * s)));
+            ASSERT_NEAR(y.at({b, t, h, 2 * i + 1}), x1 * c + x0 * s, tol * (1 + std::abs(x1 * c) + std::abs(x0 * s)));
+          }
+  }
+}
+
+TEST(NnOpsRotary, GradcheckThroughAStridedView) {
+  Generator gen(22);
+  const Tensor fused = Tensor::randn({2, 5, 3, 3, 4}, gen, kF64);
+  // Independent (cos, sin) entries are scaled rotations, as XPOS folds a scale into both tables:
+  // the adjoint must keep the scale and negate only the angle.
+  const Tensor cos = Tensor::randn({5, 2}, gen, DType::Float64), sin = Tensor::randn({5, 2}, gen, DType::Float64);
+  expect_gradcheck([&](const std::vector<Tensor>& in) { return rotary(middle_of_fused(in[0]), cos, sin); }, {fused});
+  expect_gradcheck([&](const std::vector<Tensor>& in) { return rotary(in[0], cos, sin); },
+                   {Tensor::randn({1, 5, 2, 4}, gen, kF64)});
+}
+
+TEST(NnOpsRotary, ErrorsNameTheTablesAndShapes) {
+  Generator gen(23);
+  const Tensor x = Tensor::randn({2, 5, 3, 4}, gen, DType::Float64);
+  const Tensor table = Tensor::randn({5, 2}, gen, DType::Float64);
+  std::string msg = error_of([&] { rotary(x, Tensor::randn({4, 2}, gen, DType::Float64), table); });
+  EXPECT_NE(msg.find("[5, 2]"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("[4, 2]"), std::string::npos) << msg;
+  msg = error_of([&] { rotary(Tensor::randn({2, 5, 3, 3}, gen, DType::Float64), table, table); });
+  EXPECT_NE(msg.find("D even"), std::string::npos) << msg;
+  msg = error_of([&] { rotary(x, table.detach().requires_grad_(), table); });
+  EXPECT_NE(msg.find("no gradient"), std::string::npos) << msg;
 }

@@ -2,6 +2,7 @@
 // bit, resuming continues exactly, and bad configs and checkpoints are reported clearly.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <csignal>
 #include <cstdlib>
 #include <filesystem>
@@ -218,6 +219,35 @@ TEST(Model, XposRejectsLengthsWhoseScaleLeavesFloat32) {
   const std::string msg = expect_error([&] { model->forward(Tensor::zeros({1, 200000}, DType::Int64)); });
   EXPECT_NE(msg.find("200000"), std::string::npos) << msg;
   EXPECT_NE(msg.find("rotary"), std::string::npos) << msg;
+}
+
+// The contract's XPOS, term for term, on q and k as the model passes them (strided views of the
+// fused projection); rotary is the same without the scale.
+TEST(Model, XposAndRotaryFollowTheirDefinition) {
+  const int64_t B = 2, N = 9, H = 2, D = 6;
+  Generator gen(5);
+  const Tensor fused = Tensor::randn({B, N, 3, H, D}, gen, DType::Float64);
+  const Tensor x = reshape(narrow(fused, 2, 1, 1), {B, N, H, D});
+  for (const std::string kind : {"xpos", "rotary"}) {
+    const RotaryEmbedding emb(kind, D, 512.0);
+    for (bool is_key : {false, true}) {
+      SCOPED_TRACE(kind + (is_key ? " k" : " q"));
+      const Tensor y = emb.apply(x, is_key);
+      for (int64_t t = 0; t < N; ++t)
+        for (int64_t i = 0; i < D / 2; ++i) {
+          const double angle = static_cast<double>(t) * std::pow(10000.0, -2.0 * static_cast<double>(i) / D);
+          const double zeta = (2.0 * static_cast<double>(i) + 0.4 * D) / (1.4 * D);
+          double scale = kind == "xpos" ? std::pow(zeta, (static_cast<double>(t) + std::floor(-N / 2.0)) / 512.0) : 1.0;
+          if (is_key) scale = 1.0 / scale;
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t h = 0; h < H; ++h) {
+              const double x0 = x.at({b, t, h, 2 * i}), x1 = x.at({b, t, h, 2 * i + 1});
+              EXPECT_NEAR(y.at({b, t, h, 2 * i}), scale * (x0 * std::cos(angle) - x1 * std::sin(angle)), 1e-12);
+              EXPECT_NEAR(y.at({b, t, h, 2 * i + 1}), scale * (x1 * std::cos(angle) + x0 * std::sin(angle)), 1e-12);
+            }
+        }
+    }
+  }
 }
 
 // The command line: SIGINT saves a loadable checkpoint; h5py reads checkpoints as `inspect` lists them.

@@ -48,6 +48,9 @@ class CpuBackend final : public Backend {
   void embedding_backward(Tensor& dweight, const Tensor& dout, const Tensor& indices) override;
   void dropout(Tensor& out, const Tensor& in, double p, uint64_t seed, uint32_t offset) override;
 
+  // rotary.cpp
+  void rotary(Tensor& out, const Tensor& x, const Tensor& cos, const Tensor& sin) override;
+
   // dilated_attention.cpp
   void dilated_attention_forward(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                                  const Tensor& bias, const AttentionParams& params) override;

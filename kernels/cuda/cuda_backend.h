@@ -52,6 +52,9 @@ class CudaBackend final : public Backend {
   void embedding_backward(Tensor& dweight, const Tensor& dout, const Tensor& indices) override;
   void dropout(Tensor& out, const Tensor& in, double p, uint64_t seed, uint32_t offset) override;
 
+  // rotary.cu
+  void rotary(Tensor& out, const Tensor& x, const Tensor& cos, const Tensor& sin) override;
+
   // dilated_attention.cu
   void dilated_attention_forward(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                                  const Tensor& bias, const AttentionParams& params) override;

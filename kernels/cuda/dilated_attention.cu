@@ -292,7 +292,7 @@ struct Smem {
   static constexpr size_t kRows = size_t{kTile} * (D + kPad);
   static constexpr size_t kScores = size_t{kTile} * (kTile + kPad);
   static constexpr size_t forward_bytes = (2 * kRows + kScores + kStripLen) * sizeof(T);
-  static size_t backward_elements(int num_buckets) {
+  __host__ __device__ static size_t backward_elements(int num_buckets) {
     return 4 * kRows + kScores + 2 * kTile + 2 * kStripLen + static_cast<size_t>(num_buckets);
   }
   static size_t backward_bytes(int num_buckets) {

@@ -87,6 +87,8 @@ std::vector<GradcheckCase> build_cases() {
   c.push_back(make("embedding", [](const Inputs& x) { return embedding(x[0], Tensor::from_vector<int64_t>({4, 1, 4, 0, 2, 4}, {2, 3})); },
                    one({5, 3})));
   c.push_back(make("dropout", [](const Inputs& x) { return dropout(x[0], 0.3, true, 1234, 7); }, one({6, 11})));
+  c.push_back(make("rotary", [](const Inputs& x) { return rotary(narrow(x[0], 2, 1, 3), x[1], x[2]); },
+                   [] { return Inputs{input({2, 3, 5, 6}, 1), input({3, 3}, 2).detach(), input({3, 3}, 3).detach()}; }));
   c.push_back(make("dilated_attention",
                    [](const Inputs& x) {
                      DilatedAttentionOptions o;

@@ -28,8 +28,9 @@ RotaryEmbedding::RotaryEmbedding(std::string kind, int64_t head_dim, double scal
   DILATRON_CHECK(head_dim % 2 == 0, "rotary/xpos needs an even head dimension, got ", head_dim);
 }
 
-const RotaryEmbedding::Tables& RotaryEmbedding::tables(int64_t n, DType dtype) const {
-  auto it = cache_.find({n, dtype});
+const RotaryEmbedding::Tables& RotaryEmbedding::tables(int64_t n, DType dtype, Device device) const {
+  const auto key = std::make_tuple(n, dtype, device.type, device.index);
+  auto it = cache_.find(key);
   if (it != cache_.end()) return it->second;
   const int64_t half = head_dim_ / 2;
   const auto size = static_cast<size_t>(n * half);
@@ -58,22 +59,18 @@ const RotaryEmbedding::Tables& RotaryEmbedding::tables(int64_t n, DType dtype) c
       sk[k] = std::sin(angle) / scale;
     }
   }
-  const Shape shape{n, 1, half, 1};
-  Tables tb{Tensor::from_vector(cq, shape, dtype), Tensor::from_vector(sq, shape, dtype),
-            Tensor::from_vector(ck, shape, dtype), Tensor::from_vector(sk, shape, dtype)};
-  return cache_.emplace(std::make_pair(n, dtype), std::move(tb)).first->second;
+  const Shape shape{n, half};
+  const TensorOptions opts = TensorOptions(dtype).with_device(device);
+  Tables tb{Tensor::from_vector(cq, shape, opts), Tensor::from_vector(sq, shape, opts),
+            Tensor::from_vector(ck, shape, opts), Tensor::from_vector(sk, shape, opts)};
+  return cache_.emplace(key, std::move(tb)).first->second;
 }
 
 Tensor RotaryEmbedding::apply(const Tensor& x, bool is_key) const {
-  const int64_t b = x.size(0), n = x.size(1), h = x.size(2);
-  const Tables& tb = tables(n, x.dtype());
-  const Tensor& c = is_key ? tb.cos_k : tb.cos_q;
-  const Tensor& s = is_key ? tb.sin_k : tb.sin_q;
-  Tensor pairs = reshape(x, {b, n, h, head_dim_ / 2, 2});
-  Tensor x0 = narrow(pairs, 4, 0, 1), x1 = narrow(pairs, 4, 1, 1);
-  Tensor y0 = sub(mul(x0, c), mul(x1, s));
-  Tensor y1 = add(mul(x1, c), mul(x0, s));
-  return reshape(cat({y0, y1}, 4), {b, n, h, head_dim_});
+  DILATRON_CHECK(x.dim() == 4 && x.size(3) == head_dim_, "rotary/xpos: expected [B, N, H, ", head_dim_, "], got ",
+                 shape_str(x.shape()));
+  const Tables& tb = tables(x.size(1), x.dtype(), x.device());
+  return is_key ? rotary(x, tb.cos_k, tb.sin_k) : rotary(x, tb.cos_q, tb.sin_q);
 }
 
 // ---------------------------------------------------------------- modules
@@ -107,10 +104,12 @@ DilatedSelfAttention::DilatedSelfAttention(const ModelConfig& c, const Schedule&
 
 Tensor DilatedSelfAttention::forward(const Tensor& x) {
   const int64_t b = x.size(0), n = x.size(1), d = x.size(2);
-  Tensor qkv_out = reshape(qkv->forward(x), {b, n, 3, n_heads_, head_dim_});
-  Tensor q = reshape(narrow(qkv_out, 2, 0, 1), {b, n, n_heads_, head_dim_});
-  Tensor k = reshape(narrow(qkv_out, 2, 1, 1), {b, n, n_heads_, head_dim_});
-  Tensor v = reshape(narrow(qkv_out, 2, 2, 1), {b, n, n_heads_, head_dim_});
+  // q, k, v are strided views of the fused projection (rotary reads them in place); split's backward
+  // writes their three gradients into one [B, N, 3, H, D] tensor in a single pass.
+  const std::vector<Tensor> parts = split(reshape(qkv->forward(x), {b, n, 3, n_heads_, head_dim_}), 1, 2);
+  Tensor q = reshape(parts[0], {b, n, n_heads_, head_dim_});
+  Tensor k = reshape(parts[1], {b, n, n_heads_, head_dim_});
+  Tensor v = reshape(parts[2], {b, n, n_heads_, head_dim_});
   if (rotary_) {
     q = rotary_->apply(q, false);
     k = rotary_->apply(k, true);

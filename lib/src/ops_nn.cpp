@@ -134,6 +134,23 @@ struct DropoutMask : autograd::Function<DropoutMask> {
   }
 };
 
+// A rotation by angle a scaled by k is k R(a), whose adjoint k R(-a) is the same kernel with sin negated.
+struct RotaryFn : autograd::Function<RotaryFn> {
+  static const char* name() { return "rotary"; }
+  static Tensor forward(autograd::Context& ctx, const Tensor& x, const Tensor& cos, const Tensor& sin) {
+    Tensor out = Tensor::empty(x.shape(), x.options());
+    backend_of(x).rotary(out, x, cos, sin);
+    ctx.save_for_backward({cos, sin});
+    return out;
+  }
+  static std::vector<Tensor> backward(autograd::Context& ctx, const std::vector<Tensor>& grads) {
+    const Tensor &cos = ctx.saved()[0], &sin = ctx.saved()[1];
+    Tensor dx = Tensor::empty(grads[0].shape(), grads[0].options());
+    backend_of(dx).rotary(dx, grads[0], cos, neg(sin));
+    return {dx, Tensor(), Tensor()};
+  }
+};
+
 }  // namespace
 
 Tensor softmax(const Tensor& x, int64_t dim) { return softmax_along<false>(x, dim); }
@@ -192,6 +209,23 @@ Tensor dropout(const Tensor& x, double p, bool training, uint64_t seed, uint32_t
   DILATRON_CHECK(p >= 0.0 && p < 1.0, "dropout: p must be in [0, 1), got ", p);
   if (!training || p == 0.0) return x;
   return DropoutMask::apply(x, p, seed, offset);
+}
+
+Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin) {
+  check_floating("rotary", "input", x);
+  DILATRON_CHECK(x.dim() == 4 && x.size(3) % 2 == 0, "rotary: x must be [B, N, H, D] with D even, got ",
+                 shape_str(x.shape()));
+  const Shape table{x.size(1), x.size(3) / 2};
+  check_floating("rotary", "cos", cos);
+  check_floating("rotary", "sin", sin);
+  for (const Tensor* t : {&cos, &sin}) {
+    DILATRON_CHECK(t->shape() == table && t->dtype() == x.dtype() && t->device() == x.device(),
+                   "rotary: cos and sin must be ", dtype_name(x.dtype()), " ", shape_str(table), " on ",
+                   x.device().str(), " for x ", shape_str(x.shape()), ", got ", dtype_name(t->dtype()), " ",
+                   shape_str(t->shape()), " on ", t->device().str());
+    DILATRON_CHECK(!t->requires_grad(), "rotary: cos and sin are constant tables and take no gradient");
+  }
+  return RotaryFn::apply(x, cos.contiguous(), sin.contiguous());
 }
 
 }  // namespace dilatron

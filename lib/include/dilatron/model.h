@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "dilatron/attention.h"
@@ -42,8 +43,8 @@ Schedule geometric_schedule(int64_t w0, int64_t ratio, int64_t n);
 
 // Rotary position embedding (positional = "rotary") or XPOS (positional = "xpos", the contract's
 // definition) for x [B, N, H, D]: pairs (x[2i], x[2i+1]) rotated by t * theta_i and, for XPOS,
-// scaled by zeta_i^(c_t / scale_base) (queries) or its inverse (keys). Built from elementwise ops,
-// so it differentiates and runs on every backend.
+// scaled by zeta_i^(c_t / scale_base) (queries) or its inverse (keys): the rotary op on cos/sin tables
+// with the scale folded in, cached per length, dtype and device.
 class RotaryEmbedding {
  public:
   RotaryEmbedding(std::string kind, int64_t head_dim, double scale_base);
@@ -52,14 +53,14 @@ class RotaryEmbedding {
 
  private:
   struct Tables {
-    Tensor cos_q, sin_q, cos_k, sin_k;  // [N, 1, D/2, 1], scale folded in
+    Tensor cos_q, sin_q, cos_k, sin_k;  // [N, D/2], scale folded in
   };
-  const Tables& tables(int64_t n, DType dtype) const;
+  const Tables& tables(int64_t n, DType dtype, Device device) const;
 
   std::string kind_;
   int64_t head_dim_;
   double scale_base_;
-  mutable std::map<std::pair<int64_t, DType>, Tables> cache_;
+  mutable std::map<std::tuple<int64_t, DType, DeviceType, int>, Tables> cache_;
 };
 
 // Dropout offsets for the whole model come from one generator, in a fixed order per forward, so

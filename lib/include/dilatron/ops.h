@@ -96,6 +96,10 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
 Tensor embedding(const Tensor& weight, const Tensor& indices);
 // Inverted dropout with Philox bits from (seed, offset); identity when !training or p == 0.
 Tensor dropout(const Tensor& x, double p, bool training, uint64_t seed, uint32_t offset);
+// Rotary / XPOS position embedding of x [B, N, H, D] (any strides): each pair (x[2i], x[2i+1]) at
+// position t becomes (x[2i] c - x[2i+1] s, x[2i+1] c + x[2i] s) with c = cos[t, i], s = sin[t, i]
+// ([N, D/2] tables, any scale folded in). The tables are constants: they take no gradient.
+Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin);
 
 // ---- operators ----
 inline Tensor operator+(const Tensor& a, const Tensor& b) { return add(a, b); }

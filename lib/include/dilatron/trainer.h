@@ -35,7 +35,11 @@ TrainResult train(const RunConfig& config, const TrainOptions& options);
 // (teacher-forced argmax at every digit, which is the same thing for greedy decoding).
 struct PasskeyAccuracy {
   int64_t correct = 0, total = 0;
+  int64_t digits_correct = 0, digits_total = 0;  // per digit, for partial progress
   double accuracy() const { return total ? static_cast<double>(correct) / static_cast<double>(total) : 0.0; }
+  double digit_accuracy() const {
+    return digits_total ? static_cast<double>(digits_correct) / static_cast<double>(digits_total) : 0.0;
+  }
 };
 struct PasskeyReport {
   std::map<int64_t, PasskeyAccuracy> by_length;

@@ -94,6 +94,11 @@ class Backend {
   // counter {i/4 lo, i/4 hi, offset, 0}, key seed, word i % 4. The backward calls it again on the gradient.
   virtual void dropout(Tensor& out, const Tensor& in, double p, uint64_t seed, uint32_t offset) = 0;
 
+  // ---- rotary / XPOS position embedding ----
+  // x [B, N, H, D] (any strides), cos and sin contiguous [N, D/2] with any XPOS scale folded in,
+  // out contiguous [B, N, H, D]: out[..., 2i] = x[2i] cos - x[2i+1] sin, out[..., 2i+1] = x[2i+1] cos + x[2i] sin.
+  virtual void rotary(Tensor& out, const Tensor& x, const Tensor& cos, const Tensor& sin) = 0;
+
   // ---- flash dilated attention (the contract: ../shared/specs/dilated-attention.md) ----
   // q, k, v, o: contiguous [B, N, H, D]; lse: [B, H, N] in q's dtype (float32, or float64 for float64 inputs:
   // a float32 lse would cap the float64 backward at float32 accuracy); bias: [H, num_buckets] or undefined.
