@@ -376,6 +376,13 @@ TEST(CudaNn, DropoutKeepsExactlyTheCpuElements) {
                     {randn({17, 23}, 32)}, {true});
 }
 
+TEST(CudaNn, RotaryOnAStridedInput) {
+  REQUIRE_CUDA();
+  // x [2, 9, 3, 8] as a transposed view; the cos/sin tables take no gradient.
+  check_parity_both([](const std::vector<Tensor>& in) { return rotary(in[0].transpose(1, 2), in[1], in[2]); },
+                    {randn({2, 3, 9, 8}, 35), randn({9, 4}, 36), randn({9, 4}, 37)}, {true, false, false});
+}
+
 // ---------------------------------------------------------------- optimizer kernels
 
 TEST(CudaOptim, AdamWStepAndSumSquares) {

@@ -560,6 +560,24 @@ TEST(OpsCoreMatmul, Float32MatchesFloat64AndShapeErrors) {
   EXPECT_NE(error_of([&] { matmul(Tensor::zeros({2}), Tensor::zeros({2}, kF64)); }).find("float64"), std::string::npos);
 }
 
+// OpenBLAS's own threading makes results depend on the thread count; the CPU gemm must not.
+TEST(OpsCoreMatmul, Float32ResultsAreBitwiseIndependentOfThreadCount) {
+  const Tensor x = randn({1000, 96}, 121, TensorOptions(DType::Float32));
+  const Tensor w = randn({200, 96}, 122, TensorOptions(DType::Float32));
+  const Tensor g = randn({1000, 200}, 123, TensorOptions(DType::Float32));
+  const int threads = omp_get_max_threads();
+  std::vector<std::vector<float>> results[2];
+  for (int t : {1, 2}) {
+    omp_set_num_threads(t);
+    auto& r = results[t - 1];
+    r.push_back(matmul(x, transpose(w, 0, 1)).to_vector<float>());  // a linear layer
+    r.push_back(matmul(transpose(g, 0, 1), x).to_vector<float>());  // its weight gradient: long K
+    r.push_back(matmul(g, w).to_vector<float>());                   // its input gradient
+  }
+  omp_set_num_threads(threads);
+  for (size_t i = 0; i < results[0].size(); ++i) EXPECT_EQ(results[0][i], results[1][i]) << "product " << i;
+}
+
 TEST(OpsCoreMatmul, GemmKernelAlphaBetaBroadcastAndEdges) {
   kernels::Backend& be = kernels::cpu_backend();
   const Tensor a = randn({6, 5, 7}, 201, kF64), b = randn({1, 7, 3}, 202, kF64);

@@ -21,12 +21,16 @@ void blas_gemm(bool ta, bool tb, int m, int n, int k, double alpha, const double
               b, ldb, beta, c, ldc);
 }
 
-// OpenBLAS runs a GEMM of at most this many multiply-adds on the calling thread alone
-// (GEMM_MULTITHREAD_THRESHOLD 4 x 65536), so such calls can run side by side on our threads
-// without contending for its thread pool; bigger ones get the whole machine from OpenBLAS.
-constexpr double kBlasSingleThreadMacs = 4.0 * 65536.0;
-// Batches per parallel chunk: enough multiply-adds to pay for the thread hand-off.
-constexpr double kMacsPerChunk = 65536.0;
+// OpenBLAS splits a GEMM across its threads by blocks of the output, and its edge kernels round
+// differently from its main kernel, so a result depends on how many threads computed it. We cut
+// the output into row tiles fixed by the shape alone and run each tile as its own single-threaded
+// BLAS call (OpenBLAS's OpenMP build runs single-threaded inside an active parallel region), so the
+// result is the same for any thread count. Tiles of 16 to 256 rows, about 8 per matrix when it is
+// small: enough to share out, few enough that re-packing B per tile stays cheap.
+int64_t tile_rows(int64_t m) { return std::clamp<int64_t>((m / 8 + 15) / 16 * 16, 16, 256); }
+// Below this many multiply-adds in all the calls run on the calling thread: cheaper than waking
+// another, and within OpenBLAS's own single-thread limit (GEMM_MULTITHREAD_THRESHOLD 4 x 65536).
+constexpr double kSerialMacs = 65536.0;
 
 struct Operand {
   int64_t batch_stride;  // 0 when broadcast
@@ -71,21 +75,25 @@ void CpuBackend::gemm(Tensor& out, const Tensor& a, const Tensor& b, bool trans_
     const T* pb = b.data<T>();
     T* pc = out.data<T>();
     const int ldc = static_cast<int>(n);
-    auto run = [&](int64_t i) {
-      blas_gemm(trans_a, trans_b, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<T>(alpha),
-                pa + i * oa.batch_stride, oa.ld, pb + i * ob.batch_stride, ob.ld, static_cast<T>(beta),
-                pc + i * m * n, ldc);
+    const int64_t rows = tile_rows(m), tiles = (m + rows - 1) / rows;
+    // Tile t of op(a) starts `r` rows down: r rows into a stored a, or r columns into a transposed one.
+    auto run = [&](int64_t item) {
+      const int64_t i = item / tiles, r = item % tiles * rows;
+      const int64_t a_offset = trans_a ? r : r * oa.ld;
+      blas_gemm(trans_a, trans_b, static_cast<int>(std::min(rows, m - r)), static_cast<int>(n), static_cast<int>(k),
+                static_cast<T>(alpha), pa + i * oa.batch_stride + a_offset, oa.ld, pb + i * ob.batch_stride, ob.ld,
+                static_cast<T>(beta), pc + (i * m + r) * n, ldc);
     };
-    // Each matrix is computed by one BLAS call either way, so the result does not depend on the path.
-    const double macs = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
-    if (batch > 1 && macs <= kBlasSingleThreadMacs) {
-      const auto grain = static_cast<int64_t>(std::max(1.0, kMacsPerChunk / std::max(macs, 1.0)));
-      parallel_for(batch, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) run(i);
-      });
-    } else {
-      for (int64_t i = 0; i < batch; ++i) run(i);
+    const int64_t items = batch * tiles;
+    const double macs = static_cast<double>(batch) * static_cast<double>(m) * static_cast<double>(n) *
+                        static_cast<double>(k);
+    // Not parallel_for: its serial path for a single item would leave OpenBLAS free to thread it.
+    if (omp_get_max_threads() == 1 || omp_in_parallel() || macs <= kSerialMacs) {
+      for (int64_t item = 0; item < items; ++item) run(item);
+      return;
     }
+#pragma omp parallel for schedule(static)
+    for (int64_t item = 0; item < items; ++item) run(item);
   });
 }
 
