@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# The GPU check: builds dilatron for the GPU it finds, runs every CUDA test, compute-sanitizer
-# memcheck (and racecheck, for shared-memory races) on the attention tests, and the attention
-# benchmark, then writes a Markdown report to OUTDIR/gpu-check.md (a summary table last, also
-# printed). Designed to finish within 8 minutes on an H100: the steps' time limits add up to less.
+# The GPU check: builds dilatron for the GPU it finds (or unpacks a prebuilt bundle), runs every
+# CUDA test, compute-sanitizer memcheck (and racecheck, for shared-memory races) on the attention
+# tests, the attention benchmark, and 50 training steps on the GPU against the same 50 on the CPU,
+# then writes a Markdown report to OUTDIR/gpu-check.md (a summary table last, also printed).
+# Designed to finish within 8 minutes on an H100: the steps' time limits add up to less.
 #
 #   scripts/gpu-check.sh OUTDIR
 #
-# Needs nvcc, CMake and the Debian packages of scripts/install-deps.sh. A machine that cannot reach
-# a package registry can take them as .deb files: DILATRON_DEB_DIR=dir installs dir/*.deb first.
+# A lent GPU machine is bare and offline, so the usual way is to build here and carry the result:
+#   scripts/gpu-bundle.sh                      # -> build-gpu-bundle.tar.xz (binaries + their libraries)
+#   DILATRON_GPU_BUNDLE=build-gpu-bundle.tar.xz scripts/gpu-check.sh OUTDIR   # on the GPU machine
+# Shorter runs: DILATRON_GPU_BENCH_SECONDS (60), DILATRON_GPU_TRAIN_SECONDS (100 per config),
+# DILATRON_GPU_TRAIN_CONFIGS ("passkey passkey-local").
+# Without a bundle it needs nvcc, CMake and the Debian packages of scripts/install-deps.sh.
 # DILATRON_GPU_BUILD_DIR overrides the build directory (default: build-gpu in the repository).
-# Files in OUTDIR: gpu-check.md, build.log, tests.log, tests.xml, memcheck.log, racecheck.log, bench.md.
+# Files in OUTDIR: gpu-check.md, build.log, tests.log, tests.xml, memcheck.log, racecheck.log,
+# bench.md, train.log.
 set -uo pipefail
 
 if [ $# -ne 1 ]; then
@@ -49,32 +55,51 @@ add_row() { summary+=("| $1 | $2 | $3 s | $4 |"); }
   echo
 } >"$report"
 
-# ---- dependencies and build ----
-if [ -n "${DILATRON_DEB_DIR:-}" ]; then
-  echo "== installing $DILATRON_DEB_DIR/*.deb"
-  dpkg -i --force-depends "$DILATRON_DEB_DIR"/*.deb >"$out/build.log" 2>&1 || true
-fi
-step "configure and build" 200 "$out/build.log.tmp" bash -c "
-  cmake -S '$root' -B '$build' -DCMAKE_BUILD_TYPE=Release -DDILATRON_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=native \
-        -DDILATRON_BUILD_TESTS=ON -DDILATRON_BUILD_BENCH=ON -DDILATRON_BUILD_TOOLS=OFF &&
-  cmake --build '$build' -j \$(nproc) --target dilatron_tests bench_attention_cuda"
-cat "$out/build.log.tmp" >>"$out/build.log" && rm -f "$out/build.log.tmp"
-build_rc=$step_rc
-if [ $build_rc -eq 0 ]; then
-  add_row "build (CMAKE_CUDA_ARCHITECTURES=native)" "ok" "$step_seconds" "ptxas: $(grep -c 'spill stores' "$out/build.log") kernels reported, $(grep 'spill stores' "$out/build.log" | grep -vc ' 0 bytes spill stores') with spills"
+# ---- build, or unpack a bundle built elsewhere (scripts/gpu-bundle.sh) ----
+if [ -n "${DILATRON_GPU_BUNDLE:-}" ]; then
+  bundle_dir="$(mktemp -d)"
+  step "unpack bundle" 60 "$out/build.log" tar -C "$bundle_dir" -xJf "$DILATRON_GPU_BUNDLE"
+  build_rc=$step_rc
+  bin="$bundle_dir/bundle/bin"
+  # cuBLAS and cuRAND come from this machine's CUDA: the toolkit's lib64 or the Python wheels.
+  cuda_libs="$(find /usr/local /usr/lib /opt \( -name 'libcublas.so.1*' -o -name 'libcurand.so.1*' \) \
+               -printf '%h\n' 2>/dev/null | awk '!seen[$0]++' | paste -sd:)"
+  export LD_LIBRARY_PATH="$bundle_dir/bundle/lib:$cuda_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  if [ $build_rc -eq 0 ] && ! "$bin/dilatron_tests" --gtest_list_tests >/dev/null 2>>"$out/build.log"; then
+    build_rc=1
+  fi
+  if command -v cuobjdump >/dev/null 2>&1; then
+    cuobjdump --dump-resource-usage "$bundle_dir/bundle/lib/libdilatron.so" >>"$out/build.log" 2>&1
+  fi
+  build_name="prebuilt bundle $(basename "$DILATRON_GPU_BUNDLE")"
+  build_details="cuBLAS/cuRAND from ${cuda_libs:-nowhere}; $(grep -c 'REG:' "$out/build.log") kernels, $(grep 'REG:' "$out/build.log" | grep -vc 'STACK:0 ') with a stack frame"
 else
-  add_row "build (CMAKE_CUDA_ARCHITECTURES=native)" "FAILED (rc $build_rc)" "$step_seconds" "see build.log; missing packages can be carried as .deb files (DILATRON_DEB_DIR)"
+  step "configure and build" 200 "$out/build.log" bash -c "
+    cmake -S '$root' -B '$build' -DCMAKE_BUILD_TYPE=Release -DDILATRON_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=native \
+          -DDILATRON_BUILD_TESTS=ON -DDILATRON_BUILD_BENCH=ON -DDILATRON_BUILD_TOOLS=ON &&
+    cmake --build '$build' -j \$(nproc) --target dilatron_tests bench_attention_cuda dilatron_cli"
+  build_rc=$step_rc
+  mkdir -p "$build/bin-links"
+  ln -sf "$build/tests/dilatron_tests" "$bin/bench_attention_cuda" "$build/dilatron" "$build/bin-links/"
+  bin="$build/bin-links"
+  build_name="build (CMAKE_CUDA_ARCHITECTURES=native)"
+  build_details="ptxas: $(grep -c 'spill stores' "$out/build.log") kernels compiled, $(grep 'spill stores' "$out/build.log" | grep -vc ' 0 bytes spill stores') with spills"
+fi
+if [ $build_rc -eq 0 ]; then
+  add_row "$build_name" "ok" "$step_seconds" "$build_details"
+else
+  add_row "$build_name" "FAILED (rc $build_rc)" "$step_seconds" "see build.log"
   { echo "## Build failed"; echo; echo '```'; tail -n 40 "$out/build.log"; echo '```'; echo; } >>"$report"
 fi
 
 if [ $build_rc -eq 0 ]; then
-  tests="$build/tests/dilatron_tests"
+  tests="$bin/dilatron_tests"
 
   # ---- every CUDA test ----
   step "CUDA tests" 90 "$out/tests.log" "$tests" --gtest_filter='Cuda*' --gtest_output="xml:$out/tests.xml"
   passed=$(grep -c '^\[       OK \]' "$out/tests.log")
   failed=$(grep -c '^\[  FAILED  \].*(' "$out/tests.log")
-  skipped=$(grep -c '^\[  SKIPPED \]' "$out/tests.log")
+  skipped=$(grep -c '^\[  SKIPPED \].*(' "$out/tests.log")
   add_row "tests --gtest_filter='Cuda*'" "$([ $step_rc -eq 0 ] && echo ok || echo "FAILED (rc $step_rc)")" "$step_seconds" \
     "$passed passed, $failed failed, $skipped skipped"
   {
@@ -86,11 +111,10 @@ if [ $build_rc -eq 0 ]; then
     echo
   } >>"$report"
 
-  # ---- compute-sanitizer memcheck on the attention kernels (the short case list) ----
+  # ---- compute-sanitizer memcheck on the attention kernels (every case) ----
   # No leak check: the caching allocator keeps its blocks until the process exits, by design.
   if command -v compute-sanitizer >/dev/null 2>&1; then
-    step "memcheck" 70 "$out/memcheck.log" env DILATRON_CUDA_TEST_QUICK=1 compute-sanitizer --tool memcheck \
-      --error-exitcode 3 "$tests" --gtest_filter='CudaAttention*:Cuda/CudaAttention.*'
+    step "memcheck" 120 "$out/memcheck.log" compute-sanitizer --tool memcheck --error-exitcode 3 "$tests" --gtest_filter='CudaAttention*:Cuda/CudaAttention.*'
     errors=$(grep -Eo 'ERROR SUMMARY: [0-9]+' "$out/memcheck.log" | tail -n 1 | grep -Eo '[0-9]+' || echo '?')
     add_row "compute-sanitizer memcheck (attention tests)" "$([ $step_rc -eq 0 ] && echo ok || echo "FAILED (rc $step_rc)")" \
       "$step_seconds" "$errors errors"
@@ -107,15 +131,62 @@ if [ $build_rc -eq 0 ]; then
   fi
 
   # ---- attention benchmark ----
-  step "attention benchmark" 68 "$out/bench.md" "$build/bench/bench_attention_cuda" --device cuda --budget-seconds 60
+  bench_s=${DILATRON_GPU_BENCH_SECONDS:-60}
+  step "attention benchmark" $((bench_s + 8)) "$out/bench.md" "$bin/bench_attention_cuda" --device cuda --budget-seconds "$bench_s"
   rows=$(grep -c '^| [0-9]' "$out/bench.md")
   last=$(grep '^| [0-9]' "$out/bench.md" | tail -n 1 | awk -F'|' '{gsub(/ /, "", $2); gsub(/ /, "", $5); gsub(/ /, "", $7); print "largest N " $2 ": forward " $5 ", fwd+bwd " $7 " TFLOP/s"}')
   add_row "bench_attention_cuda --device cuda" "$([ $step_rc -eq 0 ] && echo ok || echo "FAILED (rc $step_rc)")" "$step_seconds" \
     "$rows sizes; ${last:-no rows}"
   { echo "## Attention benchmark"; echo; cat "$out/bench.md"; echo; } >>"$report"
 
-  # TODO(training): add the training-run step here once training exists (a short `dilatron train`
-  # on the GPU: loss curve, tokens/s, peak memory), with its own time limit and summary row.
+  # ---- training: the same 50 steps of configs/tiny.toml on the CPU and on the GPU ----
+  train_cmd() {  # DEVICE RUN_DIR
+    "$bin/dilatron" train "$root/configs/tiny.toml" --set train.steps=50 --set train.checkpoint_every=0 \
+      --set "train.device=\"$1\"" --out "$2"
+  }
+  rm -rf "$out/train-cpu" "$out/train-cuda"
+  step "training, 50 steps on cpu and cuda" 60 "$out/train.log" bash -c \
+    "$(declare -f train_cmd); bin='$bin'; root='$root'; train_cmd cpu '$out/train-cpu' && train_cmd cuda '$out/train-cuda'"
+  train_rc=$step_rc
+  compare=$(python3 - "$out/train-cpu/metrics.jsonl" "$out/train-cuda/metrics.jsonl" <<'PY' 2>&1
+import json, sys
+def losses(path):
+    return [r["loss"] for r in map(json.loads, open(path)) if "loss" in r]
+cpu, gpu = losses(sys.argv[1]), losses(sys.argv[2])
+worst = max(abs(a - b) for a, b in zip(cpu, gpu)) if cpu and len(cpu) == len(gpu) else float("inf")
+print(f"{len(cpu)} cpu / {len(gpu)} cuda steps, loss {cpu[0]:.4f} -> {cpu[-1]:.4f}, max |cpu - cuda| = {worst:.2e}")
+sys.exit(0 if worst <= 1e-4 else 1)
+PY
+  )
+  compare_rc=$?
+  compare=$(tail -n 1 <<<"$compare")  # the verdict line, or the error's last line
+  [ $train_rc -eq 0 ] && train_rc=$compare_rc
+  add_row "train configs/tiny.toml 50 steps, cpu vs cuda (losses within 1e-4)" \
+    "$([ $train_rc -eq 0 ] && echo ok || echo "FAILED (rc $train_rc)")" "$step_seconds" "$compare"
+  { echo "## Training, cpu vs cuda"; echo; echo '```'; echo "$compare"; tail -n 12 "$out/train.log"; echo '```'; echo; } >>"$report"
+
+  # ---- the default run (configs/passkey.toml, then the local-only ablation) on the GPU: tokens/s and
+  # passkey accuracy, which tells apart "the config cannot learn the task" from "the CPU is too slow".
+  for cfg in ${DILATRON_GPU_TRAIN_CONFIGS:-passkey passkey-local}; do
+    rm -rf "$out/train-$cfg"
+    step "train configs/$cfg.toml on cuda" "${DILATRON_GPU_TRAIN_SECONDS:-100}" "$out/train-$cfg.log" \
+      "$bin/dilatron" train "$root/configs/$cfg.toml" --set 'train.device="cuda"' --out "$out/train-$cfg"
+    rc=$step_rc
+    summary_line=$(python3 - "$out/train-$cfg/metrics.jsonl" <<'PY' 2>&1
+import json, statistics, sys
+rows = list(map(json.loads, open(sys.argv[1])))
+steps = [r for r in rows if "tokens_per_s" in r]
+evals = [r for r in rows if r.get("eval") == "passkey"]
+acc = ", ".join(f"step {e['step']}: {e['by_length']}" for e in evals) or "no eval reached"
+print(f"{len(steps)} steps, median {statistics.median(r['tokens_per_s'] for r in steps[5:] or steps):.0f} tokens/s, "
+      f"loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}, passkey accuracy {acc}")
+PY
+    )
+    summary_line=$(tail -n 1 <<<"$summary_line")
+    add_row "train configs/$cfg.toml on cuda" "$([ $rc -eq 0 ] && echo ok || echo "FAILED (rc $rc)")" "$step_seconds" \
+      "$summary_line"
+    { echo "## configs/$cfg.toml on cuda"; echo; echo '```'; tail -n 30 "$out/train-$cfg.log"; echo '```'; echo; } >>"$report"
+  done
 fi
 
 {

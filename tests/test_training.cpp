@@ -242,8 +242,9 @@ TEST(Model, XposAndRotaryFollowTheirDefinition) {
           for (int64_t b = 0; b < B; ++b)
             for (int64_t h = 0; h < H; ++h) {
               const double x0 = x.at({b, t, h, 2 * i}), x1 = x.at({b, t, h, 2 * i + 1});
-              EXPECT_NEAR(y.at({b, t, h, 2 * i}), scale * (x0 * std::cos(angle) - x1 * std::sin(angle)), 1e-12);
-              EXPECT_NEAR(y.at({b, t, h, 2 * i + 1}), scale * (x1 * std::cos(angle) + x0 * std::sin(angle)), 1e-12);
+              const double c = std::cos(angle), s = std::sin(angle);
+              EXPECT_NEAR(y.at({b, t, h, 2 * i}), scale * (x0 * c - x1 * s), 1e-12);
+              EXPECT_NEAR(y.at({b, t, h, 2 * i + 1}), scale * (x1 * c + x0 * s), 1e-12);
             }
         }
     }

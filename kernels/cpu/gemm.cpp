@@ -21,16 +21,22 @@ void blas_gemm(bool ta, bool tb, int m, int n, int k, double alpha, const double
               b, ldb, beta, c, ldc);
 }
 
+// Up to this many multiply-adds a call runs on the calling thread: OpenBLAS's own single-thread
+// limit (GEMM_MULTITHREAD_THRESHOLD 4 x 65536), and below it waking another thread costs more (on a
+// loaded machine it can wait out a time slice).
+constexpr double kSerialMacs = 4.0 * 65536.0;
+
 // OpenBLAS splits a GEMM across its threads by blocks of the output, and its edge kernels round
 // differently from its main kernel, so a result depends on how many threads computed it. We cut
-// the output into row tiles fixed by the shape alone and run each tile as its own single-threaded
-// BLAS call (OpenBLAS's OpenMP build runs single-threaded inside an active parallel region), so the
-// result is the same for any thread count. Tiles of 16 to 256 rows, about 8 per matrix when it is
-// small: enough to share out, few enough that re-packing B per tile stays cheap.
-int64_t tile_rows(int64_t m) { return std::clamp<int64_t>((m / 8 + 15) / 16 * 16, 16, 256); }
-// Below this many multiply-adds in all the calls run on the calling thread: cheaper than waking
-// another, and within OpenBLAS's own single-thread limit (GEMM_MULTITHREAD_THRESHOLD 4 x 65536).
-constexpr double kSerialMacs = 65536.0;
+// each bigger matrix into row tiles fixed by the shape alone and run each tile as its own
+// single-threaded BLAS call (OpenBLAS's OpenMP build runs single-threaded inside an active parallel
+// region), so the result is the same for any thread count. A multiple of 4 near-equal tiles of up
+// to ~512 rows: they share out evenly over 2 or 4 threads, and each tile re-packs the whole of b,
+// which stays cheap next to the tile's own work (a weight gradient, K = B * T in the thousands, gets 4).
+int64_t row_tiles(int64_t m, double macs) {
+  if (macs <= kSerialMacs) return 1;
+  return std::min<int64_t>(m, 4 * ((m + 2047) / 2048));
+}
 
 struct Operand {
   int64_t batch_stride;  // 0 when broadcast
@@ -75,20 +81,20 @@ void CpuBackend::gemm(Tensor& out, const Tensor& a, const Tensor& b, bool trans_
     const T* pb = b.data<T>();
     T* pc = out.data<T>();
     const int ldc = static_cast<int>(n);
-    const int64_t rows = tile_rows(m), tiles = (m + rows - 1) / rows;
-    // Tile t of op(a) starts `r` rows down: r rows into a stored a, or r columns into a transposed one.
+    const double macs = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
+    const int64_t tiles = row_tiles(m, macs);
+    // Tile t covers rows [r0, r1) of op(a): rows of a stored a, columns of a transposed one.
     auto run = [&](int64_t item) {
-      const int64_t i = item / tiles, r = item % tiles * rows;
-      const int64_t a_offset = trans_a ? r : r * oa.ld;
-      blas_gemm(trans_a, trans_b, static_cast<int>(std::min(rows, m - r)), static_cast<int>(n), static_cast<int>(k),
+      const int64_t i = item / tiles, t = item % tiles;
+      const int64_t r0 = m * t / tiles, r1 = m * (t + 1) / tiles;
+      const int64_t a_offset = trans_a ? r0 : r0 * oa.ld;
+      blas_gemm(trans_a, trans_b, static_cast<int>(r1 - r0), static_cast<int>(n), static_cast<int>(k),
                 static_cast<T>(alpha), pa + i * oa.batch_stride + a_offset, oa.ld, pb + i * ob.batch_stride, ob.ld,
-                static_cast<T>(beta), pc + (i * m + r) * n, ldc);
+                static_cast<T>(beta), pc + (i * m + r0) * n, ldc);
     };
     const int64_t items = batch * tiles;
-    const double macs = static_cast<double>(batch) * static_cast<double>(m) * static_cast<double>(n) *
-                        static_cast<double>(k);
     // Not parallel_for: its serial path for a single item would leave OpenBLAS free to thread it.
-    if (omp_get_max_threads() == 1 || omp_in_parallel() || macs <= kSerialMacs) {
+    if (omp_get_max_threads() == 1 || omp_in_parallel() || static_cast<double>(batch) * macs <= kSerialMacs) {
       for (int64_t item = 0; item < items; ++item) run(item);
       return;
     }

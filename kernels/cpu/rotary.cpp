@@ -1,5 +1,7 @@
 // Rotary / XPOS position embedding on the CPU: each (x[2i], x[2i+1]) pair of a head rotated by the
 // angle of its position and frequency, in one pass over a possibly strided x.
+#include <type_traits>
+
 #include "cpu/cpu_backend.h"
 #include "cpu/cpu_utils.h"
 
@@ -25,9 +27,9 @@ void CpuBackend::rotary(Tensor& out, const Tensor& x, const Tensor& cos, const T
     const T* pc = cos.data<T>();
     const T* ps = sin.data<T>();
     T* po = out.data<T>();
-    const int64_t sd = st[3];
-    // One (b, t) row of H heads per item: the table row is loaded once for all heads.
-    parallel_for(batch * n, 64, [&](int64_t begin, int64_t end) {
+    // One (b, t) row of H heads per item: the table row is loaded once for all heads. The pair
+    // stride is a compile-time 1 for the usual x (a view of whole heads), so the pairs vectorise.
+    auto rotate_rows = [&](auto sd, int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / n, t = row % n;
         const T* c = pc + t * half;
@@ -42,6 +44,10 @@ void CpuBackend::rotary(Tensor& out, const Tensor& x, const Tensor& cos, const T
           }
         }
       }
+    };
+    parallel_for(batch * n, 64, [&](int64_t begin, int64_t end) {
+      if (st[3] == 1) rotate_rows(std::integral_constant<int64_t, 1>{}, begin, end);
+      else rotate_rows(st[3], begin, end);
     });
   });
 }

@@ -66,6 +66,9 @@ inline const char* curand_status_name(curandStatus_t s) {
                                                          ::dilatron::kernels::cuda::curand_status_name(dilatron_st_))); \
   } while (0)
 
+// Kernel launches are asynchronous; this surfaces launch-configuration errors at the call site.
+#define CUDA_CHECK_LAUNCH() CUDA_CHECK(cudaGetLastError())
+
 namespace dilatron::kernels::cuda {
 
 // Makes `index` the current device for the guard's lifetime (every backend entry point holds one,
@@ -103,9 +106,6 @@ inline unsigned grid_for(int64_t n, int threads = kBlockThreads) {
   const int64_t blocks = (n + threads - 1) / threads;
   return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > (1 << 20) ? (1 << 20) : blocks));
 }
-
-// Kernel launches are asynchronous; this surfaces launch-configuration errors at the call site.
-#define CUDA_CHECK_LAUNCH() CUDA_CHECK(cudaGetLastError())
 
 // Up to this many dims survive coalescing in a strided operand (more is an error naming the shape).
 constexpr int kMaxDims = 8;

@@ -686,6 +686,16 @@ BranchGrid branch_grid(int64_t N, int64_t BH, const AttentionBranch& br) {
           tiles};
 }
 
+// The head dims the kernels are compiled for. A float64 backward tile set for D = 128 would need
+// 300 KB of shared memory.
+int64_t compiled_head_dim_at_least(int64_t D, DType dtype) {
+  const int64_t max_dim = dtype == DType::Float32 ? 128 : 64;
+  for (int64_t c = 16; c <= max_dim; c *= 2)
+    if (D <= c) return c;
+  throw Error(detail::concat("dilated attention on CUDA: head dim D = ", D, " is not supported for ", dtype_name(dtype),
+                             " (at most ", max_dim, ")"));
+}
+
 template <typename T, typename F>
 void dispatch_head_dim(int64_t D, F&& f) {
   switch (D) {
@@ -693,13 +703,30 @@ void dispatch_head_dim(int64_t D, F&& f) {
     case 32: return f(std::integral_constant<int, 32>{});
     case 64: return f(std::integral_constant<int, 64>{});
     case 128:
-      // A float64 backward tile set for D = 128 would need 300 KB of shared memory.
       if constexpr (std::is_same_v<T, float>) return f(std::integral_constant<int, 128>{});
       break;
     default: break;
   }
-  throw Error(detail::concat("dilated attention on CUDA: head dim D = ", D, " is not supported for ",
-                             dtype_name(dtype_of<T>::value), " (float32: 16, 32, 64, 128; float64: 16, 32, 64)"));
+  throw Error(detail::concat("dilated attention on CUDA: no kernel for head dim D = ", D));
+}
+
+// A head dim without its own kernel runs on the next compiled one: q, k, v (and o, dout) get zero
+// columns up to it, which add nothing to any q.k and give zero output columns; the softmax scale
+// stays the caller's, from the true D.
+Shape with_head_dim(Shape shape, int64_t padded) {
+  shape[3] = padded;
+  return shape;
+}
+Tensor pad_head_dim(const Tensor& t, int64_t padded, Backend& backend) {
+  Tensor out = Tensor::zeros(with_head_dim(t.shape(), padded), t.options());
+  Tensor head = out.narrow(3, 0, t.size(3));
+  backend.copy(head, t);
+  return out;
+}
+Tensor empty_padded(const Tensor& t, int64_t padded) { return Tensor::empty(with_head_dim(t.shape(), padded), t.options()); }
+// out = the first out.size(3) columns of a padded result.
+void unpad_head_dim(Tensor& out, const Tensor& padded, Backend& backend) {
+  backend.copy(out, padded.narrow(3, 0, out.size(3)));
 }
 
 template <typename Kernel>
@@ -817,6 +844,13 @@ void CudaBackend::dilated_attention_forward(Tensor& o, Tensor& lse, const Tensor
   check_aligned(op, "o", o);
   if (o.numel() == 0) return;
   DeviceGuard guard(index_);
+  if (const int64_t Dp = compiled_head_dim_at_least(d.D, q_in.dtype()); Dp != d.D) {
+    Tensor o_padded = empty_padded(o, Dp);
+    dilated_attention_forward(o_padded, lse, pad_head_dim(q_in, Dp, *this), pad_head_dim(k_in, Dp, *this),
+                              pad_head_dim(v_in, Dp, *this), bias, params);
+    unpad_head_dim(o, o_padded, *this);
+    return;
+  }
   const Tensor q = aligned(q_in, *this), k = aligned(k_in, *this), v = aligned(v_in, *this);
   const DeviceBuckets buckets(params, bias.defined(), index_);
 
@@ -866,6 +900,16 @@ void CudaBackend::dilated_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv,
     return;
   }
   DeviceGuard guard(index_);
+  if (const int64_t Dp = compiled_head_dim_at_least(d.D, q_in.dtype()); Dp != d.D) {
+    Tensor dq_p = empty_padded(dq, Dp), dk_p = empty_padded(dk, Dp), dv_p = empty_padded(dv, Dp);
+    dilated_attention_backward(dq_p, dk_p, dv_p, dbias, pad_head_dim(dout_in, Dp, *this), pad_head_dim(q_in, Dp, *this),
+                               pad_head_dim(k_in, Dp, *this), pad_head_dim(v_in, Dp, *this),
+                               pad_head_dim(o_in, Dp, *this), lse, bias, params);
+    unpad_head_dim(dq, dq_p, *this);
+    unpad_head_dim(dk, dk_p, *this);
+    unpad_head_dim(dv, dv_p, *this);
+    return;
+  }
   const Device dev = Device::cuda(index_);
   const Tensor q = aligned(q_in, *this), k = aligned(k_in, *this), v = aligned(v_in, *this);
   const Tensor o = aligned(o_in, *this), dout = aligned(dout_in, *this);

@@ -16,11 +16,12 @@ using cuda::kBlockThreads;
 using cuda::kStream;
 using cuda::StridedIndexer;
 
-// out[i] = D(in[index(i)]): the gather behind every non-trivial copy (strided source, dtype change).
+// out[out_index(i)] = D(in[in_index(i)]): the copy behind every non-trivial copy on one device
+// (strided source or destination, dtype change).
 template <typename S, typename D>
-__global__ void gather_convert_kernel(D* out, const S* in, StridedIndexer index, int64_t n) {
+__global__ void copy_convert_kernel(D* out, StridedIndexer out_index, const S* in, StridedIndexer in_index, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
-    out[i] = static_cast<D>(in[index(i)]);
+    out[out_index(i)] = static_cast<D>(in[in_index(i)]);
 }
 
 template <typename T>
@@ -57,34 +58,43 @@ __global__ void fill_normal_kernel(T* out, int64_t n, uint64_t seed, uint64_t of
   }
 }
 
-// out (device, contiguous, out's dtype) = in (same device, any strides and dtype).
-void gather_on_device(void* out, DType out_dtype, const Tensor& in) {
+// out = in, both on one device, any strides and dtypes.
+void copy_on_device(Tensor& out, const Tensor& in) {
   const int64_t n = in.numel();
   if (n == 0) return;
-  const StridedIndexer index = cuda::make_indexer(in);
+  const StridedIndexer out_index = cuda::make_indexer(out), in_index = cuda::make_indexer(in);
   dispatch_all(in.dtype(), [&](auto src_tag) {
     using S = decltype(src_tag);
-    dispatch_all(out_dtype, [&](auto dst_tag) {
+    dispatch_all(out.dtype(), [&](auto dst_tag) {
       using D = decltype(dst_tag);
-      gather_convert_kernel<S, D><<<grid_for(n), kBlockThreads, 0, kStream>>>(
-          static_cast<D*>(out), static_cast<const S*>(in.raw_data()), index, n);
+      copy_convert_kernel<S, D><<<grid_for(n), kBlockThreads, 0, kStream>>>(
+          static_cast<D*>(out.raw_data()), out_index, static_cast<const S*>(in.raw_data()), in_index, n);
       CUDA_CHECK_LAUNCH();
     });
   });
 }
 
-bool plain_copy(const Tensor& out, const Tensor& in) { return in.dtype() == out.dtype() && in.is_contiguous(); }
+bool plain_copy(const Tensor& out, const Tensor& in) {
+  return in.dtype() == out.dtype() && in.is_contiguous() && out.is_contiguous();
+}
 
 }  // namespace
 
 void CudaBackend::copy(Tensor& out, const Tensor& in) {
   DILATRON_CHECK(out.shape() == in.shape(), "copy: shape ", shape_str(in.shape()), " into ", shape_str(out.shape()));
-  DILATRON_CHECK(out.is_contiguous(), "copy: out must be contiguous, got strides ", shape_str(out.strides()));
   DILATRON_CHECK(out.device().is_cuda() || in.device().is_cuda(), "CUDA copy between ", in.device().str(), " and ",
                  out.device().str());
   const int64_t n = out.numel();
   if (n == 0) return;
   const size_t bytes = static_cast<size_t>(n) * dtype_size(out.dtype());
+
+  if (!out.is_contiguous() && out.device() != in.device()) {
+    // A strided destination elsewhere: bring the values over contiguous, then place them on out's device.
+    Tensor staged = Tensor::empty(out.shape(), TensorOptions(out.dtype()).with_device(out.device()));
+    copy(staged, in);
+    backend(out.device()).copy(out, staged);
+    return;
+  }
 
   if (in.device().is_cpu()) {  // host -> device: convert on the host, then one transfer
     DeviceGuard guard(out.device().index);
@@ -98,7 +108,7 @@ void CudaBackend::copy(Tensor& out, const Tensor& in) {
     return;
   }
 
-  // The source is on a GPU: make it contiguous in out's dtype there first (a gather kernel),
+  // The source is on a GPU: make it contiguous in out's dtype there first (a copy kernel),
   // then move it with one transfer when out is elsewhere.
   DeviceGuard guard(in.device().index);
   const bool same_device = out.device() == in.device();
@@ -106,12 +116,12 @@ void CudaBackend::copy(Tensor& out, const Tensor& in) {
     if (plain_copy(out, in)) {
       CUDA_CHECK(cudaMemcpyAsync(out.raw_data(), in.raw_data(), bytes, cudaMemcpyDeviceToDevice, kStream));
     } else {
-      gather_on_device(out.raw_data(), out.dtype(), in);
+      copy_on_device(out, in);
     }
     return;
   }
   Tensor staged = plain_copy(out, in) ? in : Tensor::empty(out.shape(), TensorOptions(out.dtype()).with_device(in.device()));
-  if (!staged.same(in)) gather_on_device(staged.raw_data(), out.dtype(), in);
+  if (!staged.same(in)) copy_on_device(staged, in);
   if (out.device().is_cpu()) {
     // Synchronous on the default stream: returns once the data (and the gather before it) is there.
     CUDA_CHECK(cudaMemcpy(out.raw_data(), staged.raw_data(), bytes, cudaMemcpyDeviceToHost));

@@ -15,8 +15,8 @@ using cuda::kBlockThreads;
 using cuda::kStream;
 
 struct RotaryGeometry {
-  int64_t n, heads, half;         // x is [B, n, heads, 2 * half]
-  int64_t sb, sn, sh, sd;         // x's strides
+  int64_t n, heads, half;  // x is [B, n, heads, 2 * half]
+  int64_t sb, sn, sh, sd;  // x's strides
 };
 
 template <typename T>
@@ -51,7 +51,8 @@ void CudaBackend::rotary(Tensor& out, const Tensor& x, const Tensor& cos, const 
     DILATRON_CHECK(t->shape() == table && t->is_contiguous() && t->dtype() == x.dtype(), "rotary: cos and sin must be ",
                    "contiguous ", dtype_name(x.dtype()), " ", shape_str(table), ", got ", dtype_name(t->dtype()), " ",
                    shape_str(t->shape()));
-  for (const Tensor* t : std::initializer_list<const Tensor*>{&out, &x, &cos, &sin}) cuda::check_on_device("rotary", "out/x/cos/sin", *t, index_);
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&out, &x, &cos, &sin})
+    cuda::check_on_device("rotary", "out/x/cos/sin", *t, index_);
   const int64_t pairs = x.numel() / 2;
   if (pairs == 0) return;
   DeviceGuard guard(index_);

@@ -217,7 +217,6 @@ Tensor& Tensor::fill_(double value) {
 Tensor& Tensor::copy_(const Tensor& src) {
   DILATRON_CHECK(src.shape() == shape(), "copy_: source shape ", shape_str(src.shape()), " != destination shape ",
                  shape_str(shape()));
-  DILATRON_CHECK(is_contiguous(), "copy_ needs a contiguous destination");
   backend(device().is_cpu() ? src.device() : device()).copy(*this, src);
   return *this;
 }

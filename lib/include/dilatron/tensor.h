@@ -115,7 +115,7 @@ class Tensor {
   // ---- in place, outside autograd (initialisation, optimizers) ----
   Tensor& fill_(double value);
   Tensor& zero_() { return fill_(0.0); }
-  Tensor& copy_(const Tensor& src);  // same shape; converts dtype and device
+  Tensor& copy_(const Tensor& src);  // same shape; converts dtype and device; *this may be a view
 
   // ---- autograd ----
   bool requires_grad() const { return impl().requires_grad; }
