@@ -1,7 +1,8 @@
 // Flash dilated attention throughput on the CPU: forward and forward+backward at B = 1, H = 8,
 // D = 64, schedule 1024:1,4096:4,16384:16, causal, float32, N = 1K .. 256K. GFLOP/s counts the
-// visited (query, key) pairs (visited_pairs): 4*D flops each forward (QK^T and PV), 2.5x that
-// backward. For comparison, dense causal attention built from the library's ops (BLAS GEMMs,
+// visited (query, key) pairs (attention_flops): 4*D flops each forward (QK^T and PV), 2.5x that
+// backward. `dilatron bench attention` gives the same figures as a table, with fractions of the
+// machine's peak. For comparison, dense causal attention built from the library's ops (BLAS GEMMs,
 // one materialised N x N score matrix per head) up to N = 8K.
 #include <benchmark/benchmark.h>
 
@@ -25,8 +26,8 @@ DilatedAttentionOptions bench_options() {
   return opts;
 }
 
-double forward_flops(const std::vector<AttentionBranch>& schedule, int64_t N, bool causal) {
-  return 4.0 * kD * static_cast<double>(kB * visited_pairs(schedule, kH, N, causal));
+AttentionFlops flops(const DilatedAttentionOptions& opts, int64_t N) {
+  return attention_flops(opts.schedule, kB, kH, N, kD, opts.causal);
 }
 
 void set_rate(benchmark::State& state, double flops_per_iteration) {
@@ -41,7 +42,7 @@ void BM_DilatedAttentionForward(benchmark::State& state) {
   const Tensor q = Tensor::randn(shape, gen), k = Tensor::randn(shape, gen), v = Tensor::randn(shape, gen);
   const DilatedAttentionOptions opts = bench_options();
   for (auto _ : state) benchmark::DoNotOptimize(dilated_attention(q, k, v, opts));
-  set_rate(state, forward_flops(opts.schedule, N, opts.causal));
+  set_rate(state, flops(opts, N).forward);
 }
 
 void BM_DilatedAttentionForwardBackward(benchmark::State& state) {
@@ -56,7 +57,7 @@ void BM_DilatedAttentionForwardBackward(benchmark::State& state) {
     for (Tensor* x : {&q, &k, &v}) x->set_grad(Tensor());
     dilated_attention(q, k, v, opts).backward(dout);
   }
-  set_rate(state, 3.5 * forward_flops(opts.schedule, N, opts.causal));
+  set_rate(state, flops(opts, N).forward_backward());
 }
 
 // Dense causal attention, one head at a time: S = QK^T * scale, masked, softmax, P V.

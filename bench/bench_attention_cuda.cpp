@@ -2,7 +2,7 @@
 // forward+backward through the backend kernels, float32, by default B = 1, H = 8, D = 64,
 // schedule 1024:1,4096:4,16384:16, causal, as bench_attention, for N = 4K, 8K, 16K, ... until the
 // time budget (default 60 s) or the device memory runs out. TFLOP/s counts the visited
-// (query, key) pairs (visited_pairs): 4*D flops each forward, 3.5x that forward+backward (the
+// (query, key) pairs (attention_flops): 4*D flops each forward, 3.5x that forward+backward (the
 // backward at FlashAttention's 2.5x).
 //
 //   bench_attention_cuda [--device cuda:0] [--budget-seconds 60] [--heads 8] [--dim 64] [--batch 1]
@@ -136,10 +136,10 @@ int main(int argc, char** argv) {
       }
       last_cost = now_seconds() - t0;
       const double pairs = static_cast<double>(opt.B * visited_pairs(schedule, opt.H, N, opt.causal));
-      const double fwd_flops = 4.0 * static_cast<double>(opt.D) * pairs;
+      const AttentionFlops flops = attention_flops(schedule, opt.B, opt.H, N, opt.D, opt.causal);
       std::printf("| %lld | %.4g | %.3f | %.2f | %.3f | %.2f |\n", static_cast<long long>(N), pairs, t.forward_ms,
-                  fwd_flops / (t.forward_ms * 1e-3) * 1e-12, t.forward_backward_ms,
-                  3.5 * fwd_flops / (t.forward_backward_ms * 1e-3) * 1e-12);
+                  flops.forward / (t.forward_ms * 1e-3) * 1e-12, t.forward_backward_ms,
+                  flops.forward_backward() / (t.forward_backward_ms * 1e-3) * 1e-12);
       std::fflush(stdout);
     }
     return 0;

@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   dilatron::cli::add_gradcheck_command(app);
   dilatron::cli::add_train_commands(app);
   dilatron::cli::add_plot_command(app);
+  dilatron::cli::add_bench_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

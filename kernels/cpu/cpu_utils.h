@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -104,6 +106,40 @@ class ElementwiseLoop {
   Shape shape_;
   std::array<Shape, N> strides_;
 };
+
+// Four floats as a GCC/Clang vector-extension type (SSE; wider vectors work with exp_float too).
+using f32x4 = float __attribute__((vector_size(16)));
+
+// e^x in float without a libm call, the one definition the CPU kernels share: V is float (written
+// so that loops calling it auto-vectorise; needs -fno-trapping-math) or a float vector (f32x4
+// or wider) for explicit SIMD. Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two so
+// n * ln2_hi is exact), a degree-7 polynomial for e^r, and 2^n as two exponent-bit factors so that
+// n down to -150 gives a subnormal or 0 rather than a wrapped exponent. Relative error below 2 ulp
+// for normal results; x > 88.7 gives the largest finite range (e^88.7), e^-inf = 0, nan stays nan.
+template <typename V>
+[[gnu::always_inline]] inline V exp_float(V x) {
+  x = x < -104.0f ? V{} - 104.0f : x;  // e^-104 rounds to 0; nan compares false and stays
+  x = x > 88.7f ? V{} + 88.7f : x;     // e^88.7 is just below the largest float
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  V n = (x * 1.44269504088896341f + kRound) - kRound;
+  V r = x - n * 0.693359375f;
+  r -= n * -2.12194440e-4f;
+  V p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  n = n == n ? n : V{};  // nan -> 0 before the int conversion (defined), p carries the nan
+  if constexpr (std::is_same_v<V, float>) {
+    const int32_t ni = static_cast<int32_t>(n), half = ni >> 1;
+    return p * std::bit_cast<float>((half + 127) << 23) * std::bit_cast<float>((ni - half + 127) << 23);
+  } else {
+    using I = decltype(n < n);  // the int32 vector of V's lanes
+    const I ni = __builtin_convertvector(n, I), half = ni >> 1;
+    return p * std::bit_cast<V>((half + 127) << 23) * std::bit_cast<V>((ni - half + 127) << 23);
+  }
+}
 
 // Splits [0, n) into per-thread chunks of at least `grain` items; f(begin, end). Serial when small.
 template <typename F>

@@ -2,36 +2,53 @@
 //
 // Rows in place. q, k, v, o and their gradients are [B, N, H, D]: the row of (b, t, h) starts at
 // ((b*N + t)*H + h)*D. The grid of (branch i, head h) in segment s is t = s*w + o + a*r
-// (o = h mod r, a = 0..g-1), so a tile of consecutive grid points is a set of rows r*H*D apart,
-// read and written in place; nothing is gathered. On a grid, causality is c <= a in grid indices,
+// (o = h mod r, a = 0..g-1), so a tile of consecutive grid points is a set of rows r*H*D apart;
+// nothing is gathered into [B, H, N, D] copies. On a grid, causality is c <= a in grid indices,
 // so a segment is dense (causal) attention over its g grid points: key tiles above the diagonal
-// are skipped and the diagonal tile is masked.
+// are skipped, the diagonal tile is masked and its products skip the masked half.
+//
+// Speed. The tile products run as register-blocked micro-kernels (tile_gemm: 6 rows x 2 vectors
+// of accumulators, broadcast-FMA over contiguous rows) on contiguous per-thread copies of the
+// tiles: rows r*H*D apart alias in the caches (for r*H*D*sizeof(T) a multiple of 4 KiB all of a
+// tile's rows fall in the same few sets), so each row is copied once and then read from the copy.
+// exp is exp_float (cpu_utils.h) in float, vectorised; float64 keeps libm's.
 //
 // Forward. The merge over branches is one softmax over the multiset of (branch, key). An online
 // softmax's state for query t, (running max m, running sum l, accumulator acc), is equivalent to
 // (lse = m + log l, o = acc / l), so the outputs o and lse themselves carry the state from one
 // branch to the next: branch i's pass over a query tile starts from m = lse, l = 1 (l = 0 while
-// lse = -inf: no key yet) and acc = o, folds in the branch's key tiles (acc lives in o's rows),
-// and stores o = acc / l, lse = m + log l. After the last branch, o and lse are the merged result
+// lse = -inf: no key yet) and acc = o, folds in the branch's key tiles (acc is a per-thread copy
+// of o's rows), and stores o = acc / l, lse = m + log l. After the last branch, o and lse are the merged result
 // exactly; a query on no grid keeps the initial o = 0, lse = -inf. Branches run one after another
 // (they update the same rows); within a branch the (b, h, segment, query tile) work items own
-// disjoint rows and run in parallel, costliest (causal: last) tiles first.
+// disjoint rows and run in parallel, a segment's costliest (causal: last) tiles first. A thread
+// keeps its current segment's k and v rows copied (contiguous) while it works on that segment.
 //
 // Backward (FlashAttention-2). Dt = <do[t], o[t]> once per row; then per branch, per
 // (b, h, segment) work item: for each key tile, for each query tile at or below the diagonal,
 // recompute s, P = exp(s - lse) and the dropout bits, dS = P (dP - Dt), and accumulate dv and dk
-// (key rows) and dq (query rows) in place. Within a branch, work items touch disjoint rows; the
+// (per key tile, in the thread's scratch, then added to the key rows) and dq (query rows, or the
+// thread's copy of the segment's dq rows, copied back). Within a branch, work items touch disjoint rows; the
 // branches run one after another because they share rows. dbias is summed per work item into its
 // own slot and the slots are added in item order, so every result is independent of thread timing.
 //
-// Extra memory beyond the inputs and outputs: per thread one (forward) or two (backward) 64 x 64
-// score tiles, whatever N is; the backward adds Dt [B, H, N] and the dbias slots
-// [B*H*segments, num_buckets] (double), both linear in N. Nothing is N x N or N x w.
+// Determinism: each output element's sums run in an order fixed by the problem (tile order, p order
+// within a micro-kernel), whichever thread computes it and whether its rows were read from the
+// segment copy or packed per tile, so results are bitwise independent of the thread count.
+//
+// Extra memory beyond the inputs and outputs: per thread the tile scratch (forward: one 64 x 64
+// score tile and four 64 x D tiles; backward: two and seven), whatever N is, plus the segment
+// copies (forward 2, backward 3 x g x D per thread) only where all threads' copies together fit in
+// 1/16 of q's size; the backward adds Dt [B, H, N] and the dbias slots [B*H*segments, num_buckets]
+// (double). All linear in N; nothing is N x N or N x w.
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
+#include <utility>
 
 #include "cpu/cpu_backend.h"
 #include "cpu/cpu_utils.h"
@@ -108,6 +125,13 @@ class DropoutRow {
   Philox4 words_{};
 };
 
+// e^x: exp_float (cpu_utils.h, vectorisable) in float, libm in double (exact).
+template <typename T>
+[[gnu::always_inline]] inline T exp_t(T x) {
+  if constexpr (std::is_same_v<T, float>) return exp_float(x);
+  else return std::exp(x);
+}
+
 template <typename T>
 T dot(const T* x, const T* y, int64_t D) {
   T s = 0;
@@ -116,98 +140,189 @@ T dot(const T* x, const T* y, int64_t D) {
   return s;
 }
 
-// S[a * ld + c] = <x_a, y_c> for a < na, c < nc, with rows x_a = x + a * x_step and
-// y_c = y + c * y_step of D elements. Blocks of 2 x 4 dot products share their loads; the simd
-// reduction lets the compiler split each sum across vector lanes.
+// ---------------------------------------------------------------- tile products
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// SIMD vectors of the widest size the target compiles to (AVX/AVX2: 32 bytes, else 16; the
+// generic vector code lowers to whatever the target has, and a * b + c contracts to FMA where
+// there is one). kLanes<T> divides kTile.
+#if defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
 template <typename T>
-void tile_dots(const T* x, int64_t x_step, int64_t na, const T* y, int64_t y_step, int64_t nc, int64_t D, T* S,
-               int64_t ld) {
-  int64_t a = 0;
-  for (; a + 2 <= na; a += 2) {
-    const T* x0 = x + a * x_step;
-    const T* x1 = x0 + x_step;
-    T* s0 = S + a * ld;
-    T* s1 = s0 + ld;
-    int64_t c = 0;
-    for (; c + 4 <= nc; c += 4) {
-      const T* y0 = y + c * y_step;
-      const T* y1 = y0 + y_step;
-      const T* y2 = y1 + y_step;
-      const T* y3 = y2 + y_step;
-      T s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
-#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13)
-      for (int64_t d = 0; d < D; ++d) {
-        const T a0 = x0[d], a1 = x1[d];
-        s00 += a0 * y0[d];
-        s01 += a0 * y1[d];
-        s02 += a0 * y2[d];
-        s03 += a0 * y3[d];
-        s10 += a1 * y0[d];
-        s11 += a1 * y1[d];
-        s12 += a1 * y2[d];
-        s13 += a1 * y3[d];
+struct SimdOf;
+template <>
+struct SimdOf<float> {
+  using V = float __attribute__((vector_size(kVecBytes)));
+};
+template <>
+struct SimdOf<double> {
+  using V = double __attribute__((vector_size(kVecBytes)));
+};
+template <typename T>
+using Vec = typename SimdOf<T>::V;
+template <typename T>
+constexpr int64_t kLanes = kVecBytes / static_cast<int64_t>(sizeof(T));
+
+template <typename V, typename T>
+[[gnu::always_inline]] inline V vload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename V, typename T>
+[[gnu::always_inline]] inline void vstore(T* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+template <typename V, typename T, size_t... I>
+[[gnu::always_inline]] inline V broadcast_impl(T x, std::index_sequence<I...>) {
+  return V{((void)I, x)...};
+}
+template <typename V, typename T>
+[[gnu::always_inline]] inline V broadcast(T x) {
+  return broadcast_impl<V>(x, std::make_index_sequence<sizeof(V) / sizeof(T)>{});
+}
+
+// Every tile product has the form C[i][j] = init + sum_{p < K} A[i*ai + p*ap] * B[p*ldb + j] for
+// i < M, j < Nc, with C's and B's rows contiguous in j and init = 0, C[i][j] or C[i][j] * scale[i].
+// A block of R rows x CV vectors of C lives in registers (R * CV accumulators; 6 x 2 = 12 of the
+// 16 vector registers), each step of p broadcasts R elements of A and loads CV vectors of B, so
+// the inner loop is R * CV independent FMAs. The sum over p runs in order for each (i, j), so
+// the result is fixed by the operands (not by blocking or threads).
+// kAddTo: from 0, and the block's sums are added to C when stored.
+enum class Init { kZero, kLoad, kScale, kAddTo };
+
+// Without FMA each step of a sum rounds twice, and a D-term score summed in one chain drifts
+// several times further from the exact value than the former lane-split dot products did (enough
+// to fail the float32 dbias check at 1e-5): there, products from 0 (the scores) sum blocks of
+// kDepthChunk terms and add the block sums. With FMA one chain is as accurate, and faster.
+#if defined(__FMA__)
+constexpr int64_t kDepthChunk = int64_t{1} << 40;
+#else
+constexpr int64_t kDepthChunk = 8;
+#endif
+
+template <typename T, int R, int CV>
+[[gnu::always_inline]] inline void micro_tile(T* C, int64_t ldc, const T* A, int64_t ai, int64_t ap, const T* B,
+                                              int64_t ldb, int64_t K, Init init, const T* scale) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  V acc[R][CV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < CV; ++v) {
+      if (init == Init::kZero || init == Init::kAddTo) {
+        acc[r][v] = V{};
+      } else {
+        acc[r][v] = vload<V>(C + r * ldc + v * L);
+        if (init == Init::kScale && scale) acc[r][v] *= broadcast<V>(scale[r]);
       }
-      s0[c] = s00, s0[c + 1] = s01, s0[c + 2] = s02, s0[c + 3] = s03;
-      s1[c] = s10, s1[c + 1] = s11, s1[c + 2] = s12, s1[c + 3] = s13;
     }
-    for (; c < nc; ++c) {
-      s0[c] = dot(x0, y + c * y_step, D);
-      s1[c] = dot(x1, y + c * y_step, D);
+  for (int64_t p = 0; p < K; ++p) {
+    V b[CV];
+#pragma GCC unroll 4
+    for (int v = 0; v < CV; ++v) b[v] = vload<V>(B + p * ldb + v * L);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const V a = broadcast<V>(A[r * ai + p * ap]);
+#pragma GCC unroll 4
+      for (int v = 0; v < CV; ++v) acc[r][v] += a * b[v];
     }
   }
-  for (; a < na; ++a)
-    for (int64_t c = 0; c < nc; ++c) S[a * ld + c] = dot(x + a * x_step, y + c * y_step, D);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < CV; ++v) {
+      if (init == Init::kAddTo) acc[r][v] = vload<V>(C + r * ldc + v * L) + acc[r][v];
+      vstore(C + r * ldc + v * L, acc[r][v]);
+    }
 }
 
-// out_x += sum_y W[x * wx + y * wy] * in_y for the R rows x < R, with rows out_x = out + x * out_step
-// and in_y = in + y * in_step of D elements. Each pass over D adds four input rows into R output
-// rows, so a loaded input element serves R outputs; the D loop carries no dependence, so it
-// vectorises without reassociation.
-template <int R, typename T>
-void accumulate_block(T* out, int64_t out_step, const T* W, int64_t wx, int64_t wy, const T* in, int64_t in_step,
-                      int64_t ny, int64_t D) {
-  T* dst[R];
-  const T* w[R];
-  for (int x = 0; x < R; ++x) dst[x] = out + x * out_step, w[x] = W + x * wx;
-  int64_t y = 0;
-  for (; y + 4 <= ny; y += 4) {
-    T c[R][4];
-    for (int x = 0; x < R; ++x)
-      for (int u = 0; u < 4; ++u) c[x][u] = w[x][(y + u) * wy];
-    const T* i0 = in + y * in_step;
-    const T* i1 = i0 + in_step;
-    const T* i2 = i1 + in_step;
-    const T* i3 = i2 + in_step;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) {
-      const T v0 = i0[d], v1 = i1[d], v2 = i2[d], v3 = i3[d];
-      for (int x = 0; x < R; ++x) dst[x][d] += (c[x][0] * v0 + c[x][1] * v1) + (c[x][2] * v2 + c[x][3] * v3);
+// R rows of C, all Nc columns: blocks of 2 vectors, then 1, then single columns.
+template <typename T, int R>
+void row_block(T* C, int64_t ldc, const T* A, int64_t ai, int64_t ap, const T* B, int64_t ldb, int64_t Nc,
+               int64_t K, Init init, const T* scale) {
+  constexpr int64_t L = kLanes<T>;
+  int64_t j = 0;
+  for (; j + 2 * L <= Nc; j += 2 * L) micro_tile<T, R, 2>(C + j, ldc, A, ai, ap, B + j, ldb, K, init, scale);
+  if (j + L <= Nc) {
+    micro_tile<T, R, 1>(C + j, ldc, A, ai, ap, B + j, ldb, K, init, scale);
+    j += L;
+  }
+  for (; j < Nc; ++j)
+    for (int r = 0; r < R; ++r) {
+      T* c = C + r * ldc + j;
+      T sum = init == Init::kLoad ? *c : init == Init::kScale && scale ? *c * scale[r] : T(0);
+      for (int64_t p = 0; p < K; ++p) sum += A[r * ai + p * ap] * B[p * ldb + j];
+      *c = init == Init::kAddTo ? *c + sum : sum;
     }
-  }
-  for (; y < ny; ++y) {
-    T c[R];
-    for (int x = 0; x < R; ++x) c[x] = w[x][y * wy];
-    const T* i0 = in + y * in_step;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d)
-      for (int x = 0; x < R; ++x) dst[x][d] += c[x] * i0[d];
-  }
 }
 
-// The same for all rows x < nx, two at a time.
-template <typename T>
-void accumulate_rows(T* out, int64_t out_step, int64_t nx, const T* W, int64_t wx, int64_t wy, const T* in,
-                     int64_t in_step, int64_t ny, int64_t D) {
-  int64_t x = 0;
-  for (; x + 2 <= nx; x += 2)
-    accumulate_block<2>(out + x * out_step, out_step, W + x * wx, wx, wy, in, in_step, ny, D);
-  if (x < nx) accumulate_block<1>(out + x * out_step, out_step, W + x * wx, wx, wy, in, in_step, ny, D);
-}
+// On a causal diagonal tile (key tile = query tile) half of each product is known: Skip names the
+// part a row block i0 .. i0 + R - 1 leaves out. kColsBefore: columns j < i0 (rounded down to a
+// block; left unwritten, the caller masks them); kColsAfter: columns j >= i0 + R (rounded up to a
+// vector; left unwritten, the caller zeroes them); kDepthBefore / kDepthAfter: the terms p < i0 /
+// p >= i0 + R, whose A factors are zero (dropping them changes no sum).
+enum class Skip { kNone, kColsBefore, kColsAfter, kDepthBefore, kDepthAfter };
 
 template <typename T>
-void scale_row(T* x, T factor, int64_t D) {
-#pragma omp simd
-  for (int64_t d = 0; d < D; ++d) x[d] *= factor;
+void tile_gemm(T* C, int64_t ldc, const T* A, int64_t ai, int64_t ap, const T* B, int64_t ldb, int64_t M, int64_t Nc,
+               int64_t K, Init init, const T* scale = nullptr, Skip skip = Skip::kNone) {
+  constexpr int R = 6;
+  constexpr int64_t L = kLanes<T>;
+  for (int64_t i = 0; i < M; i += R) {
+    const int64_t rows = std::min<int64_t>(R, M - i);
+    int64_t j0 = 0, j1 = Nc, p0 = 0, p1 = K;
+    switch (skip) {
+      case Skip::kNone: break;
+      case Skip::kColsBefore: j0 = std::min(Nc, i / (2 * L) * (2 * L)); break;
+      case Skip::kColsAfter: j1 = std::min(Nc, round_up(i + rows, L)); break;
+      case Skip::kDepthBefore: p0 = std::min(K, i); break;
+      case Skip::kDepthAfter: p1 = std::min(K, i + rows); break;
+    }
+    T* c = C + i * ldc + j0;
+    const T* sc = scale ? scale + i : nullptr;
+    const int64_t nc = j1 - j0, chunk = init == Init::kZero ? kDepthChunk : K;
+    for (int64_t pc = p0; pc < p1; pc += chunk) {
+      const T* a = A + i * ai + pc * ap;
+      const T* b = B + pc * ldb + j0;
+      const int64_t k = std::min(chunk, p1 - pc);
+      const Init in = pc == p0 ? init : Init::kAddTo;
+      switch (rows) {
+        case 6: row_block<T, 6>(c, ldc, a, ai, ap, b, ldb, nc, k, in, sc); break;
+        case 5: row_block<T, 5>(c, ldc, a, ai, ap, b, ldb, nc, k, in, sc); break;
+        case 4: row_block<T, 4>(c, ldc, a, ai, ap, b, ldb, nc, k, in, sc); break;
+        case 3: row_block<T, 3>(c, ldc, a, ai, ap, b, ldb, nc, k, in, sc); break;
+        case 2: row_block<T, 2>(c, ldc, a, ai, ap, b, ldb, nc, k, in, sc); break;
+        default: row_block<T, 1>(c, ldc, a, ai, ap, b, ldb, nc, k, in, sc); break;
+      }
+    }
+  }
+}
+
+// The n rows x_r = x + r * step of D elements, copied to dst (rows D apart) and, where dst_t is
+// given, transposed into dst_t[d * kTile + r] with columns n .. n_pad - 1 zero.
+// The rows are far apart (r * H * D elements), so the hardware prefetchers do not follow them:
+// each row's cache lines are requested kAhead rows early.
+template <typename T>
+void pack_rows(const T* x, int64_t step, int64_t n, int64_t D, T* dst, T* dst_t, int64_t n_pad) {
+  constexpr int64_t kAhead = 6, kLine = 64 / sizeof(T);
+  for (int64_t r = 0; r < std::min(kAhead, n); ++r)
+    for (int64_t d = 0; d < D; d += kLine) __builtin_prefetch(x + r * step + d);
+  for (int64_t r = 0; r < n; ++r) {
+    const T* row = x + r * step;
+    if (r + kAhead < n)
+      for (int64_t d = 0; d < D; d += kLine) __builtin_prefetch(row + kAhead * step + d);
+    if (dst) std::memcpy(dst + r * D, row, static_cast<size_t>(D) * sizeof(T));
+    if (dst_t)
+      for (int64_t d = 0; d < D; ++d) dst_t[d * kTile + r] = row[d];
+  }
+  if (dst_t)
+    for (int64_t d = 0; d < D; ++d) std::fill(dst_t + d * kTile + n, dst_t + d * kTile + n_pad, T(0));
 }
 
 // Threads for `items` independent work items (1 inside an enclosing parallel region).
@@ -218,58 +333,105 @@ int worker_count(int64_t items) {
 
 // ---------------------------------------------------------------- forward
 
-// Folds branch `i`'s keys into the state (o, lse) of the query tile q0.. of grid g.
+// Per-thread scratch of the forward, in elements of T: the key-major score tile S^T [key][query]
+// (kTile x kTile), Q^T [D][kTile], the key tile's K and V rows and the tile's output accumulator
+// (kTile x D each).
+int64_t forward_scratch(int64_t D) { return kTile * kTile + 4 * kTile * D; }
+
+// Folds branch `i`'s keys into the state (o, lse) of the query tile q0.. of grid g. The scores are
+// kept key-major, S^T = K Q^T, so that the online softmax runs across queries, a vector of queries
+// at a time, and the tile's queries are packed (transposed) once for all its key tiles. k_seg and
+// v_seg, where given, hold the segment's K and V rows contiguously (grid point c at c * D), else
+// each key tile is packed from the strided rows.
 template <typename T>
 void forward_tile(const Problem<T>& P, const T* q, const T* k, const T* v, T* o, T* lse, int64_t b, int64_t h,
-                  size_t i, const GridSpan& g, int64_t q0, T* scores) {
-  const int64_t nq = std::min(kTile, g.count - q0);
+                  size_t i, const GridSpan& g, int64_t q0, T* scratch, const T* k_seg, const T* v_seg) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  const int64_t nq = std::min(kTile, g.count - q0), nqv = round_up(nq, kLanes<T>);
   const int64_t step = P.grid_step(g.stride), base = P.row(b, g.first, h), D = P.D;
   const T* q_tile = q + base + q0 * step;
   T* o_tile = o + base + q0 * step;
   T* lse_bh = lse + (b * P.H + h) * P.N;
   const T* bias_h = P.bias ? P.bias + h * P.num_buckets : nullptr;
   const uint32_t stream = P.stream(b, h, i);
+  T* St = scratch;              // [key c][query a], row length kTile
+  T* Qt = St + kTile * kTile;   // [d][query a]
+  T* Kp = Qt + D * kTile;       // [key c][d]
+  T* Vp = Kp + kTile * D;       // [key c][d]
+  T* acc = Vp + kTile * D;      // [query a][d]: o's rows while the tile is folded in
 
-  T m[kTile], l[kTile];  // running max and sum of the online softmax
-  for (int64_t a = 0; a < nq; ++a) {
-    m[a] = lse_bh[g.position(q0 + a)];
-    l[a] = m[a] == -std::numeric_limits<T>::infinity() ? T(0) : T(1);
+  pack_rows(q_tile, step, nq, D, static_cast<T*>(nullptr), Qt, nqv);
+  // The online softmax's running max and sum; lanes nq..nqv-1 (zero queries) are inert padding.
+  alignas(64) T m[kTile], l[kTile], mx[kTile], alpha[kTile], sum[kTile];
+  for (int64_t a = 0; a < nqv; ++a) {
+    m[a] = a < nq ? lse_bh[g.position(q0 + a)] : T(0);
+    l[a] = m[a] == kNegInf ? T(0) : T(1);
   }
-  // Causal: keys up to the tile's last query; the tiles are aligned, so every row of the last
-  // (diagonal) key tile keeps at least its own key.
+  pack_rows(o_tile, step, nq, D, acc, static_cast<T*>(nullptr), 0);
+  // Causal: keys up to the tile's last query; the tiles are aligned, so the last key tile is the
+  // diagonal one (k0 = q0), where key c is visible to query a iff c <= a.
   const int64_t key_end = P.causal ? q0 + nq : g.count;
   for (int64_t k0 = 0; k0 < key_end; k0 += kTile) {
     const int64_t nk = std::min(kTile, key_end - k0);
-    tile_dots(q_tile, step, nq, k + base + k0 * step, step, nk, D, scores, kTile);
-    for (int64_t a = 0; a < nq; ++a) {
-      const int64_t qi = q0 + a, t = g.position(qi);
-      const int64_t valid = P.causal ? std::min(nk, qi - k0 + 1) : nk;
-      T* s = scores + a * kTile;
-      T mx = m[a];
-      for (int64_t c = 0; c < valid; ++c) {
-        s[c] *= P.scale;
-        if (bias_h) s[c] += bias_h[P.bucket[t - g.position(k0 + c)]];
-        mx = std::max(mx, s[c]);
-      }
-      const T alpha = std::exp(m[a] - mx);  // 0 while m = -inf
-      T sum = 0;
-      for (int64_t c = 0; c < valid; ++c) {
-        s[c] = std::exp(s[c] - mx);
-        sum += s[c];
-      }
-      if (P.dropout) {
-        DropoutRow bits(P, t, stream);
-        for (int64_t c = 0; c < valid; ++c) s[c] = bits.keep(g.position(k0 + c)) ? s[c] * P.keep_scale : T(0);
-      }
-      std::fill(s + valid, s + nk, T(0));
-      l[a] = l[a] * alpha + sum;
-      m[a] = mx;
-      if (alpha != T(1)) scale_row(o_tile + a * step, alpha, D);
+    const bool diagonal = P.causal && k0 == q0;
+    const T* Kc = Kp;  // the key tile's rows, contiguous
+    const T* Vc = Vp;
+    if (k_seg) {
+      Kc = k_seg + k0 * D, Vc = v_seg + k0 * D;
+    } else {
+      pack_rows(k + base + k0 * step, step, nk, D, Kp, static_cast<T*>(nullptr), 0);
+      pack_rows(v + base + k0 * step, step, nk, D, Vp, static_cast<T*>(nullptr), 0);
     }
-    accumulate_rows(o_tile, step, nq, scores, kTile, 1, v + base + k0 * step, step, nk, D);
+    const Skip skip_cols = diagonal ? Skip::kColsBefore : Skip::kNone;  // S^T[c][a], a < c masked below
+    tile_gemm(St, kTile, Kc, D, 1, Qt, kTile, nk, nqv, D, Init::kZero, static_cast<const T*>(nullptr), skip_cols);
+    for (int64_t c = 0; c < nk; ++c) {
+      T* row = St + c * kTile;
+      const int64_t a0 = diagonal ? c : 0;  // on the diagonal, queries a < c are masked (not computed)
+#pragma omp simd
+      for (int64_t a = a0; a < nqv; ++a) row[a] *= P.scale;
+      if (bias_h) {
+        const int64_t j = g.position(k0 + c);
+        for (int64_t a = a0; a < nq; ++a) row[a] += bias_h[P.bucket[g.position(q0 + a) - j]];
+      }
+      std::fill(row, row + a0, kNegInf);
+    }
+#pragma omp simd
+    for (int64_t a = 0; a < nqv; ++a) mx[a] = m[a], sum[a] = T(0);
+    for (int64_t c = 0; c < nk; ++c) {
+      const T* row = St + c * kTile;
+#pragma omp simd
+      for (int64_t a = 0; a < nqv; ++a) mx[a] = row[a] > mx[a] ? row[a] : mx[a];
+    }
+#pragma omp simd
+    for (int64_t a = 0; a < nqv; ++a) alpha[a] = exp_t(m[a] - mx[a]);  // 0 while m = -inf
+    for (int64_t c = 0; c < nk; ++c) {
+      T* row = St + c * kTile;
+#pragma omp simd
+      for (int64_t a = 0; a < nqv; ++a) {
+        row[a] = exp_t(row[a] - mx[a]);  // 0 where masked (-inf)
+        sum[a] += row[a];
+      }
+    }
+#pragma omp simd
+    for (int64_t a = 0; a < nqv; ++a) l[a] = l[a] * alpha[a] + sum[a], m[a] = mx[a];
+    if (P.dropout)
+      for (int64_t a = 0; a < nq; ++a) {
+        DropoutRow bits(P, g.position(q0 + a), stream);
+        for (int64_t c = 0; c < (diagonal ? a + 1 : nk); ++c) {
+          T& w = St[c * kTile + a];
+          w = bits.keep(g.position(k0 + c)) ? w * P.keep_scale : T(0);
+        }
+      }
+    // acc = alpha * acc + P V, P[a][c] = St[c][a].
+    tile_gemm(acc, D, St, 1, kTile, Vc, D, nq, D, nk, Init::kScale, alpha,
+              diagonal ? Skip::kDepthAfter : Skip::kNone);
   }
   for (int64_t a = 0; a < nq; ++a) {
-    scale_row(o_tile + a * step, T(1) / l[a], D);
+    const T inv = T(1) / l[a];
+    T* out = o_tile + a * step;
+    const T* in = acc + a * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) out[d] = in[d] * inv;
     lse_bh[g.position(q0 + a)] = m[a] + std::log(l[a]);
   }
 }
@@ -285,27 +447,48 @@ void forward(Tensor& o_t, Tensor& lse_t, const Tensor& q_t, const Tensor& k_t, c
   parallel_for(o_t.numel(), 1 << 16, [&](int64_t begin, int64_t end) { std::fill(o + begin, o + end, T(0)); });
   std::fill(lse, lse + BH * P.N, -std::numeric_limits<T>::infinity());
 
-  // Work items of branch i: (query tile, b*H + h, segment), last query tiles first.
-  auto tiles_of = [&](const AttentionBranch& br) {
-    return (grid_span(br, 0, 0, P.N).count + kTile - 1) / kTile;  // head 0's first segment is the largest
-  };
-  int64_t max_items = 0;
-  for (const auto& br : params.schedule) max_items = std::max(max_items, tiles_of(br) * BH * num_segments(br, P.N));
+  // Work items of branch i: (b*H + h, segment, query tile), a segment's last (costliest) query
+  // tiles first. head 0's first segment is the largest.
+  auto tiles_of = [&](const AttentionBranch& br) { return (grid_span(br, 0, 0, P.N).count + kTile - 1) / kTile; };
+  int64_t max_items = 0, seg_rows = 0;
+  for (const auto& br : params.schedule) {
+    max_items = std::max(max_items, tiles_of(br) * BH * num_segments(br, P.N));
+    seg_rows = std::max(seg_rows, grid_span(br, 0, 0, P.N).count);
+  }
   const int threads = worker_count(max_items);
-  ScratchBuffer<T> scratch(static_cast<size_t>(threads * kTile * kTile));
+  // Each thread keeps a contiguous copy of its current segment's K and V rows (strided rows r*H*D
+  // apart alias in the caches; the copy is read once per segment instead of once per tile pair),
+  // where all threads' copies together stay within 1/16 of q's size, else packs per key tile.
+  if (threads * seg_rows * 2 * P.D > P.B * P.N * P.H * P.D / 16) seg_rows = 0;
+  const int64_t per_thread = forward_scratch(P.D) + 2 * seg_rows * P.D;
+  ScratchBuffer<T> scratch(static_cast<size_t>(threads * per_thread));
 
 #pragma omp parallel num_threads(threads)
   {
-    T* scores = scratch.data() + omp_get_thread_num() * kTile * kTile;
+    T* tile_scratch = scratch.data() + omp_get_thread_num() * per_thread;
+    T* k_seg = seg_rows ? tile_scratch + forward_scratch(P.D) : nullptr;
+    T* v_seg = seg_rows ? k_seg + seg_rows * P.D : nullptr;
     for (size_t i = 0; i < params.schedule.size(); ++i) {
       const AttentionBranch& br = params.schedule[i];
-      const int64_t nseg = num_segments(br, P.N), tiles = tiles_of(br), per_tile = BH * nseg;
+      const int64_t nseg = num_segments(br, P.N), tiles = tiles_of(br);
+      int64_t cached = -1, packed = 0;  // the segment in k_seg / v_seg, and its rows copied so far
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t item = 0; item < tiles * per_tile; ++item) {
-        const int64_t tile = tiles - 1 - item / per_tile, bh = item % per_tile / nseg, s = item % nseg;
+      for (int64_t item = 0; item < tiles * BH * nseg; ++item) {
+        const int64_t seg = item / tiles, tile = tiles - 1 - item % tiles, bh = seg / nseg, s = seg % nseg;
         const int64_t b = bh / P.H, h = bh % P.H;
         const GridSpan g = grid_span(br, h, s, P.N);
-        if (tile * kTile < g.count) forward_tile(P, q, k, v, o, lse, b, h, i, g, tile * kTile, scores);
+        if (tile * kTile >= g.count) continue;
+        if (k_seg) {
+          if (seg != cached) cached = seg, packed = 0;
+          const int64_t need = P.causal ? std::min(g.count, (tile + 1) * kTile) : g.count;
+          if (packed < need) {
+            const int64_t step = P.grid_step(g.stride), rows = P.row(b, g.first, h) + packed * step;
+            pack_rows(k + rows, step, need - packed, P.D, k_seg + packed * P.D, static_cast<T*>(nullptr), 0);
+            pack_rows(v + rows, step, need - packed, P.D, v_seg + packed * P.D, static_cast<T*>(nullptr), 0);
+            packed = need;
+          }
+        }
+        forward_tile(P, q, k, v, o, lse, b, h, i, g, tile * kTile, tile_scratch, k_seg, v_seg);
       }
     }
   }
@@ -313,49 +496,120 @@ void forward(Tensor& o_t, Tensor& lse_t, const Tensor& q_t, const Tensor& k_t, c
 
 // ---------------------------------------------------------------- backward
 
-// All of branch i's gradient contributions within one segment (grid g) of (b, h).
+// Per-thread scratch of the backward, in elements of T: the score tiles S and dP [query][key]
+// (kTile x kTile each), K^T and V^T [D][kTile], and kTile x D each for K's rows, the query tile's
+// q and do rows, and the key tile's dk and dv accumulators.
+int64_t backward_scratch(int64_t D) { return 2 * kTile * kTile + 7 * kTile * D; }
+
+// All of branch i's gradient contributions within one segment (grid g) of (b, h). Per key tile,
+// its K^T, V^T and K rows are packed once and its dk, dv accumulate in the scratch; per query
+// tile, S = Q K^T and dP = dO V^T are products with the packed transposes, then dv += P^T dO,
+// dk += dS^T Q (in the scratch) and dq += dS K (in place).
 template <typename T>
 void backward_segment(const Problem<T>& P, const T* q, const T* k, const T* v, const T* dout, const T* lse,
-                      const T* Dt, T* dq, T* dk, T* dv, int64_t b, int64_t h, size_t i, const GridSpan& g, T* S,
-                      T* dP, double* dbias) {
+                      const T* Dt, T* dq, T* dk, T* dv, int64_t b, int64_t h, size_t i, const GridSpan& g,
+                      T* scratch, T* seg, double* dbias) {
   const int64_t step = P.grid_step(g.stride), base = P.row(b, g.first, h), D = P.D;
   const T* lse_bh = lse + (b * P.H + h) * P.N;
   const T* Dt_bh = Dt + (b * P.H + h) * P.N;
   const T* bias_h = P.bias ? P.bias + h * P.num_buckets : nullptr;
   const uint32_t stream = P.stream(b, h, i);
+  T* S = scratch;               // [query a][key c], row length kTile
+  T* dP = S + kTile * kTile;    // [query a][key c]
+  T* Kt = dP + kTile * kTile;   // [d][key c]
+  T* Vt = Kt + D * kTile;       // [d][key c]
+  T* Kp = Vt + D * kTile;       // [key c][d]
+  T* Qp = Kp + kTile * D;       // [query a][d]
+  T* dOp = Qp + kTile * D;      // [query a][d]
+  T* dKacc = dOp + kTile * D;   // [key c][d]
+  T* dVacc = dKacc + kTile * D; // [key c][d]
+  // With `seg` (3 * g.count * D elements): the segment's q, do and dq rows, contiguous (grid point
+  // a at a * D), copied once; dq accumulates there and is copied back, so each dq element sees the
+  // same sums in the same order either way.
+  T* q_seg = seg;
+  T* do_seg = seg ? seg + g.count * D : nullptr;
+  T* dq_seg = seg ? seg + 2 * g.count * D : nullptr;
+  if (seg) {
+    pack_rows(q + base, step, g.count, D, q_seg, static_cast<T*>(nullptr), 0);
+    pack_rows(dout + base, step, g.count, D, do_seg, static_cast<T*>(nullptr), 0);
+    pack_rows(dq + base, step, g.count, D, dq_seg, static_cast<T*>(nullptr), 0);
+  }
 
   for (int64_t k0 = 0; k0 < g.count; k0 += kTile) {
-    const int64_t nk = std::min(kTile, g.count - k0), key_rows = base + k0 * step;
+    const int64_t nk = std::min(kTile, g.count - k0), nkv = round_up(nk, kLanes<T>), key_rows = base + k0 * step;
+    pack_rows(k + key_rows, step, nk, D, Kp, Kt, nkv);
+    pack_rows(v + key_rows, step, nk, D, static_cast<T*>(nullptr), Vt, nkv);
+    std::fill(dKacc, dKacc + nk * D, T(0));
+    std::fill(dVacc, dVacc + nk * D, T(0));
     for (int64_t q0 = P.causal ? k0 : 0; q0 < g.count; q0 += kTile) {
       const int64_t nq = std::min(kTile, g.count - q0), query_rows = base + q0 * step;
-      tile_dots(q + query_rows, step, nq, k + key_rows, step, nk, D, S, kTile);
-      tile_dots(dout + query_rows, step, nq, v + key_rows, step, nk, D, dP, kTile);
+      const T* Qc = Qp;  // the query tile's q and do rows, contiguous
+      const T* dOc = dOp;
+      if (seg) {
+        Qc = q_seg + q0 * D, dOc = do_seg + q0 * D;
+      } else {
+        pack_rows(q + query_rows, step, nq, D, Qp, static_cast<T*>(nullptr), 0);
+        pack_rows(dout + query_rows, step, nq, D, dOp, static_cast<T*>(nullptr), 0);
+      }
+      // On the diagonal tile, S[a][c] and dP[a][c] for c > a are masked (zeroed below), and the
+      // weights P[a][c], dS[a][c] are zero there.
+      const bool diagonal = P.causal && q0 == k0;
+      const T* none = nullptr;
+      const Skip after_cols = diagonal ? Skip::kColsAfter : Skip::kNone;
+      tile_gemm(S, kTile, Qc, D, 1, Kt, kTile, nq, nkv, D, Init::kZero, none, after_cols);
+      tile_gemm(dP, kTile, dOc, D, 1, Vt, kTile, nq, nkv, D, Init::kZero, none, after_cols);
       for (int64_t a = 0; a < nq; ++a) {
         const int64_t qi = q0 + a, t = g.position(qi);
         const int64_t valid = P.causal ? std::min(nk, qi - k0 + 1) : nk;
         const T lse_t = lse_bh[t], D_t = Dt_bh[t];
+        const int64_t cv = round_up(valid, kLanes<T>);  // <= nkv; on the diagonal, S is computed to here
         T* s = S + a * kTile;
         T* dp = dP + a * kTile;
-        DropoutRow bits(P, t, stream);
-        for (int64_t c = 0; c < valid; ++c) {
-          const int64_t j = g.position(k0 + c);
-          T score = s[c] * P.scale;
-          if (bias_h) score += bias_h[P.bucket[t - j]];
-          const T p = std::exp(score - lse_t);
-          const T kept = P.dropout ? (bits.keep(j) ? P.keep_scale : T(0)) : T(1);
-          const T ds = p * (dp[c] * kept - D_t);
-          if (dbias) dbias[P.bucket[t - j]] += ds;
-          s[c] = p * kept;      // weight of do[t] in dv[j]
-          dp[c] = P.scale * ds;  // weight of k[j] in dq[t] and of q[t] in dk[j]
+        if (bias_h) {
+          for (int64_t c = 0; c < valid; ++c) s[c] = s[c] * P.scale + bias_h[P.bucket[t - g.position(k0 + c)]];
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < cv; ++c) s[c] *= P.scale;
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < cv; ++c) s[c] = exp_t(s[c] - lse_t);  // P
+        if (P.dropout || dbias) {
+          DropoutRow bits(P, t, stream);
+          for (int64_t c = 0; c < valid; ++c) {
+            const int64_t j = g.position(k0 + c);
+            const T p = s[c];
+            const T kept = P.dropout ? (bits.keep(j) ? P.keep_scale : T(0)) : T(1);
+            const T ds = p * (dp[c] * kept - D_t);
+            if (dbias) dbias[P.bucket[t - j]] += ds;
+            s[c] = p * kept;       // weight of do[t] in dv[j]
+            dp[c] = P.scale * ds;  // weight of k[j] in dq[t] and of q[t] in dk[j]
+          }
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < valid; ++c) dp[c] = P.scale * (s[c] * (dp[c] - D_t));
         }
         std::fill(s + valid, s + nk, T(0));
         std::fill(dp + valid, dp + nk, T(0));
       }
-      accumulate_rows(dv + key_rows, step, nk, S, 1, kTile, dout + query_rows, step, nq, D);
-      accumulate_rows(dk + key_rows, step, nk, dP, 1, kTile, q + query_rows, step, nq, D);
-      accumulate_rows(dq + query_rows, step, nq, dP, kTile, 1, k + key_rows, step, nk, D);
+      const Skip before = diagonal ? Skip::kDepthBefore : Skip::kNone;
+      const Skip after = diagonal ? Skip::kDepthAfter : Skip::kNone;
+      tile_gemm(dVacc, D, S, 1, kTile, dOc, D, nk, D, nq, Init::kLoad, none, before);
+      tile_gemm(dKacc, D, dP, 1, kTile, Qc, D, nk, D, nq, Init::kLoad, none, before);
+      if (seg) tile_gemm(dq_seg + q0 * D, D, dP, kTile, 1, Kp, D, nq, D, nk, Init::kLoad, none, after);
+      else tile_gemm(dq + query_rows, step, dP, kTile, 1, Kp, D, nq, D, nk, Init::kLoad, none, after);
+    }
+    for (int64_t c = 0; c < nk; ++c) {
+      T* dk_row = dk + key_rows + c * step;
+      T* dv_row = dv + key_rows + c * step;
+      const T* dk_acc = dKacc + c * D;
+      const T* dv_acc = dVacc + c * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) dk_row[d] += dk_acc[d], dv_row[d] += dv_acc[d];
     }
   }
+  if (seg)
+    for (int64_t a = 0; a < g.count; ++a)
+      std::memcpy(dq + base + a * step, dq_seg + a * D, static_cast<size_t>(D) * sizeof(T));
 }
 
 template <typename T>
@@ -389,12 +643,18 @@ void backward(Tensor& dq_t, Tensor& dk_t, Tensor& dv_t, Tensor& dbias_t, const T
   ScratchBuffer<double> dbias_sum(want_dbias ? static_cast<size_t>(P.H * nb) : 0);
   std::fill(dbias_sum.data(), dbias_sum.data() + dbias_sum.size(), 0.0);
   const int threads = worker_count(max_items);
-  ScratchBuffer<T> scratch(static_cast<size_t>(threads * 2 * kTile * kTile));
+  // Per thread, a contiguous copy of the current segment's q, do and dq rows where all threads'
+  // copies together stay within 1/16 of q's size (as in the forward), else per-tile packing.
+  int64_t seg_rows = 0;
+  for (const auto& br : params.schedule) seg_rows = std::max(seg_rows, grid_span(br, 0, 0, P.N).count);
+  if (threads * seg_rows * 3 * D > rows * D / 16) seg_rows = 0;
+  const int64_t per_thread = backward_scratch(D) + 3 * seg_rows * D;
+  ScratchBuffer<T> scratch(static_cast<size_t>(threads * per_thread));
 
 #pragma omp parallel num_threads(threads)
   {
-    T* S = scratch.data() + omp_get_thread_num() * 2 * kTile * kTile;
-    T* dP = S + kTile * kTile;
+    T* tile_scratch = scratch.data() + omp_get_thread_num() * per_thread;
+    T* seg = seg_rows ? tile_scratch + backward_scratch(D) : nullptr;
     for (size_t i = 0; i < params.schedule.size(); ++i) {
       const AttentionBranch& br = params.schedule[i];
       const int64_t nseg = num_segments(br, P.N);
@@ -403,7 +663,8 @@ void backward(Tensor& dq_t, Tensor& dk_t, Tensor& dv_t, Tensor& dbias_t, const T
         const int64_t b = item / nseg / P.H, h = item / nseg % P.H, s = item % nseg;
         double* slot = want_dbias ? slots.data() + item * nb : nullptr;
         if (slot) std::fill(slot, slot + nb, 0.0);
-        backward_segment(P, q, k, v, dout, lse, Dt.data(), dq, dk, dv, b, h, i, grid_span(br, h, s, P.N), S, dP, slot);
+        backward_segment(P, q, k, v, dout, lse, Dt.data(), dq, dk, dv, b, h, i, grid_span(br, h, s, P.N),
+                         tile_scratch, seg, slot);
       }
       if (want_dbias) {
 #pragma omp single

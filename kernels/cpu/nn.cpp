@@ -67,33 +67,8 @@ void check_indices(const char* op, const int64_t* indices, int64_t M, int64_t V)
   }
 }
 
-// e^x for four floats at once (GCC/Clang vector extensions): Cephes' expf in plain arithmetic.
-// libm's expf is a scalar call, and the compiler will not vectorise a scalar version of this
-// either: it turns the clamps into branches unless -fno-trapping-math. x = n ln2 + r with
-// |r| <= ln2 / 2 (ln2 split in two so n * ln2_hi is exact), a degree-7 polynomial for e^r, and
-// 2^n as two exponent-bit factors so that n down to -150 gives a subnormal or 0 rather than a
-// wrapped exponent. Relative error below 2 ulp for normal results; e^-inf = 0, nan stays nan.
-using f32x4 = float __attribute__((vector_size(16)));
-using i32x4 = int32_t __attribute__((vector_size(16)));
-
-inline f32x4 exp4(f32x4 x) {
-  x = x < -104.0f ? -104.0f : x;  // e^-104 rounds to 0
-  x = x > 88.7f ? 88.7f : x;      // e^88.7 is just below the largest float
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const f32x4 n = (x * 1.44269504088896341f + kRound) - kRound;
-  f32x4 r = x - n * 0.693359375f;
-  r -= n * -2.12194440e-4f;
-  f32x4 p = 1.9875691500e-4f * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const i32x4 ni = __builtin_convertvector(n, i32x4), half = ni >> 1;
-  return p * std::bit_cast<f32x4>((half + 127) << 23) * std::bit_cast<f32x4>((ni - half + 127) << 23);
-}
-
-// y[k] = e^(x[k] - shift) over a row (y may be x). Float64, the gradcheck dtype, keeps libm.
+// y[k] = e^(x[k] - shift) over a row (y may be x), in float by exp_float (cpu_utils.h) four at a
+// time. Float64, the gradcheck dtype, keeps libm.
 inline void exp_shifted(double* y, const double* x, double shift, int64_t n) {
   for (int64_t k = 0; k < n; ++k) y[k] = std::exp(x[k] - shift);
 }
@@ -102,7 +77,7 @@ inline void exp_shifted(float* y, const float* x, float shift, int64_t n) {
   f32x4 v;
   for (; k + 4 <= n; k += 4) {
     std::memcpy(&v, x + k, sizeof v);
-    v = exp4(v - shift);
+    v = exp_float(v - shift);
     std::memcpy(y + k, &v, sizeof v);
   }
   if (k == n) return;
@@ -110,7 +85,7 @@ inline void exp_shifted(float* y, const float* x, float shift, int64_t n) {
   const auto tail = static_cast<size_t>(n - k) * sizeof(float);
   v = f32x4{};
   std::memcpy(&v, x + k, tail);
-  v = exp4(v - shift);
+  v = exp_float(v - shift);
   std::memcpy(y + k, &v, tail);
 }
 

@@ -184,6 +184,16 @@ int64_t visited_pairs(const std::vector<AttentionBranch>& schedule, int64_t H, i
   return total;
 }
 
+AttentionFlops attention_flops(const std::vector<AttentionBranch>& schedule, int64_t B, int64_t H, int64_t N,
+                               int64_t D, bool causal) {
+  DILATRON_CHECK(B >= 0 && D >= 0, "attention_flops: B = ", B, ", D = ", D, " must be >= 0");
+  AttentionFlops f;
+  f.forward = 4.0 * static_cast<double>(D) * static_cast<double>(B) *
+              static_cast<double>(visited_pairs(schedule, H, N, causal));
+  f.backward = 2.5 * f.forward;
+  return f;
+}
+
 // ---------------------------------------------------------------- relative-position bias
 
 std::vector<int32_t> relative_position_buckets(int64_t N, bool causal, int64_t num_buckets, int64_t max_distance) {

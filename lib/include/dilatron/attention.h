@@ -60,6 +60,18 @@ Coverage schedule_coverage(const std::vector<AttentionBranch>& schedule, int64_t
 // branches (a key in two branches counts twice): the work the kernels do, for FLOP counting.
 int64_t visited_pairs(const std::vector<AttentionBranch>& schedule, int64_t H, int64_t N, bool causal);
 
+// Floating-point operations of one call on [B, N, H, D] inputs, counted over the visited pairs: 4*D
+// per pair forward (2*D for the score q.k, 2*D for adding p*v) and 2.5x that backward (the
+// recomputed score, dp = do.v, and the dv, dq, dk updates: five D-long products per pair instead of
+// two; FlashAttention's convention), so forward+backward is 3.5x the forward. Benchmarks divide it
+// by time for an effective FLOP/s.
+struct AttentionFlops {
+  double forward = 0.0, backward = 0.0;
+  double forward_backward() const { return forward + backward; }
+};
+AttentionFlops attention_flops(const std::vector<AttentionBranch>& schedule, int64_t B, int64_t H, int64_t N,
+                               int64_t D, bool causal);
+
 // ---- relative-position bias ----
 
 // The T5 bucket of every distance n = t - j in [-(N-1), N-1], entry n + N - 1 (the contract's

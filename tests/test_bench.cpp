@@ -1,0 +1,182 @@
+// The benchmark tooling, without asserting any speed: the FLOP count the figures divide by, and
+// that each `dilatron bench` subcommand runs and reports the numbers it claims (a finite positive
+// peak, the attention FLOPs of the library's count, a child process's own peak memory, the
+// trainer's tokens/s).
+#include <gtest/gtest.h>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "dilatron/attention.h"
+#include "dilatron/config.h"
+#include "dilatron/random.h"
+#include "dilatron/trainer.h"
+
+using namespace dilatron;
+namespace fs = std::filesystem;
+
+namespace {
+
+// ---------------------------------------------------------------- FLOP counting
+
+TEST(BenchFlops, SmallScheduleCountedByHand) {
+  // "4:2", H = 2, N = 10, non-causal. Head 0 (offset 0): segments [0,4) and [4,8) have grid {0, 2}
+  // and {4, 6}, 2 x 2 = 4 pairs each; the ragged [8,10) has {8}, 1 pair: 9. Head 1 (offset 1):
+  // {1, 3}, {5, 7} and {9}: 9. 18 pairs per batch element.
+  const auto schedule = parse_schedule("4:2");
+  ASSERT_EQ(visited_pairs(schedule, 2, 10, false), 18);
+  const AttentionFlops f = attention_flops(schedule, 3, 2, 10, 16, false);
+  EXPECT_EQ(f.forward, 4.0 * 16 * 3 * 18);  // 4*D per pair, B = 3
+  EXPECT_EQ(f.backward, 2.5 * f.forward);
+  EXPECT_EQ(f.forward_backward(), 3.5 * f.forward);
+  // Causal: g(g+1)/2 per segment: 3 + 3 + 1 per head.
+  EXPECT_EQ(attention_flops(schedule, 1, 2, 10, 16, true).forward, 4.0 * 16 * 14);
+}
+
+TEST(BenchFlops, TheIssueShapeCountedByHand) {
+  // B = 1, H = 8, D = 64, causal, 1024:1,4096:4,16384:16, N = 16K: every branch has 1024 grid
+  // points per segment (1024/1, 4096/4, 16384/16), so 1024 * 1025 / 2 pairs per segment, and
+  // 16 + 4 + 1 segments per head.
+  const int64_t per_segment = 1024 * 1025 / 2;
+  const int64_t pairs = 8 * (16 + 4 + 1) * per_segment;
+  const auto schedule = parse_schedule("1024:1,4096:4,16384:16");
+  EXPECT_EQ(visited_pairs(schedule, 8, 16384, true), pairs);
+  const AttentionFlops f = attention_flops(schedule, 1, 8, 16384, 64, true);
+  EXPECT_EQ(f.forward, 4.0 * 64 * static_cast<double>(pairs));
+  EXPECT_DOUBLE_EQ(f.forward_backward(), 3.5 * 4.0 * 64 * static_cast<double>(pairs));
+}
+
+TEST(BenchFlops, RejectsBadArguments) {
+  EXPECT_THROW(attention_flops(parse_schedule("4:1"), -1, 2, 8, 16, true), Error);
+  EXPECT_THROW(attention_flops({}, 1, 2, 8, 16, true), Error);  // visited_pairs validates the schedule
+}
+
+// ---------------------------------------------------------------- the command
+
+#ifdef DILATRON_CLI  // the dilatron command is built (tests/CMakeLists.txt)
+
+class BenchCommand : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("dilatron_test_bench_" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()) + "_" +
+            std::to_string(::getpid()));
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override {
+    if (!HasFailure() && !dir_.empty()) fs::remove_all(dir_);
+  }
+  static std::string binary() { return DILATRON_CLI; }
+
+  // Runs `dilatron bench ARGS --json FILE`; returns the JSON lines (asserting a zero exit status).
+  std::vector<std::string> bench(const std::string& args) {
+    const std::string json = (dir_ / "out.jsonl").string(), log = (dir_ / "log").string();
+    fs::remove(json);
+    const int status = std::system((binary() + " bench " + args + " --json " + json + " > " + log + " 2>&1").c_str());
+    std::ifstream lf(log);
+    std::stringstream ss;
+    ss << lf.rdbuf();
+    log_ = ss.str();
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "dilatron bench " << args << ":\n" << log_;
+    std::vector<std::string> lines;
+    std::ifstream in(json);
+    for (std::string line; std::getline(in, line);) lines.push_back(line);
+    return lines;
+  }
+
+  // A number field of a JSON line (NaN when absent or null).
+  static double field(const std::string& line, const std::string& key) {
+    std::smatch m;
+    if (!std::regex_search(line, m, std::regex("\"" + key + "\": ([-0-9.eE+]+)"))) return NAN;
+    return std::stod(m[1]);
+  }
+
+  fs::path dir_;
+  std::string log_;
+};
+
+TEST_F(BenchCommand, PeakIsAPositiveFiniteRateOverAllThreads) {
+  const auto lines = bench("peak --seconds 0.2");
+  ASSERT_EQ(lines.size(), 1u) << log_;
+  const double gflops = field(lines[0], "gflops"), threads = field(lines[0], "threads");
+  EXPECT_TRUE(std::isfinite(gflops) && gflops > 0.0) << lines[0];
+  EXPECT_GE(threads, 1.0) << lines[0];
+  EXPECT_NEAR(field(lines[0], "gflops_per_thread") * threads, gflops, 1e-5 * gflops);
+  // It runs for the time asked (a deadline, not a fixed count), give or take the scheduler.
+  EXPECT_GE(field(lines[0], "seconds"), 0.2);
+  EXPECT_LT(field(lines[0], "seconds"), 10.0);
+  EXPECT_NE(lines[0].find("\"isa\": "), std::string::npos);
+}
+
+TEST_F(BenchCommand, AttentionReportsTheLibrarysFlopCount) {
+  const auto lines = bench("attention --n 1000,4096 --heads 2 --dim 16 --schedule 256:1,1024:4 --reps 1 --peak 100");
+  ASSERT_EQ(lines.size(), 2u) << log_;
+  const auto schedule = parse_schedule("256:1,1024:4");
+  for (const auto& line : lines) {
+    const auto N = static_cast<int64_t>(field(line, "n"));
+    const AttentionFlops f = attention_flops(schedule, 1, 2, N, 16, true);
+    EXPECT_DOUBLE_EQ(field(line, "visited_pairs"), static_cast<double>(visited_pairs(schedule, 2, N, true)));
+    EXPECT_NEAR(field(line, "forward_flops"), f.forward, 1e-5 * f.forward) << line;
+    EXPECT_NEAR(field(line, "forward_backward_flops"), f.forward_backward(), 1e-5 * f.forward_backward()) << line;
+    const double fs_ = field(line, "forward_s"), fbs = field(line, "forward_backward_s");
+    ASSERT_TRUE(fs_ > 0.0 && fbs > 0.0) << line;
+    EXPECT_NEAR(field(line, "forward_gflops"), f.forward / fs_ * 1e-9, 1e-5 * f.forward / fs_ * 1e-9) << line;
+    EXPECT_NEAR(field(line, "forward_backward_fraction_of_peak"), f.forward_backward() / fbs * 1e-9 / 100.0,
+                1e-5 * f.forward_backward() / fbs * 1e-9 / 100.0) << line;
+    // Memory of the forward+backward beyond the inputs: o, dq, dk, dv and [B, H, N] rows; O(N).
+    const double X = N * 2 * 16 * 4.0;
+    EXPECT_GE(field(line, "attention_peak_bytes"), 4 * X) << line;
+    EXPECT_LE(field(line, "attention_peak_bytes"), 4 * X + 3 * N * 2 * 4.0 + (1 << 20)) << line;
+  }
+}
+
+TEST_F(BenchCommand, ScalingMeasuresEachNInItsOwnProcess) {
+  // A 16x larger N must show in the child's peak resident set: it is that process's own, not
+  // the parent's (or the previous child's) high-water mark.
+  const auto lines = bench("scaling --n 4096,65536 --heads 2 --dim 16 --schedule 256:1,1024:4");
+  ASSERT_EQ(lines.size(), 2u) << log_;
+  double rss[2], inputs[2];
+  for (int i = 0; i < 2; ++i) {
+    rss[i] = field(lines[i], "peak_rss_bytes");
+    inputs[i] = field(lines[i], "input_bytes");
+    EXPECT_GT(field(lines[i], "us_per_token"), 0.0) << lines[i];
+    EXPECT_GT(field(lines[i], "attention_peak_bytes"), 0.0) << lines[i];
+    EXPECT_GT(rss[i], inputs[i]) << lines[i];  // q, k, v, do are resident in the child
+  }
+  EXPECT_EQ(inputs[0], 4096 * 2 * 16 * 4 * 4.0);
+  EXPECT_EQ(inputs[1], 16 * inputs[0]);
+  // Inputs, output and gradients (8 blocks of [B, N, H, D], twice the inputs) are all resident
+  // in the larger child at once: its peak grows by well over the inputs' growth.
+  EXPECT_GT(rss[1] - rss[0], 1.5 * (inputs[1] - inputs[0])) << lines[0] << "\n" << lines[1];
+}
+
+TEST_F(BenchCommand, TrainReportsTheTrainersTokensPerSecond) {
+  const std::string tiny = std::string(DILATRON_SOURCE_DIR) + "/configs/tiny.toml";
+  const auto lines = bench("train " + tiny + " --steps 4 --warmup 1");
+  ASSERT_EQ(lines.size(), 1u) << log_;
+  const RunConfig cfg = load_config(tiny);
+  EXPECT_EQ(field(lines[0], "batch"), static_cast<double>(cfg.data.batch_size));
+  EXPECT_EQ(field(lines[0], "seq_len"), static_cast<double>(cfg.model.seq_len));
+  EXPECT_EQ(field(lines[0], "parameters"),
+            static_cast<double>(build_model(cfg, std::make_shared<Generator>(0))->num_parameters()));
+  const double tps = field(lines[0], "tokens_per_s");
+  EXPECT_TRUE(std::isfinite(tps) && tps > 0.0) << lines[0];
+  EXPECT_NEAR(field(lines[0], "median_step_s") * tps, static_cast<double>(cfg.data.batch_size * cfg.model.seq_len),
+              1e-3 * cfg.data.batch_size * cfg.model.seq_len);
+  EXPECT_TRUE(std::isfinite(field(lines[0], "last_loss"))) << lines[0];
+}
+
+#endif  // DILATRON_CLI
+
+}  // namespace
