@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <functional>
 #include <limits>
+#include <ostream>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -449,9 +450,12 @@ struct AttentionCase {
   bool bias;
   bool quick;  // part of the short list run under compute-sanitizer (DILATRON_CUDA_TEST_QUICK=1)
 };
+// gtest (and so ctest's test list) prints a parameter with this instead of its bytes.
+void PrintTo(const AttentionCase& c, std::ostream* os) { *os << c.name; }
 
 // Causal or not; 1 to 4 branches; ragged N = 97 and 1025 (w not dividing N, w > N); r above and
-// below H (queries on no grid included); D = 16, 32, 64, 128 and the padded 8 and 48; dropout 0 and 0.3; bias on and off.
+// below H (queries on no grid included); D = 16, 32, 64, 128 and the padded 8 and 48; dropout 0
+// and 0.3; bias on and off.
 const std::vector<AttentionCase> kAttentionCases = {
     {"dense_97", 1, 97, 3, 32, "97:1", false, 0.0, false, true},
     {"two_branches_causal_bias", 2, 97, 3, 64, "32:1,64:2", true, 0.0, true, true},
