@@ -110,53 +110,35 @@ struct FmaLoop {
 };
 
 #ifdef DILATRON_BENCH_X86
-__attribute__((target("avx512f"))) uint64_t fma_loop_avx512(double deadline, float seed) {
-  const __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-6f);
-  __m512 acc[kChains];
-#pragma GCC unroll 12
-  for (int c = 0; c < kChains; ++c) acc[c] = _mm512_set1_ps(seed + static_cast<float>(c));
-  uint64_t blocks = 0;
-  do {
-    for (int i = 0; i < kInner; ++i) {
-#pragma GCC unroll 12
-      for (int c = 0; c < kChains; ++c) acc[c] = _mm512_fmadd_ps(acc[c], a, b);
-    }
-    ++blocks;
-  } while (now_seconds() < deadline);
-  __m512 s = acc[0];
-#pragma GCC unroll 12
-  for (int c = 1; c < kChains; ++c) s = _mm512_add_ps(s, acc[c]);
-  alignas(64) float lanes[16];  // (not _mm512_reduce_add_ps: GCC 12 warns inside it)
-  _mm512_store_ps(lanes, s);
-  float total = 0.0f;
-  for (const float x : lanes) total += x;
-  g_sink = g_sink + total;
-  return blocks;
-}
+// One loop per ISA, stamped from one body: each needs its own target attribute and intrinsics, which
+// a template cannot switch per instantiation.
+#define DILATRON_FMA_LOOP(NAME, TARGET, V, SET1, FMADD, ADD, STORE, LANES)                  \
+  __attribute__((target(TARGET))) uint64_t NAME(double deadline, float seed) {            \
+    const V a = SET1(0.999999f), b = SET1(1e-6f);                                         \
+    V acc[kChains];                                                                        \
+    for (int c = 0; c < kChains; ++c) acc[c] = SET1(seed + static_cast<float>(c));        \
+    uint64_t blocks = 0;                                                                   \
+    do {                                                                                   \
+      for (int i = 0; i < kInner; ++i) {                                                   \
+        _Pragma("GCC unroll 12") for (int c = 0; c < kChains; ++c) acc[c] = FMADD(acc[c], a, b);  \
+      }                                                                                    \
+      ++blocks;                                                                            \
+    } while (now_seconds() < deadline);                                                    \
+    V s = acc[0];                                                                          \
+    for (int c = 1; c < kChains; ++c) s = ADD(s, acc[c]);                                  \
+    alignas(64) float lanes[LANES];                                                        \
+    STORE(lanes, s);                                                                       \
+    float total = 0.0f;                                                                    \
+    for (const float x : lanes) total += x;                                                \
+    g_sink = g_sink + total;                                                               \
+    return blocks;                                                                         \
+  }
 
-__attribute__((target("avx2,fma"))) uint64_t fma_loop_avx2(double deadline, float seed) {
-  const __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-6f);
-  __m256 acc[kChains];
-#pragma GCC unroll 12
-  for (int c = 0; c < kChains; ++c) acc[c] = _mm256_set1_ps(seed + static_cast<float>(c));
-  uint64_t blocks = 0;
-  do {
-    for (int i = 0; i < kInner; ++i) {
-#pragma GCC unroll 12
-      for (int c = 0; c < kChains; ++c) acc[c] = _mm256_fmadd_ps(acc[c], a, b);
-    }
-    ++blocks;
-  } while (now_seconds() < deadline);
-  __m256 s = acc[0];
-#pragma GCC unroll 12
-  for (int c = 1; c < kChains; ++c) s = _mm256_add_ps(s, acc[c]);
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, s);
-  float total = 0.0f;
-  for (const float x : lanes) total += x;
-  g_sink = g_sink + total;
-  return blocks;
-}
+DILATRON_FMA_LOOP(fma_loop_avx512, "avx512f", __m512, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps,
+                  _mm512_store_ps, 16)
+DILATRON_FMA_LOOP(fma_loop_avx2, "avx2,fma", __m256, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps,
+                  _mm256_store_ps, 8)
+#undef DILATRON_FMA_LOOP
 #endif
 
 // Portable: 128-bit GCC vectors, a multiply and an add (SSE2 on any x86-64, NEON on arm64).
