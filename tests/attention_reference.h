@@ -1,4 +1,4 @@
-// The dilated attention contract (../shared/specs/dilated-attention.md) written out literally in
+// The dilated attention contract (docs/attention-contract.md) written out literally in
 // float64: a dense key mask per (branch, head), one explicit softmax over the multiset of
 // (branch, key) occurrences, the dropout bits and the bias buckets computed from their
 // definitions. It is the oracle the kernels are tested against: obviously correct, not fast
@@ -37,13 +37,15 @@ inline bool on_grid(const kernels::AttentionBranch& br, int64_t h, int64_t t) {
   return u >= o && (u - o) % br.dilation == 0;
 }
 
-// mask[t * N + j]: j is in K_i(t) for branch i and head h (all false for a t off the grid).
+// mask[t * N + j]: j is in K_i(t) for branch i and head h. A dilated branch gives a query off its
+// grid no keys; a key-dilated branch gives every query the grid keys of its segment.
 inline std::vector<char> key_mask(const Problem& p, size_t i, int64_t h) {
   const auto& br = p.schedule[i];
   std::vector<char> mask(static_cast<size_t>(p.N * p.N), 0);
   for (int64_t t = 0; t < p.N; ++t)
     for (int64_t j = 0; j < p.N; ++j)
-      mask[static_cast<size_t>(t * p.N + j)] = on_grid(br, h, t) && on_grid(br, h, j) &&
+      mask[static_cast<size_t>(t * p.N + j)] = (br.kind == kernels::BranchKind::key_dilated || on_grid(br, h, t)) &&
+                                               on_grid(br, h, j) &&
                                                t / br.segment == j / br.segment && (!p.causal || j <= t);
   return mask;
 }

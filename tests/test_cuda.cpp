@@ -470,6 +470,11 @@ const std::vector<AttentionCase> kAttentionCases = {
     // head dims without their own kernel, zero-padded to the next one
     {"d8_padded_causal_dropout_bias", 2, 97, 4, 8, "32:1,97:4", true, 0.3, true, true},
     {"d48_padded_ragged_1025", 1, 1025, 3, 48, "100:1,1025:3", false, 0.0, false, false},
+    // key-dilated branches (every query, keys on the grid), alone and merged with dilated ones
+    {"key_dilated_causal_dropout_bias", 2, 97, 3, 32, "97:4k", true, 0.3, true, true},
+    {"key_dilated_uncovered", 2, 97, 2, 64, "64:3k", false, 0.0, false, true},
+    {"key_dilated_mixed_causal_dropout_bias_1025", 1, 1025, 8, 64, "256:1,1024:8k,1025:4", true, 0.3, true, false},
+    {"key_dilated_ragged_bias_1025", 1, 1025, 3, 16, "300:5k,100:1", false, 0.0, true, false},
 };
 
 bool quick_mode() {

@@ -112,6 +112,11 @@ const std::vector<Case> kCases = {
     {"short_segments_causal_dropout", 1, 100, 5, 16, "7:1,13:3", true, 0.3, false},
     {"w_above_n_and_r_eq_w", 2, 97, 3, 32, "128:1,4:4", false, 0.0, false},
     {"segments_dividing_n_causal_bias", 1, 100, 2, 64, "50:1,25:5,10:2", true, 0.0, true},
+    // key-dilated branches (every query, keys on the grid), alone and merged with dilated ones
+    {"key_dilated_causal_dropout_bias", 2, 97, 3, 16, "97:4k", true, 0.3, true},
+    {"key_dilated_ragged", 1, 100, 2, 32, "32:5k", false, 0.0, false},
+    {"key_dilated_mixed_causal_dropout_bias_1025", 1, 1025, 5, 32, "64:1,1024:8k,300:3", true, 0.3, true},
+    {"key_dilated_mixed_1025", 2, 1025, 3, 16, "1025:2k,128:1k,100:4", false, 0.3, true},
 };
 
 class DilatedAttentionVsReference : public ::testing::TestWithParam<Case> {};
@@ -261,7 +266,9 @@ TEST(DilatedAttentionGradcheck, QKVAndBias) {
     double dropout;
   };
   for (const Options& c : {Options{"4:1,6:2", false, 0.0}, Options{"4:1,9:3", true, 0.0},
-                           Options{"5:1,6:2", false, 0.3}, Options{"3:1,9:2", true, 0.3}}) {
+                           Options{"5:1,6:2", false, 0.3}, Options{"3:1,9:2", true, 0.3},
+                           Options{"9:3k", true, 0.3}, Options{"4:2k,6:3", false, 0.0},
+                           Options{"3:1,7:2k", true, 0.0}}) {
     SCOPED_TRACE(c.schedule);
     Generator gen(21);
     const Shape shape{2, 9, 2, 3};
@@ -331,6 +338,48 @@ TEST(DilatedAttentionEquivalence, DilationTwoIsAttentionOverTheHeadsResidue) {
       for (int64_t t = h % 2; t < N; t += 2) residue.push_back(t);
       const std::vector<double> o = naive_attention(x.q, x.k, x.v, N, H, D, h, residue, causal);
       for (size_t i = 0; i < want.size(); ++i) want[i] += o[i];  // o is zero outside head h
+    }
+    EXPECT_LE(max_error(got, want), 1e-12) << "causal " << causal;
+  }
+}
+
+TEST(DilatedAttentionEquivalence, KeyDilatedWithDilationOneIsTheDilatedBranch) {
+  const int64_t N = 97, H = 3, D = 8;
+  const QKV x = random_qkv({2, N, H, D}, 6);
+  for (bool causal : {false, true}) {
+    DilatedAttentionOptions dilated, key_dilated;
+    dilated.schedule = parse_schedule("40:1,97:3");
+    key_dilated.schedule = parse_schedule("40:1k,97:3");
+    dilated.causal = key_dilated.causal = causal;
+    dilated.dropout = key_dilated.dropout = 0.25;  // same branch index, so the same dropout bits
+    const Tensor a = dilated_attention(x.tq, x.tk, x.tv, dilated), b = dilated_attention(x.tq, x.tk, x.tv, key_dilated);
+    EXPECT_EQ(a.to_vector<double>(), b.to_vector<double>()) << "causal " << causal;
+  }
+}
+
+// A key-dilated branch alone: every query t takes a softmax over the keys of its head's residue in
+// its segment (up to t when causal), here checked against naive attention per query.
+TEST(DilatedAttentionEquivalence, KeyDilatedIsAttentionOverTheHeadsResidueKeys) {
+  const int64_t N = 61, H = 3, D = 8, r = 3;
+  const QKV x = random_qkv({1, N, H, D}, 7);
+  for (bool causal : {false, true}) {
+    DilatedAttentionOptions opts;
+    opts.schedule = {{N, r, BranchKind::key_dilated}};
+    opts.causal = causal;
+    const std::vector<double> got = dilated_attention(x.tq, x.tk, x.tv, opts).to_vector<double>();
+    std::vector<double> want(got.size(), 0.0);
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t t = 0; t < N; ++t) {
+        std::vector<int64_t> pos;  // the keys of t, then t itself as the last "query" position
+        for (int64_t j = h % r; j < N && (!causal || j <= t); j += r) pos.push_back(j);
+        if (pos.empty()) continue;  // no key: o = 0
+        // naive_attention's query pos[a] sees keys pos[0..a] (causal); put t's q at the last key slot.
+        std::vector<double> q = x.q;
+        const size_t last = static_cast<size_t>((pos.back() * H + h) * D), row = static_cast<size_t>((t * H + h) * D);
+        for (int64_t d = 0; d < D; ++d) q[last + d] = x.q[row + d];
+        const std::vector<double> o = naive_attention(q, x.k, x.v, N, H, D, h, pos, true);
+        for (int64_t d = 0; d < D; ++d) want[row + d] = o[last + d];
+      }
     }
     EXPECT_LE(max_error(got, want), 1e-12) << "causal " << causal;
   }
@@ -474,6 +523,12 @@ TEST(DilatedAttentionValidation, ParseScheduleNamesTheBadToken) {
   expect_error([] { parse_schedule("2048:1,"); }, {"branch 1"});
   expect_error([] { parse_schedule("16:1x"); }, {"\"16:1x\""});
   expect_error([] { parse_schedule("16:32"); }, {"r = 32", "w = 16"});
+  EXPECT_EQ(parse_schedule("256:1,2048:8k"),
+            (std::vector<AttentionBranch>{{256, 1}, {2048, 8, BranchKind::key_dilated}}));
+  expect_error([] { parse_schedule("16:4kk"); }, {"\"16:4kk\""});
+  expect_error([] { parse_schedule("16:k"); }, {"\"16:k\""});
+  expect_error([] { parse_schedule("16k:4"); }, {"\"16k:4\""});
+  expect_error([] { parse_schedule("16:32k"); }, {"r = 32", "w = 16"});
 }
 
 // ---------------------------------------------------------------- memory
@@ -512,31 +567,36 @@ TEST(DilatedAttentionMemory, ForwardBackwardExtraMemoryIsLinearInN) {
 
 TEST(DilatedAttentionSchedule, CoverageAndVisitedPairsMatchBruteForce) {
   const std::vector<std::string> schedules = {"4:1", "6:2", "6:2,9:3", "5:2,10:4", "8:3,3:3", "7:5,12:2,3:2",
-                                              "16:4,16:2"};
+                                              "16:4,16:2", "6:2k", "8:3k,3:3", "7:5k,12:2", "4:1k,9:4k"};
   for (const auto& text : schedules) {
     const auto schedule = parse_schedule(text);
+    EXPECT_EQ(format_schedule(schedule), text);
     for (int64_t H : {1, 2, 3, 5}) {
       for (int64_t N : {1, 7, 16, 31}) {
-        SCOPED_TRACE(text + " H=" + std::to_string(H) + " N=" + std::to_string(N));
-        Coverage want;
-        for (int64_t t = 0; t < N && want.full; ++t)
-          for (int64_t h = 0; h < H && want.full; ++h) {
-            bool covered = false;
-            for (const auto& br : schedule) covered = covered || ref::on_grid(br, h, t);
-            if (!covered) want = {false, t, h};
-          }
-        const Coverage got = schedule_coverage(schedule, H, N);
-        EXPECT_EQ(got.full, want.full);
-        EXPECT_EQ(got.first_uncovered_t, want.first_uncovered_t);
-        EXPECT_EQ(got.first_uncovered_h, want.first_uncovered_h);
         for (bool causal : {false, true}) {
+          SCOPED_TRACE(text + " H=" + std::to_string(H) + " N=" + std::to_string(N) + " causal " +
+                       std::to_string(causal));
           ref::Problem p;
           p.N = N, p.H = H, p.schedule = schedule, p.causal = causal;
-          int64_t pairs = 0;
+          std::vector<std::vector<char>> masks;  // [h * branches + i]
           for (int64_t h = 0; h < H; ++h)
-            for (size_t i = 0; i < schedule.size(); ++i)
-              for (char m : ref::key_mask(p, i, h)) pairs += m;
-          EXPECT_EQ(visited_pairs(schedule, H, N, causal), pairs) << "causal " << causal;
+            for (size_t i = 0; i < schedule.size(); ++i) masks.push_back(ref::key_mask(p, i, h));
+          int64_t pairs = 0;
+          for (const auto& mask : masks)
+            for (char m : mask) pairs += m;
+          EXPECT_EQ(visited_pairs(schedule, H, N, causal), pairs);
+          Coverage want;  // a query is covered when some branch gives it a key
+          for (int64_t t = 0; t < N && want.full; ++t)
+            for (int64_t h = 0; h < H && want.full; ++h) {
+              bool covered = false;
+              for (size_t i = 0; i < schedule.size(); ++i)
+                for (int64_t j = 0; j < N; ++j) covered = covered || masks[h * schedule.size() + i][t * N + j];
+              if (!covered) want = {false, t, h};
+            }
+          const Coverage got = schedule_coverage(schedule, H, N, causal);
+          EXPECT_EQ(got.full, want.full);
+          EXPECT_EQ(got.first_uncovered_t, want.first_uncovered_t);
+          EXPECT_EQ(got.first_uncovered_h, want.first_uncovered_h);
         }
       }
     }

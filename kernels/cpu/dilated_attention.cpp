@@ -1,11 +1,13 @@
-// Flash dilated attention on the CPU: exactly the function of ../shared/specs/dilated-attention.md.
+// Flash dilated attention on the CPU: exactly the function of docs/attention-contract.md.
 //
 // Rows in place. q, k, v, o and their gradients are [B, N, H, D]: the row of (b, t, h) starts at
-// ((b*N + t)*H + h)*D. The grid of (branch i, head h) in segment s is t = s*w + o + a*r
-// (o = h mod r, a = 0..g-1), so a tile of consecutive grid points is a set of rows r*H*D apart;
-// nothing is gathered into [B, H, N, D] copies. On a grid, causality is c <= a in grid indices,
-// so a segment is dense (causal) attention over its g grid points: key tiles above the diagonal
-// are skipped, the diagonal tile is masked and its products skip the masked half.
+// ((b*N + t)*H + h)*D. Each (branch, head, segment) is one or more sub-problems (dilated_attention.h):
+// queries qfirst + a*r and keys kfirst + c*r (a dilated branch: both on the grid of offset
+// o = h mod r; a key-dilated branch: keys on that grid, queries on each of the r residues), so a
+// tile of consecutive grid points is a set of rows r*H*D apart; nothing is gathered into
+// [B, H, N, D] copies. Causality is c <= a in grid indices, so a sub-problem is dense (causal)
+// attention between its two grids: key tiles above the diagonal are skipped, the diagonal tile is
+// masked and its products skip the masked half.
 //
 // Speed. The tile products run as register-blocked micro-kernels (tile_gemm: 6 rows x 2 vectors
 // of accumulators, broadcast-FMA over contiguous rows) on contiguous per-thread copies of the
@@ -20,12 +22,13 @@
 // lse = -inf: no key yet) and acc = o, folds in the branch's key tiles (acc is a per-thread copy
 // of o's rows), and stores o = acc / l, lse = m + log l. After the last branch, o and lse are the merged result
 // exactly; a query on no grid keeps the initial o = 0, lse = -inf. Branches run one after another
-// (they update the same rows); within a branch the (b, h, segment, query tile) work items own
-// disjoint rows and run in parallel, a segment's costliest (causal: last) tiles first. A thread
-// keeps its current segment's k and v rows copied (contiguous) while it works on that segment.
+// (they update the same rows); within a branch the (b, h, segment, sub-problem, query tile) work
+// items own disjoint rows and run in parallel, a segment's costliest (causal: last) tiles first. A
+// thread keeps its current segment's k and v rows copied (contiguous) while it works on that segment.
 //
 // Backward (FlashAttention-2). Dt = <do[t], o[t]> once per row; then per branch, per
-// (b, h, segment) work item: for each key tile, for each query tile at or below the diagonal,
+// (b, h, segment) work item and each of its sub-problems in order: for each key tile, for each
+// query tile at or below the diagonal,
 // recompute s, P = exp(s - lse) and the dropout bits, dS = P (dP - Dt), and accumulate dv and dk
 // (per key tile, in the thread's scratch, then added to the key rows) and dq (query rows, or the
 // thread's copy of the segment's dq rows, copied back). Within a branch, work items touch disjoint rows; the
@@ -60,18 +63,15 @@ namespace {
 
 constexpr int64_t kTile = 64;  // grid points per query tile and per key tile (64 x 64 scores, in L1)
 
-// The grid points of (branch, head) in one segment: positions first + a * stride, a < count.
-struct GridSpan {
-  int64_t first = 0, stride = 1, count = 0;
-  int64_t position(int64_t a) const { return first + a * stride; }
-};
-
-GridSpan grid_span(const AttentionBranch& br, int64_t h, int64_t s, int64_t N) {
-  const int64_t start = s * br.segment, len = std::min(br.segment, N - start), o = h % br.dilation;
-  return {start + o, br.dilation, len > o ? (len - o - 1) / br.dilation + 1 : 0};
+// A branch's sub-problems (dilated_attention.h): query grid gq and key grid gk with causal c <= a.
+GridSpan keys_of(const AttentionBranch& br, int64_t h, int64_t s, int64_t N) {
+  return key_grid(br.segment, br.dilation, h, s, N);
 }
-
-int64_t num_segments(const AttentionBranch& br, int64_t N) { return (N + br.segment - 1) / br.segment; }
+GridSpan queries_of(const AttentionBranch& br, bool causal, int64_t h, int64_t s, int64_t sub, int64_t N) {
+  return query_grid(br.segment, br.dilation, br.kind, causal, h, s, sub, N);
+}
+int64_t subproblems_of(const AttentionBranch& br) { return subproblems(br.kind, br.dilation); }
+int64_t segments_of(const AttentionBranch& br, int64_t N) { return num_segments(br.segment, N); }
 
 // The problem's sizes and options, in the kernel's type.
 template <typename T>
@@ -345,10 +345,12 @@ int64_t forward_scratch(int64_t D) { return kTile * kTile + 4 * kTile * D; }
 // each key tile is packed from the strided rows.
 template <typename T>
 void forward_tile(const Problem<T>& P, const T* q, const T* k, const T* v, T* o, T* lse, int64_t b, int64_t h,
-                  size_t i, const GridSpan& g, int64_t q0, T* scratch, const T* k_seg, const T* v_seg) {
+                  size_t i, const GridSpan& gq, const GridSpan& gk, int64_t q0, T* scratch, const T* k_seg,
+                  const T* v_seg) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  const int64_t nq = std::min(kTile, g.count - q0), nqv = round_up(nq, kLanes<T>);
-  const int64_t step = P.grid_step(g.stride), base = P.row(b, g.first, h), D = P.D;
+  const int64_t nq = std::min(kTile, gq.count - q0), nqv = round_up(nq, kLanes<T>);
+  const int64_t step = P.grid_step(gq.stride), base = P.row(b, gq.first, h), key_base = P.row(b, gk.first, h);
+  const int64_t D = P.D;
   const T* q_tile = q + base + q0 * step;
   T* o_tile = o + base + q0 * step;
   T* lse_bh = lse + (b * P.H + h) * P.N;
@@ -364,13 +366,13 @@ void forward_tile(const Problem<T>& P, const T* q, const T* k, const T* v, T* o,
   // The online softmax's running max and sum; lanes nq..nqv-1 (zero queries) are inert padding.
   alignas(64) T m[kTile], l[kTile], mx[kTile], alpha[kTile], sum[kTile];
   for (int64_t a = 0; a < nqv; ++a) {
-    m[a] = a < nq ? lse_bh[g.position(q0 + a)] : T(0);
+    m[a] = a < nq ? lse_bh[gq.position(q0 + a)] : T(0);
     l[a] = m[a] == kNegInf ? T(0) : T(1);
   }
   pack_rows(o_tile, step, nq, D, acc, static_cast<T*>(nullptr), 0);
   // Causal: keys up to the tile's last query; the tiles are aligned, so the last key tile is the
   // diagonal one (k0 = q0), where key c is visible to query a iff c <= a.
-  const int64_t key_end = P.causal ? q0 + nq : g.count;
+  const int64_t key_end = P.causal ? q0 + nq : gk.count;
   for (int64_t k0 = 0; k0 < key_end; k0 += kTile) {
     const int64_t nk = std::min(kTile, key_end - k0);
     const bool diagonal = P.causal && k0 == q0;
@@ -379,8 +381,8 @@ void forward_tile(const Problem<T>& P, const T* q, const T* k, const T* v, T* o,
     if (k_seg) {
       Kc = k_seg + k0 * D, Vc = v_seg + k0 * D;
     } else {
-      pack_rows(k + base + k0 * step, step, nk, D, Kp, static_cast<T*>(nullptr), 0);
-      pack_rows(v + base + k0 * step, step, nk, D, Vp, static_cast<T*>(nullptr), 0);
+      pack_rows(k + key_base + k0 * step, step, nk, D, Kp, static_cast<T*>(nullptr), 0);
+      pack_rows(v + key_base + k0 * step, step, nk, D, Vp, static_cast<T*>(nullptr), 0);
     }
     const Skip skip_cols = diagonal ? Skip::kColsBefore : Skip::kNone;  // S^T[c][a], a < c masked below
     tile_gemm(St, kTile, Kc, D, 1, Qt, kTile, nk, nqv, D, Init::kZero, static_cast<const T*>(nullptr), skip_cols);
@@ -390,8 +392,8 @@ void forward_tile(const Problem<T>& P, const T* q, const T* k, const T* v, T* o,
 #pragma omp simd
       for (int64_t a = a0; a < nqv; ++a) row[a] *= P.scale;
       if (bias_h) {
-        const int64_t j = g.position(k0 + c);
-        for (int64_t a = a0; a < nq; ++a) row[a] += bias_h[P.bucket[g.position(q0 + a) - j]];
+        const int64_t j = gk.position(k0 + c);
+        for (int64_t a = a0; a < nq; ++a) row[a] += bias_h[P.bucket[gq.position(q0 + a) - j]];
       }
       std::fill(row, row + a0, kNegInf);
     }
@@ -416,10 +418,10 @@ void forward_tile(const Problem<T>& P, const T* q, const T* k, const T* v, T* o,
     for (int64_t a = 0; a < nqv; ++a) l[a] = l[a] * alpha[a] + sum[a], m[a] = mx[a];
     if (P.dropout)
       for (int64_t a = 0; a < nq; ++a) {
-        DropoutRow bits(P, g.position(q0 + a), stream);
+        DropoutRow bits(P, gq.position(q0 + a), stream);
         for (int64_t c = 0; c < (diagonal ? a + 1 : nk); ++c) {
           T& w = St[c * kTile + a];
-          w = bits.keep(g.position(k0 + c)) ? w * P.keep_scale : T(0);
+          w = bits.keep(gk.position(k0 + c)) ? w * P.keep_scale : T(0);
         }
       }
     // acc = alpha * acc + P V, P[a][c] = St[c][a].
@@ -432,7 +434,7 @@ void forward_tile(const Problem<T>& P, const T* q, const T* k, const T* v, T* o,
     const T* in = acc + a * D;
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) out[d] = in[d] * inv;
-    lse_bh[g.position(q0 + a)] = m[a] + std::log(l[a]);
+    lse_bh[gq.position(q0 + a)] = m[a] + std::log(l[a]);
   }
 }
 
@@ -449,11 +451,13 @@ void forward(Tensor& o_t, Tensor& lse_t, const Tensor& q_t, const Tensor& k_t, c
 
   // Work items of branch i: (b*H + h, segment, query tile), a segment's last (costliest) query
   // tiles first. head 0's first segment is the largest.
-  auto tiles_of = [&](const AttentionBranch& br) { return (grid_span(br, 0, 0, P.N).count + kTile - 1) / kTile; };
+  // Work items of branch i: (b*H + h, segment, sub-problem, query tile). Head 0's first segment
+  // has the most grid points (of either grid).
+  auto tiles_of = [&](const AttentionBranch& br) { return (keys_of(br, 0, 0, P.N).count + kTile - 1) / kTile; };
   int64_t max_items = 0, seg_rows = 0;
   for (const auto& br : params.schedule) {
-    max_items = std::max(max_items, tiles_of(br) * BH * num_segments(br, P.N));
-    seg_rows = std::max(seg_rows, grid_span(br, 0, 0, P.N).count);
+    max_items = std::max(max_items, tiles_of(br) * BH * segments_of(br, P.N) * subproblems_of(br));
+    seg_rows = std::max(seg_rows, keys_of(br, 0, 0, P.N).count);
   }
   const int threads = worker_count(max_items);
   // Each thread keeps a contiguous copy of its current segment's K and V rows (strided rows r*H*D
@@ -470,25 +474,25 @@ void forward(Tensor& o_t, Tensor& lse_t, const Tensor& q_t, const Tensor& k_t, c
     T* v_seg = seg_rows ? k_seg + seg_rows * P.D : nullptr;
     for (size_t i = 0; i < params.schedule.size(); ++i) {
       const AttentionBranch& br = params.schedule[i];
-      const int64_t nseg = num_segments(br, P.N), tiles = tiles_of(br);
+      const int64_t nseg = segments_of(br, P.N), nsub = subproblems_of(br), tiles = tiles_of(br);
       int64_t cached = -1, packed = 0;  // the segment in k_seg / v_seg, and its rows copied so far
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t item = 0; item < tiles * BH * nseg; ++item) {
-        const int64_t seg = item / tiles, tile = tiles - 1 - item % tiles, bh = seg / nseg, s = seg % nseg;
-        const int64_t b = bh / P.H, h = bh % P.H;
-        const GridSpan g = grid_span(br, h, s, P.N);
-        if (tile * kTile >= g.count) continue;
-        if (k_seg) {
+      for (int64_t item = 0; item < tiles * BH * nseg * nsub; ++item) {
+        const int64_t problem = item / tiles, tile = tiles - 1 - item % tiles, seg = problem / nsub;
+        const int64_t bh = seg / nseg, s = seg % nseg, b = bh / P.H, h = bh % P.H;
+        const GridSpan gq = queries_of(br, P.causal, h, s, problem % nsub, P.N), gk = keys_of(br, h, s, P.N);
+        if (tile * kTile >= gq.count || gk.count == 0) continue;  // no queries, or no keys for them
+        if (k_seg) {  // a segment's sub-problems share its keys
           if (seg != cached) cached = seg, packed = 0;
-          const int64_t need = P.causal ? std::min(g.count, (tile + 1) * kTile) : g.count;
+          const int64_t need = P.causal ? std::min(gk.count, (tile + 1) * kTile) : gk.count;
           if (packed < need) {
-            const int64_t step = P.grid_step(g.stride), rows = P.row(b, g.first, h) + packed * step;
+            const int64_t step = P.grid_step(gk.stride), rows = P.row(b, gk.first, h) + packed * step;
             pack_rows(k + rows, step, need - packed, P.D, k_seg + packed * P.D, static_cast<T*>(nullptr), 0);
             pack_rows(v + rows, step, need - packed, P.D, v_seg + packed * P.D, static_cast<T*>(nullptr), 0);
             packed = need;
           }
         }
-        forward_tile(P, q, k, v, o, lse, b, h, i, g, tile * kTile, tile_scratch, k_seg, v_seg);
+        forward_tile(P, q, k, v, o, lse, b, h, i, gq, gk, tile * kTile, tile_scratch, k_seg, v_seg);
       }
     }
   }
@@ -501,15 +505,17 @@ void forward(Tensor& o_t, Tensor& lse_t, const Tensor& q_t, const Tensor& k_t, c
 // q and do rows, and the key tile's dk and dv accumulators.
 int64_t backward_scratch(int64_t D) { return 2 * kTile * kTile + 7 * kTile * D; }
 
-// All of branch i's gradient contributions within one segment (grid g) of (b, h). Per key tile,
+// All of branch i's gradient contributions within one sub-problem (query grid gq, key grid gk) of a
+// segment of (b, h). Per key tile,
 // its K^T, V^T and K rows are packed once and its dk, dv accumulate in the scratch; per query
 // tile, S = Q K^T and dP = dO V^T are products with the packed transposes, then dv += P^T dO,
 // dk += dS^T Q (in the scratch) and dq += dS K (in place).
 template <typename T>
 void backward_segment(const Problem<T>& P, const T* q, const T* k, const T* v, const T* dout, const T* lse,
-                      const T* Dt, T* dq, T* dk, T* dv, int64_t b, int64_t h, size_t i, const GridSpan& g,
-                      T* scratch, T* seg, double* dbias) {
-  const int64_t step = P.grid_step(g.stride), base = P.row(b, g.first, h), D = P.D;
+                      const T* Dt, T* dq, T* dk, T* dv, int64_t b, int64_t h, size_t i, const GridSpan& gq,
+                      const GridSpan& gk, T* scratch, T* seg, double* dbias) {
+  const int64_t step = P.grid_step(gq.stride), base = P.row(b, gq.first, h), key_base = P.row(b, gk.first, h);
+  const int64_t D = P.D;
   const T* lse_bh = lse + (b * P.H + h) * P.N;
   const T* Dt_bh = Dt + (b * P.H + h) * P.N;
   const T* bias_h = P.bias ? P.bias + h * P.num_buckets : nullptr;
@@ -523,26 +529,29 @@ void backward_segment(const Problem<T>& P, const T* q, const T* k, const T* v, c
   T* dOp = Qp + kTile * D;      // [query a][d]
   T* dKacc = dOp + kTile * D;   // [key c][d]
   T* dVacc = dKacc + kTile * D; // [key c][d]
-  // With `seg` (3 * g.count * D elements): the segment's q, do and dq rows, contiguous (grid point
+  // With `seg` (3 * gq.count * D elements): the sub-problem's q, do and dq rows, contiguous (grid point
   // a at a * D), copied once; dq accumulates there and is copied back, so each dq element sees the
   // same sums in the same order either way.
   T* q_seg = seg;
-  T* do_seg = seg ? seg + g.count * D : nullptr;
-  T* dq_seg = seg ? seg + 2 * g.count * D : nullptr;
+  T* do_seg = seg ? seg + gq.count * D : nullptr;
+  T* dq_seg = seg ? seg + 2 * gq.count * D : nullptr;
   if (seg) {
-    pack_rows(q + base, step, g.count, D, q_seg, static_cast<T*>(nullptr), 0);
-    pack_rows(dout + base, step, g.count, D, do_seg, static_cast<T*>(nullptr), 0);
-    pack_rows(dq + base, step, g.count, D, dq_seg, static_cast<T*>(nullptr), 0);
+    pack_rows(q + base, step, gq.count, D, q_seg, static_cast<T*>(nullptr), 0);
+    pack_rows(dout + base, step, gq.count, D, do_seg, static_cast<T*>(nullptr), 0);
+    pack_rows(dq + base, step, gq.count, D, dq_seg, static_cast<T*>(nullptr), 0);
   }
 
-  for (int64_t k0 = 0; k0 < g.count; k0 += kTile) {
-    const int64_t nk = std::min(kTile, g.count - k0), nkv = round_up(nk, kLanes<T>), key_rows = base + k0 * step;
+  // Causal, queries exist only up to gq.count <= gk.count: later key tiles see none.
+  const int64_t key_count = P.causal ? gq.count : gk.count;
+  for (int64_t k0 = 0; k0 < key_count; k0 += kTile) {
+    const int64_t nk = std::min(kTile, key_count - k0), nkv = round_up(nk, kLanes<T>);
+    const int64_t key_rows = key_base + k0 * step;
     pack_rows(k + key_rows, step, nk, D, Kp, Kt, nkv);
     pack_rows(v + key_rows, step, nk, D, static_cast<T*>(nullptr), Vt, nkv);
     std::fill(dKacc, dKacc + nk * D, T(0));
     std::fill(dVacc, dVacc + nk * D, T(0));
-    for (int64_t q0 = P.causal ? k0 : 0; q0 < g.count; q0 += kTile) {
-      const int64_t nq = std::min(kTile, g.count - q0), query_rows = base + q0 * step;
+    for (int64_t q0 = P.causal ? k0 : 0; q0 < gq.count; q0 += kTile) {
+      const int64_t nq = std::min(kTile, gq.count - q0), query_rows = base + q0 * step;
       const T* Qc = Qp;  // the query tile's q and do rows, contiguous
       const T* dOc = dOp;
       if (seg) {
@@ -559,14 +568,14 @@ void backward_segment(const Problem<T>& P, const T* q, const T* k, const T* v, c
       tile_gemm(S, kTile, Qc, D, 1, Kt, kTile, nq, nkv, D, Init::kZero, none, after_cols);
       tile_gemm(dP, kTile, dOc, D, 1, Vt, kTile, nq, nkv, D, Init::kZero, none, after_cols);
       for (int64_t a = 0; a < nq; ++a) {
-        const int64_t qi = q0 + a, t = g.position(qi);
+        const int64_t qi = q0 + a, t = gq.position(qi);
         const int64_t valid = P.causal ? std::min(nk, qi - k0 + 1) : nk;
         const T lse_t = lse_bh[t], D_t = Dt_bh[t];
         const int64_t cv = round_up(valid, kLanes<T>);  // <= nkv; on the diagonal, S is computed to here
         T* s = S + a * kTile;
         T* dp = dP + a * kTile;
         if (bias_h) {
-          for (int64_t c = 0; c < valid; ++c) s[c] = s[c] * P.scale + bias_h[P.bucket[t - g.position(k0 + c)]];
+          for (int64_t c = 0; c < valid; ++c) s[c] = s[c] * P.scale + bias_h[P.bucket[t - gk.position(k0 + c)]];
         } else {
 #pragma omp simd
           for (int64_t c = 0; c < cv; ++c) s[c] *= P.scale;
@@ -576,7 +585,7 @@ void backward_segment(const Problem<T>& P, const T* q, const T* k, const T* v, c
         if (P.dropout || dbias) {
           DropoutRow bits(P, t, stream);
           for (int64_t c = 0; c < valid; ++c) {
-            const int64_t j = g.position(k0 + c);
+            const int64_t j = gk.position(k0 + c);
             const T p = s[c];
             const T kept = P.dropout ? (bits.keep(j) ? P.keep_scale : T(0)) : T(1);
             const T ds = p * (dp[c] * kept - D_t);
@@ -608,7 +617,7 @@ void backward_segment(const Problem<T>& P, const T* q, const T* k, const T* v, c
     }
   }
   if (seg)
-    for (int64_t a = 0; a < g.count; ++a)
+    for (int64_t a = 0; a < gq.count; ++a)
       std::memcpy(dq + base + a * step, dq_seg + a * D, static_cast<size_t>(D) * sizeof(T));
 }
 
@@ -638,7 +647,7 @@ void backward(Tensor& dq_t, Tensor& dk_t, Tensor& dv_t, Tensor& dbias_t, const T
   const bool want_dbias = dbias_t.defined();
   const int64_t nb = P.num_buckets;
   int64_t max_items = 0;
-  for (const auto& br : params.schedule) max_items = std::max(max_items, BH * num_segments(br, P.N));
+  for (const auto& br : params.schedule) max_items = std::max(max_items, BH * segments_of(br, P.N));
   ScratchBuffer<double> slots(want_dbias ? static_cast<size_t>(max_items * nb) : 0);
   ScratchBuffer<double> dbias_sum(want_dbias ? static_cast<size_t>(P.H * nb) : 0);
   std::fill(dbias_sum.data(), dbias_sum.data() + dbias_sum.size(), 0.0);
@@ -646,7 +655,7 @@ void backward(Tensor& dq_t, Tensor& dk_t, Tensor& dv_t, Tensor& dbias_t, const T
   // Per thread, a contiguous copy of the current segment's q, do and dq rows where all threads'
   // copies together stay within 1/16 of q's size (as in the forward), else per-tile packing.
   int64_t seg_rows = 0;
-  for (const auto& br : params.schedule) seg_rows = std::max(seg_rows, grid_span(br, 0, 0, P.N).count);
+  for (const auto& br : params.schedule) seg_rows = std::max(seg_rows, keys_of(br, 0, 0, P.N).count);
   if (threads * seg_rows * 3 * D > rows * D / 16) seg_rows = 0;
   const int64_t per_thread = backward_scratch(D) + 3 * seg_rows * D;
   ScratchBuffer<T> scratch(static_cast<size_t>(threads * per_thread));
@@ -657,14 +666,17 @@ void backward(Tensor& dq_t, Tensor& dk_t, Tensor& dv_t, Tensor& dbias_t, const T
     T* seg = seg_rows ? tile_scratch + backward_scratch(D) : nullptr;
     for (size_t i = 0; i < params.schedule.size(); ++i) {
       const AttentionBranch& br = params.schedule[i];
-      const int64_t nseg = num_segments(br, P.N);
+      const int64_t nseg = segments_of(br, P.N);
+      // A work item is a whole segment: its sub-problems share the key rows whose dk, dv they add to.
 #pragma omp for schedule(dynamic, 1)
       for (int64_t item = 0; item < BH * nseg; ++item) {
         const int64_t b = item / nseg / P.H, h = item / nseg % P.H, s = item % nseg;
         double* slot = want_dbias ? slots.data() + item * nb : nullptr;
         if (slot) std::fill(slot, slot + nb, 0.0);
-        backward_segment(P, q, k, v, dout, lse, Dt.data(), dq, dk, dv, b, h, i, grid_span(br, h, s, P.N),
-                         tile_scratch, seg, slot);
+        const GridSpan gk = keys_of(br, h, s, P.N);
+        for (int64_t sub = 0; sub < subproblems_of(br); ++sub)
+          backward_segment(P, q, k, v, dout, lse, Dt.data(), dq, dk, dv, b, h, i,
+                           queries_of(br, P.causal, h, s, sub, P.N), gk, tile_scratch, seg, slot);
       }
       if (want_dbias) {
 #pragma omp single

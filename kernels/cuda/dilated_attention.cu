@@ -1,12 +1,14 @@
 // Flash dilated attention on the GPU, forward and backward: the function of
-// /shared/specs/dilated-attention.md (the contract), which kernels/cpu/dilated_attention.cpp also
+// docs/attention-contract.md (the contract), which kernels/cpu/dilated_attention.cpp also
 // implements. SIMT float32 / float64 kernels (no tensor cores: TF32 would miss the contract's 1e-5).
 //
-// How the work is cut. For branch i = (w, r) and head h, segment s holds the dilated rows
-//     position(m) = s*w + (h mod r) + m*r,   m = 0 .. L-1,
-// and inside one segment the branch is ordinary (optionally causal) attention over those L rows.
-// One launch handles one branch; a block handles one 64-row tile of one segment of one (b, h) and
-// reads the strided rows in place (q/k/v are [B, N, H, D], consecutive rows are r*H*D apart).
+// How the work is cut. For branch i = (w, r) and head h, segment s splits into sub-problems
+// (kernels/dilated_attention.h): query rows qfirst + m*r and key rows kfirst + m*r, and inside one
+// sub-problem the branch is ordinary (optionally causal, mk <= mq) attention between the two.
+// A dilated branch has one sub-problem (both on the grid of h mod r), a key-dilated one r (one per
+// query residue, sharing the keys). One launch handles one branch; a block handles one 64-row tile
+// of one sub-problem of one (b, h) and reads the strided rows in place (q/k/v are [B, N, H, D],
+// consecutive rows are r*H*D apart).
 //
 // Branches are merged through one online softmax. The launches run in order on one stream and
 // each carries the running state of its query rows in the outputs themselves: lse holds the
@@ -22,7 +24,8 @@
 // 16-byte phase land in distinct banks.
 //
 // Backward (FlashAttention-2 style): a block owns a key tile, keeps K, V and its dK, dV
-// accumulators resident and walks the query tiles, recomputing P from the saved lse. dq is added
+// accumulators resident and walks the query tiles of every sub-problem, recomputing P from the
+// saved lse. dq is added
 // with float atomics, or, in the deterministic mode (DILATRON_DETERMINISTIC=1), by a second,
 // query-major kernel that recomputes the scores and sums over key tiles in order. dk, dv and
 // dbias never use atomics: every branch's launch adds into dk/dv rows its blocks own exclusively,
@@ -124,17 +127,18 @@ struct Params {
   uint32_t offset;
   // the branch of this launch
   int64_t w, r;
+  BranchKind kind;
+  int64_t subs;  // sub-problems per segment
   int branch;
   int64_t tiles_per_segment;
 };
 
-// One block's rows: the dilated rows of (b, h, this branch, one segment), and its own tile.
+// The rows of one grid (queries or keys of a sub-problem) of one (b, h) in this launch's branch.
 struct Slice {
   int64_t bh, h;
   int64_t first;   // absolute position of row 0
   int64_t r;       // position step between rows
   int64_t L;       // number of rows
-  int64_t tile;    // the block's tile: a query tile (forward, dq) or a key tile (backward)
   int64_t row0;    // element offset of row 0 in q/k/v/o/do/dq/dk/dv
   int64_t stride;  // elements between consecutive rows: r * H * D
   int64_t lse0;    // index of position 0 of (b, h) in lse/delta
@@ -142,24 +146,46 @@ struct Slice {
   __device__ int64_t offset(int64_t m) const { return row0 + m * stride; }
 };
 
-// Grid: x = segment * tiles_per_segment + tile, (y, z) = b*H + h (split: y is at most 65535).
-// With heavy_first (causal query tiles) a segment's last tiles, which see the most keys, start first.
 template <int D, typename T>
-__device__ Slice locate(const Params<T>& p, bool heavy_first) {
+__device__ Slice rows_of(const Params<T>& p, int64_t bh, const GridSpan& g) {
   Slice s;
-  s.bh = blockIdx.y + int64_t{gridDim.y} * blockIdx.z;
-  s.h = s.bh % p.H;
-  const int64_t b = s.bh / p.H;
-  const int64_t segment = blockIdx.x / p.tiles_per_segment, t = blockIdx.x % p.tiles_per_segment;
-  s.tile = heavy_first ? p.tiles_per_segment - 1 - t : t;
-  const int64_t start = segment * p.w, len = min(p.w, p.N - start), off = s.h % p.r;
-  s.first = start + off;
-  s.r = p.r;
-  s.L = len > off ? (len - off + p.r - 1) / p.r : 0;
+  s.bh = bh;
+  s.h = bh % p.H;
+  s.first = g.first;
+  s.r = g.stride;
+  s.L = g.count;
   s.stride = p.r * p.H * D;
-  s.row0 = ((b * p.N + s.first) * p.H + s.h) * D;
-  s.lse0 = s.bh * p.N;
+  s.row0 = ((bh / p.H * p.N + g.first) * p.H + s.h) * D;
+  s.lse0 = bh * p.N;
   return s;
+}
+
+// What one block works on: (b, h), segment, sub-problem and tile.
+struct Work {
+  int64_t bh, segment, sub, tile;
+  template <int D, typename T>
+  __device__ Slice queries(const Params<T>& p, int64_t of_sub) const {
+    return rows_of<D>(p, bh, query_grid(p.w, p.r, p.kind, p.causal, bh % p.H, segment, of_sub, p.N));
+  }
+  template <int D, typename T>
+  __device__ Slice keys(const Params<T>& p) const {
+    return rows_of<D>(p, bh, key_grid(p.w, p.r, bh % p.H, segment, p.N));
+  }
+};
+
+// Grid: x = (segment * subs + sub) * tiles_per_segment + tile for query-tile blocks (per_sub),
+// segment * tiles_per_segment + tile for key-tile blocks; (y, z) = b*H + h (split: y is at most
+// 65535). With heavy_first (causal query tiles) a segment's last tiles, which see the most keys,
+// start first.
+template <typename T>
+__device__ Work locate(const Params<T>& p, bool per_sub, bool heavy_first) {
+  Work w;
+  w.bh = blockIdx.y + int64_t{gridDim.y} * blockIdx.z;
+  const int64_t t = blockIdx.x % p.tiles_per_segment, x = blockIdx.x / p.tiles_per_segment;
+  w.tile = heavy_first ? p.tiles_per_segment - 1 - t : t;
+  w.sub = per_sub ? x % p.subs : 0;
+  w.segment = per_sub ? x / p.subs : x;
+  return w;
 }
 
 // ---------------------------------------------------------------- tile building blocks
@@ -179,14 +205,15 @@ __device__ void load_rows(T (*dst)[D + kPad], const T* src, const Slice& s, int6
 }
 
 // The 127 bias values a tile pair uses: strip[d] = bias[h, bucket(n)] for the distance
-// n = t - j = ((qt - kt) * 64 + d - 63) * r between query row and key row. With bucket_strip, also
-// the bucket (-1 for distances outside the table, which only padding rows produce).
+// n = t - j = (qfirst - kfirst) + ((qt - kt) * 64 + d - 63) * r between query row and key row. With
+// bucket_strip, also the bucket (-1 for distances outside the table, which only padding rows produce).
 template <typename T>
-__device__ void load_bias_strip(T* strip, int* bucket_strip, const Params<T>& p, const Slice& s, int64_t tile_diff) {
+__device__ void load_bias_strip(T* strip, int* bucket_strip, const Params<T>& p, const Slice& sq, const Slice& sk,
+                                int64_t tile_diff) {
   for (int d = threadIdx.x; d < kStrip; d += kThreads) {
-    const int64_t n = (tile_diff * kTile + d - (kTile - 1)) * s.r;
+    const int64_t n = sq.first - sk.first + (tile_diff * kTile + d - (kTile - 1)) * sq.r;
     const int bucket = (n > -p.N && n < p.N) ? p.buckets[n + p.N - 1] : -1;
-    strip[d] = bucket >= 0 ? p.bias[s.h * p.num_buckets + bucket] : T(0);
+    strip[d] = bucket >= 0 ? p.bias[sq.h * p.num_buckets + bucket] : T(0);
     if (bucket_strip) bucket_strip[d] = bucket;
   }
 }
@@ -338,7 +365,7 @@ struct BackwardShared {
 // dS is returned; Pd is written to Pd_out when given (the dV product reads it).
 template <typename T, int D>
 __device__ __forceinline__ void score_gradients(T (&ds)[4][4], T (*Pd_out)[kTile + kPad], const Params<T>& p,
-                                                const Slice& s, int64_t qt, int64_t kt,
+                                                const Slice& sq, const Slice& sk, int64_t qt, int64_t kt,
                                                 const BackwardShared<T, D>& sh, int ra, int cb) {
   T sc[4][4], dp[4][4];
   tile_dot<T, D>(sc, sh.Q, sh.K, ra, cb);
@@ -351,12 +378,12 @@ __device__ __forceinline__ void score_gradients(T (&ds)[4][4], T (*Pd_out)[kTile
     for (int j = 0; j < 4; ++j) {
       const int rk = cb + kGroup * j;
       const int64_t mk = kt * kTile + rk;
-      const bool visible = mq < s.L && mk < s.L && (!p.causal || mk <= mq);
+      const bool visible = mq < sq.L && mk < sk.L && (!p.causal || mk <= mq);
       T prob = T(0), kept = T(1);
       if (visible) {
         const T bias = p.bias ? sh.bias_strip[rq - rk + kTile - 1] : T(0);
         prob = exp(sc[i][j] * p.scale + bias - sh.lse[rq]);
-        if (p.dropout) kept = keep(p, s, s.position(mq), s.position(mk)) ? p.keep_scale : T(0);
+        if (p.dropout) kept = keep(p, sq, sq.position(mq), sk.position(mk)) ? p.keep_scale : T(0);
       }
       if (Pd_out) Pd_out[rq][rk] = prob * kept;
       ds[i][j] = prob * (dp[i][j] * kept - sh.delta[rq]);
@@ -380,9 +407,11 @@ __device__ void load_row_stats(const BackwardShared<T, D>& sh, const Params<T>& 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, kForwardMinBlocks<T>) attention_forward_kernel(const Params<T> p) {
   using L = Cols<T, D>;
-  const Slice s = locate<D>(p, p.causal);
-  const int64_t qt = s.tile;
-  if (s.bh >= p.B * p.H || qt * kTile >= s.L) return;
+  const Work w = locate(p, true, p.causal);
+  if (w.bh >= p.B * p.H) return;
+  const Slice s = w.queries<D>(p, w.sub), sk = w.keys<D>(p);
+  const int64_t qt = w.tile;
+  if (qt * kTile >= s.L || sk.L == 0) return;  // no queries, or no keys for them
 
   extern __shared__ __align__(16) unsigned char smem[];
   auto* Qs = reinterpret_cast<T (*)[D + kPad]>(smem);
@@ -411,11 +440,11 @@ __global__ void __launch_bounds__(kThreads, kForwardMinBlocks<T>) attention_forw
   }
 
   // Causal: key tiles after the query tile are fully masked and skipped.
-  const int64_t key_tiles = p.causal ? qt + 1 : (s.L + kTile - 1) / kTile;
+  const int64_t key_tiles = p.causal ? qt + 1 : (sk.L + kTile - 1) / kTile;
   for (int64_t kt = 0; kt < key_tiles; ++kt) {
     __syncthreads();  // the previous tile's readers of KVs (as V) and Ps are done
-    load_rows<T, D>(KVs, p.k, s, kt * kTile);
-    if (p.bias) load_bias_strip(bias_strip, static_cast<int*>(nullptr), p, s, qt - kt);
+    load_rows<T, D>(KVs, p.k, sk, kt * kTile);
+    if (p.bias) load_bias_strip(bias_strip, static_cast<int*>(nullptr), p, s, sk, qt - kt);
     __syncthreads();
 
     T sc[4][4];
@@ -429,7 +458,7 @@ __global__ void __launch_bounds__(kThreads, kForwardMinBlocks<T>) attention_forw
       for (int j = 0; j < 4; ++j) {
         const int rk = cb + kGroup * j;
         const int64_t mk = kt * kTile + rk;
-        const bool visible = mq < s.L && mk < s.L && (!p.causal || mk <= mq);
+        const bool visible = mq < s.L && mk < sk.L && (!p.causal || mk <= mq);
         const T bias = p.bias ? bias_strip[rq - rk + kTile - 1] : T(0);
         sc[i][j] = visible ? sc[i][j] * p.scale + bias : kNegInf<T>;
         row_max = max(row_max, sc[i][j]);
@@ -454,12 +483,12 @@ __global__ void __launch_bounds__(kThreads, kForwardMinBlocks<T>) attention_forw
         const int rk = cb + kGroup * j;
         T prob = sc[i][j];
         if (p.dropout && prob != T(0))
-          prob = keep(p, s, s.position(mq), s.position(kt * kTile + rk)) ? prob * p.keep_scale : T(0);
+          prob = keep(p, s, s.position(mq), sk.position(kt * kTile + rk)) ? prob * p.keep_scale : T(0);
         Ps[rq][rk] = prob;
       }
     }
     __syncthreads();  // P is complete and nobody reads K any more
-    load_rows<T, D>(KVs, p.v, s, kt * kTile);
+    load_rows<T, D>(KVs, p.v, sk, kt * kTile);
     __syncthreads();
     tile_accumulate<T, D>(acc, Ps, KVs, ra, cb);
   }
@@ -520,17 +549,19 @@ __device__ void accumulate_dbias(const BackwardShared<T, D>& sh, int num_buckets
   }
 }
 
-// Key-major backward of one branch: this block's key tile gets dK and dV over all query tiles that
-// see it; dq gets its share through atomics unless accumulate_dq is false (deterministic mode).
+// Key-major backward of one branch: this block's key tile gets dK and dV over all query tiles (of
+// every sub-problem) that see it; dq gets its share through atomics unless accumulate_dq is false
+// (deterministic mode).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_backward_kernel(const Params<T> p, bool accumulate_dq) {
   using L = Cols<T, D>;
-  const Slice s = locate<D>(p, false);
-  if (s.bh >= p.B * p.H) return;
-  const int64_t kt = s.tile;
+  const Work w = locate(p, false, false);
+  if (w.bh >= p.B * p.H) return;
+  const Slice sk = w.keys<D>(p);
+  const int64_t kt = w.tile;
   const bool want_dbias = p.dbias_partial != nullptr;
-  T* partial = want_dbias ? p.dbias_partial + (s.bh * gridDim.x + blockIdx.x) * p.num_buckets : nullptr;
-  if (kt * kTile >= s.L) {  // an empty tile still owns its (zero) partial row
+  T* partial = want_dbias ? p.dbias_partial + (w.bh * gridDim.x + blockIdx.x) * p.num_buckets : nullptr;
+  if (kt * kTile >= sk.L) {  // an empty tile still owns its (zero) partial row
     for (int k = threadIdx.x; want_dbias && k < p.num_buckets; k += kThreads) partial[k] = T(0);
     return;
   }
@@ -538,57 +569,60 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_kernel(const P
   extern __shared__ __align__(16) unsigned char smem[];
   const BackwardShared<T, D> sh(smem, want_dbias ? p.num_buckets : 0);
   const int ra = threadIdx.x / kGroup, cb = threadIdx.x % kGroup;
-  load_rows<T, D>(sh.K, p.k, s, kt * kTile);
-  load_rows<T, D>(sh.V, p.v, s, kt * kTile);
+  load_rows<T, D>(sh.K, p.k, sk, kt * kTile);
+  load_rows<T, D>(sh.V, p.v, sk, kt * kTile);
   for (int k = threadIdx.x; want_dbias && k < p.num_buckets; k += kThreads) sh.dbias[k] = T(0);
 
   T dk[4][L::C] = {}, dv[4][L::C] = {};
-  const int64_t query_tiles = (s.L + kTile - 1) / kTile;
-  for (int64_t qt = p.causal ? kt : 0; qt < query_tiles; ++qt) {
-    __syncthreads();  // the previous pair's readers of Q, dO, S and the strips are done
-    load_rows<T, D>(sh.Q, p.q, s, qt * kTile);
-    load_rows<T, D>(sh.dO, p.dout, s, qt * kTile);
-    load_row_stats(sh, p, s, qt);
-    if (p.bias) load_bias_strip(sh.bias_strip, want_dbias ? sh.bucket_strip : nullptr, p, s, qt - kt);
-    __syncthreads();
+  for (int64_t sub = 0; sub < p.subs; ++sub) {
+    const Slice s = w.queries<D>(p, sub);
+    const int64_t query_tiles = (s.L + kTile - 1) / kTile;
+    for (int64_t qt = p.causal ? kt : 0; qt < query_tiles; ++qt) {
+      __syncthreads();  // the previous pair's readers of Q, dO, S and the strips are done
+      load_rows<T, D>(sh.Q, p.q, s, qt * kTile);
+      load_rows<T, D>(sh.dO, p.dout, s, qt * kTile);
+      load_row_stats(sh, p, s, qt);
+      if (p.bias) load_bias_strip(sh.bias_strip, want_dbias ? sh.bucket_strip : nullptr, p, s, sk, qt - kt);
+      __syncthreads();
 
-    T ds[4][4];
-    score_gradients<T, D>(ds, sh.S, p, s, qt, kt, sh, ra, cb);
-    __syncthreads();
-    tile_accumulate_transposed<T, D>(dv, sh.S, sh.dO, ra, cb);
-    __syncthreads();  // done with Pd; S now takes dS
+      T ds[4][4];
+      score_gradients<T, D>(ds, sh.S, p, s, sk, qt, kt, sh, ra, cb);
+      __syncthreads();
+      tile_accumulate_transposed<T, D>(dv, sh.S, sh.dO, ra, cb);
+      __syncthreads();  // done with Pd; S now takes dS
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < 4; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) sh.S[ra + kGroup * i][cb + kGroup * j] = ds[i][j];
-    __syncthreads();
-    tile_accumulate_transposed<T, D>(dk, sh.S, sh.Q, ra, cb);
-    if (accumulate_dq) {
-      T dq[4][L::C] = {};
-      tile_accumulate<T, D>(dq, sh.S, sh.K, ra, cb);
+        for (int j = 0; j < 4; ++j) sh.S[ra + kGroup * i][cb + kGroup * j] = ds[i][j];
+      __syncthreads();
+      tile_accumulate_transposed<T, D>(dk, sh.S, sh.Q, ra, cb);
+      if (accumulate_dq) {
+        T dq[4][L::C] = {};
+        tile_accumulate<T, D>(dq, sh.S, sh.K, ra, cb);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int64_t m = qt * kTile + ra + kGroup * i;
-        if (m >= s.L) continue;
-        T* row = p.dq + s.offset(m);
+        for (int i = 0; i < 4; ++i) {
+          const int64_t m = qt * kTile + ra + kGroup * i;
+          if (m >= s.L) continue;
+          T* row = p.dq + s.offset(m);
 #pragma unroll
-        for (int q = 0; q < L::NC; ++q)
+          for (int q = 0; q < L::NC; ++q)
 #pragma unroll
-          for (int c = 0; c < L::VC; ++c) atomicAdd(row + L::col(cb, q) + c, p.scale * dq[i][q * L::VC + c]);
+            for (int c = 0; c < L::VC; ++c) atomicAdd(row + L::col(cb, q) + c, p.scale * dq[i][q * L::VC + c]);
+        }
       }
+      if (want_dbias) accumulate_dbias(sh, p.num_buckets);
     }
-    if (want_dbias) accumulate_dbias(sh, p.num_buckets);
   }
 
   // Add this branch's dK, dV to the rows of the key tile (no other block of this launch owns them).
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int64_t m = kt * kTile + 4 * ra + i;
-    if (m >= s.L) continue;
+    if (m >= sk.L) continue;
 #pragma unroll
     for (int q = 0; q < L::NC; ++q) {
-      T* dk_row = p.dk + s.offset(m) + L::col(cb, q);
-      T* dv_row = p.dv + s.offset(m) + L::col(cb, q);
+      T* dk_row = p.dk + sk.offset(m) + L::col(cb, q);
+      T* dv_row = p.dv + sk.offset(m) + L::col(cb, q);
       Vec<T, L::VC> a = load_vec<L::VC>(dk_row), b = load_vec<L::VC>(dv_row);
 #pragma unroll
       for (int c = 0; c < L::VC; ++c) {
@@ -610,9 +644,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_kernel(const P
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(const Params<T> p) {
   using L = Cols<T, D>;
-  const Slice s = locate<D>(p, p.causal);
-  const int64_t qt = s.tile;
-  if (s.bh >= p.B * p.H || qt * kTile >= s.L) return;
+  const Work w = locate(p, true, p.causal);
+  if (w.bh >= p.B * p.H) return;
+  const Slice s = w.queries<D>(p, w.sub), sk = w.keys<D>(p);
+  const int64_t qt = w.tile;
+  if (qt * kTile >= s.L || sk.L == 0) return;
 
   extern __shared__ __align__(16) unsigned char smem[];
   const BackwardShared<T, D> sh(smem, 0);
@@ -622,15 +658,15 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(cons
   load_row_stats(sh, p, s, qt);
 
   T dq[4][L::C] = {};
-  const int64_t key_tiles = p.causal ? qt + 1 : (s.L + kTile - 1) / kTile;
+  const int64_t key_tiles = p.causal ? qt + 1 : (sk.L + kTile - 1) / kTile;
   for (int64_t kt = 0; kt < key_tiles; ++kt) {
     __syncthreads();  // the previous pair's readers of K, V and S are done
-    load_rows<T, D>(sh.K, p.k, s, kt * kTile);
-    load_rows<T, D>(sh.V, p.v, s, kt * kTile);
-    if (p.bias) load_bias_strip(sh.bias_strip, static_cast<int*>(nullptr), p, s, qt - kt);
+    load_rows<T, D>(sh.K, p.k, sk, kt * kTile);
+    load_rows<T, D>(sh.V, p.v, sk, kt * kTile);
+    if (p.bias) load_bias_strip(sh.bias_strip, static_cast<int*>(nullptr), p, s, sk, qt - kt);
     __syncthreads();
     T ds[4][4];
-    score_gradients<T, D>(ds, nullptr, p, s, qt, kt, sh, ra, cb);
+    score_gradients<T, D>(ds, nullptr, p, s, sk, qt, kt, sh, ra, cb);
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -669,21 +705,21 @@ __global__ void attention_dbias_reduce_kernel(T* dbias, const T* partial, int64_
 
 // ---------------------------------------------------------------- host side
 
-// One branch's launch shape: x over (segment, tile), (y, z) over b*H + h.
+// One branch's launch shapes, (y, z) over b*H + h: blocks per query tile (forward, deterministic
+// dq: x over (segment, sub-problem, tile)) and per key tile (backward: x over (segment, tile)).
 struct BranchGrid {
-  dim3 grid;
+  dim3 by_query_tile, by_key_tile;
   int64_t tiles_per_segment;
 };
 BranchGrid branch_grid(int64_t N, int64_t BH, const AttentionBranch& br) {
-  const int64_t rows = (std::min(br.segment, N) + br.dilation - 1) / br.dilation;  // most rows of a segment
+  const int64_t rows = key_grid(br.segment, br.dilation, 0, 0, N).count;  // most rows of a grid
   const int64_t tiles = (rows + kTile - 1) / kTile;
-  const int64_t segments = (N + br.segment - 1) / br.segment;
-  DILATRON_CHECK(segments * tiles < (int64_t{1} << 31), "dilated attention on CUDA: branch (", br.segment, ", ",
-                 br.dilation, ") with N = ", N, " needs ", segments * tiles, " tiles per head, over the 2^31 grid limit");
-  const int64_t y = std::min<int64_t>(BH, 65535);
-  return {dim3(static_cast<unsigned>(segments * tiles), static_cast<unsigned>(y),
-               static_cast<unsigned>((BH + y - 1) / y)),
-          tiles};
+  const int64_t blocks = num_segments(br.segment, N) * subproblems(br.kind, br.dilation) * tiles;
+  DILATRON_CHECK(blocks < (int64_t{1} << 31), "dilated attention on CUDA: branch (", br.segment, ", ", br.dilation,
+                 ") with N = ", N, " needs ", blocks, " tiles per head, over the 2^31 grid limit");
+  const unsigned y = static_cast<unsigned>(std::min<int64_t>(BH, 65535)), z = static_cast<unsigned>((BH + y - 1) / y);
+  return {dim3(static_cast<unsigned>(blocks), y, z),
+          dim3(static_cast<unsigned>(num_segments(br.segment, N) * tiles), y, z), tiles};
 }
 
 // The head dims the kernels are compiled for. A float64 backward tile set for D = 128 would need
@@ -829,6 +865,8 @@ Params<T> make_params(const Dims& d, const AttentionParams& ap, const Tensor& bi
 void set_branch(auto& p, const AttentionBranch& br, int index, const BranchGrid& g) {
   p.w = br.segment;
   p.r = br.dilation;
+  p.kind = br.kind;
+  p.subs = subproblems(br.kind, br.dilation);
   p.branch = index;
   p.tiles_per_segment = g.tiles_per_segment;
 }
@@ -872,7 +910,7 @@ void CudaBackend::dilated_attention_forward(Tensor& o, Tensor& lse, const Tensor
       for (size_t i = 0; i < params.schedule.size(); ++i) {
         const BranchGrid g = branch_grid(d.N, d.B * d.H, params.schedule[i]);
         set_branch(p, params.schedule[i], static_cast<int>(i), g);
-        attention_forward_kernel<T, D><<<g.grid, kThreads, smem, kStream>>>(p);
+        attention_forward_kernel<T, D><<<g.by_query_tile, kThreads, smem, kStream>>>(p);
         CUDA_CHECK_LAUNCH();
       }
     });
@@ -945,7 +983,7 @@ void CudaBackend::dilated_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv,
       const bool want_dbias = dbias.defined();
       int64_t max_blocks = 0;
       for (const AttentionBranch& br : params.schedule)
-        max_blocks = std::max<int64_t>(max_blocks, branch_grid(d.N, BH, br).grid.x * BH);
+        max_blocks = std::max<int64_t>(max_blocks, branch_grid(d.N, BH, br).by_key_tile.x * BH);
       ScratchBuffer<T> partial(want_dbias ? static_cast<size_t>(max_blocks * p.num_buckets) : 0, dev);
       if (want_dbias) fill(dbias, 0.0);
       p.dbias_partial = want_dbias ? partial.data() : nullptr;
@@ -957,16 +995,16 @@ void CudaBackend::dilated_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv,
       for (size_t i = 0; i < params.schedule.size(); ++i) {
         const BranchGrid g = branch_grid(d.N, BH, params.schedule[i]);
         set_branch(p, params.schedule[i], static_cast<int>(i), g);
-        attention_backward_kernel<T, D><<<g.grid, kThreads, smem, kStream>>>(p, !deterministic);
+        attention_backward_kernel<T, D><<<g.by_key_tile, kThreads, smem, kStream>>>(p, !deterministic);
         CUDA_CHECK_LAUNCH();
         if (deterministic) {
-          attention_backward_dq_kernel<T, D><<<g.grid, kThreads, dq_smem, kStream>>>(p);
+          attention_backward_dq_kernel<T, D><<<g.by_query_tile, kThreads, dq_smem, kStream>>>(p);
           CUDA_CHECK_LAUNCH();
         }
         if (want_dbias) {
           const int64_t outs = d.H * p.num_buckets;
           attention_dbias_reduce_kernel<T><<<static_cast<unsigned>((outs + 255) / 256), 256, 0, kStream>>>(
-              dbias.data<T>(), partial.data(), d.B, d.H, g.grid.x, p.num_buckets);
+              dbias.data<T>(), partial.data(), d.B, d.H, g.by_key_tile.x, p.num_buckets);
           CUDA_CHECK_LAUNCH();
         }
       }

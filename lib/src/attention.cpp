@@ -11,13 +11,14 @@
 namespace dilatron {
 
 using kernels::AttentionParams;
+using kernels::BranchKind;
+using kernels::key_grid;
+using kernels::query_grid;
+using kernels::subproblems;
 
 namespace {
 
 constexpr size_t kMaxBranches = 16;  // the dropout stream id packs the branch into 4 bits
-
-// Number of grid points of (dilation r, offset o) in a segment of `len` positions.
-int64_t grid_count(int64_t len, int64_t r, int64_t o) { return len > o ? (len - o - 1) / r + 1 : 0; }
 
 struct DilatedAttentionFunction : autograd::Function<DilatedAttentionFunction> {
   static const char* name() { return "dilated_attention"; }
@@ -127,10 +128,16 @@ std::vector<AttentionBranch> parse_schedule(const std::string& text) {
       const auto [ptr, ec] = std::from_chars(s.data(), s.data() + s.size(), value);
       return ec == std::errc() && ptr == s.data() + s.size() && !s.empty();
     };
+    std::string dilation = colon == std::string::npos ? "" : token.substr(colon + 1);
+    if (!dilation.empty() && dilation.back() == 'k') {
+      branch.kind = BranchKind::key_dilated;
+      dilation.pop_back();
+    }
     DILATRON_CHECK(colon != std::string::npos && parse(token.substr(0, colon), branch.segment) &&
-                       parse(token.substr(colon + 1), branch.dilation),
+                       parse(dilation, branch.dilation),
                    "parse_schedule: bad branch \"", token, "\" (branch ", schedule.size(), ") in \"", text,
-                   "\": expected segment:dilation pairs separated by commas, e.g. \"2048:1,4096:2\"");
+                   "\": expected segment:dilation pairs separated by commas, a trailing k for a key-dilated "
+                   "branch, e.g. \"2048:1,4096:2\" or \"256:1,2048:8k\"");
     schedule.push_back(branch);
     begin = end + 1;
   }
@@ -143,24 +150,37 @@ void validate_schedule(const std::vector<AttentionBranch>& schedule) {
   DILATRON_CHECK(schedule.size() <= kMaxBranches, "dilated attention schedule has ", schedule.size(),
                  " branches; at most ", kMaxBranches, " are allowed");
   for (size_t i = 0; i < schedule.size(); ++i) {
-    const auto [w, r] = schedule[i];
+    const auto [w, r, kind] = schedule[i];
     DILATRON_CHECK(w >= 1, "dilated attention branch ", i, ": segment w = ", w, " must be >= 1");
     DILATRON_CHECK(r >= 1, "dilated attention branch ", i, ": dilation r = ", r, " must be >= 1");
     DILATRON_CHECK(r <= w, "dilated attention branch ", i, ": dilation r = ", r, " exceeds segment w = ", w);
   }
 }
 
-Coverage schedule_coverage(const std::vector<AttentionBranch>& schedule, int64_t H, int64_t N) {
+std::string format_schedule(const std::vector<AttentionBranch>& schedule) {
+  std::string text;
+  for (const auto& br : schedule) {
+    if (!text.empty()) text += ',';
+    text += std::to_string(br.segment) + ':' + std::to_string(br.dilation);
+    if (br.kind == BranchKind::key_dilated) text += 'k';
+  }
+  return text;
+}
+
+Coverage schedule_coverage(const std::vector<AttentionBranch>& schedule, int64_t H, int64_t N, bool causal) {
   validate_schedule(schedule);
-  // A branch with r = 1 has every position on its grid for every head. Otherwise test each
-  // (t, h): coverage is a union of residue classes modulo different segment lengths with ragged
-  // ends, which has no simpler exact form, and N * H * branches stays small (a few million).
+  // A branch with r = 1 gives every query itself as a key. Otherwise test each (t, h): coverage is
+  // a union of residue classes modulo different segment lengths with ragged ends, which has no
+  // simpler exact form, and N * H * branches stays small (a few million).
   for (const auto& br : schedule)
     if (br.dilation == 1) return {};
   for (int64_t t = 0; t < N; ++t) {
     for (int64_t h = 0; h < H; ++h) {
       const bool covered = std::any_of(schedule.begin(), schedule.end(), [&](const AttentionBranch& br) {
-        const int64_t u = t % br.segment, o = h % br.dilation;
+        const int64_t s = t / br.segment, u = t - s * br.segment, o = h % br.dilation;
+        // A key-dilated branch gives t a key when its segment has a grid point (at or before t, causal).
+        if (br.kind == BranchKind::key_dilated)
+          return causal ? u >= o : key_grid(br.segment, br.dilation, h, s, N).count > 0;
         return u >= o && (u - o) % br.dilation == 0;
       });
       if (!covered) return {false, t, h};
@@ -171,14 +191,24 @@ Coverage schedule_coverage(const std::vector<AttentionBranch>& schedule, int64_t
 
 int64_t visited_pairs(const std::vector<AttentionBranch>& schedule, int64_t H, int64_t N, bool causal) {
   validate_schedule(schedule);
-  // Per segment with g grid points: g(g+1)/2 pairs causal, g^2 otherwise. Full segments of a
-  // (branch, head) all have the same g; only the ragged last one differs.
-  auto pairs = [causal](int64_t g) { return causal ? g * (g + 1) / 2 : g * g; };
+  // Per sub-problem with gq queries and gk keys: gq(gq+1)/2 pairs causal (c <= a, gq <= gk),
+  // gq * gk otherwise. Full segments of a (branch, head) all have the same counts; only the ragged
+  // last one differs.
   int64_t total = 0;
-  for (const auto& [w, r] : schedule) {
+  auto segment_pairs = [&](const AttentionBranch& br, int64_t h, int64_t s) {
+    const int64_t gk = key_grid(br.segment, br.dilation, h, s, N).count;
+    int64_t pairs = 0;
+    for (int64_t sub = 0; sub < subproblems(br.kind, br.dilation); ++sub) {
+      const int64_t gq = query_grid(br.segment, br.dilation, br.kind, causal, h, s, sub, N).count;
+      pairs += causal ? gq * (gq + 1) / 2 : gq * gk;
+    }
+    return pairs;
+  };
+  for (const auto& br : schedule) {
+    const int64_t full = N / br.segment;
     for (int64_t h = 0; h < H; ++h) {
-      const int64_t o = h % r;
-      total += (N / w) * pairs(grid_count(w, r, o)) + pairs(grid_count(N % w, r, o));
+      if (full > 0) total += full * segment_pairs(br, h, 0);
+      if (N % br.segment) total += segment_pairs(br, h, full);
     }
   }
   return total;

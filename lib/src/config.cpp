@@ -179,7 +179,7 @@ void read_attention(Reader& r, RunConfig& c) {
     m.layer_schedules[static_cast<size_t>(l)] = read_schedule(r, key, text);
   }
   for (size_t l = 0; l < m.layer_schedules.size(); ++l) {
-    const Coverage cov = schedule_coverage(m.layer_schedules[l], m.n_heads, m.seq_len);
+    const Coverage cov = schedule_coverage(m.layer_schedules[l], m.n_heads, m.seq_len, /*causal=*/true);
     if (!cov.full) {
       throw Error(c.source + ": layer " + std::to_string(l) + " schedule leaves position " +
                   std::to_string(cov.first_uncovered_t) + " of head " + std::to_string(cov.first_uncovered_h) +

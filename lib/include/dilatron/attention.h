@@ -1,5 +1,5 @@
 // Flash dilated attention (LongNet): the op, its schedule helpers and the relative-position bias
-// buckets. The function is defined in ../shared/specs/dilated-attention.md (the contract).
+// buckets. The function is defined in docs/attention-contract.md (the contract).
 #pragma once
 
 #include <cstdint>
@@ -13,9 +13,10 @@
 namespace dilatron {
 
 using kernels::AttentionBranch;
+using kernels::BranchKind;
 
 struct DilatedAttentionOptions {
-  std::vector<AttentionBranch> schedule;  // 1..16 branches (w_i, r_i)
+  std::vector<AttentionBranch> schedule;  // 1..16 branches (w_i, r_i, kind_i)
   bool causal = false;
   std::optional<double> scale;            // default 1/sqrt(D)
   double dropout = 0.0;                   // on attention probabilities, in [0, 1)
@@ -41,20 +42,24 @@ AttentionOutput dilated_attention_with_lse(const Tensor& q, const Tensor& k, con
 
 // ---- schedules ----
 
-// "2048:1,4096:2" -> {{2048, 1}, {4096, 2}} (segment:dilation, comma separated), validated.
+// "2048:1,4096:2" -> {{2048, 1}, {4096, 2}} (segment:dilation, comma separated), validated; a
+// trailing k makes a key-dilated branch ("2048:8k": every query, keys on the grid).
 std::vector<AttentionBranch> parse_schedule(const std::string& text);
+// The inverse of parse_schedule.
+std::string format_schedule(const std::vector<AttentionBranch>& schedule);
 // Throws an Error naming the problem: empty, more than 16 branches, or a branch with w < 1, r < 1
 // or r > w (naming the branch index and its values).
 void validate_schedule(const std::vector<AttentionBranch>& schedule);
 
-// Whether every (query t, head h) lies on some branch's grid; if not, the first uncovered pair in
-// (t, then h) order (both -1 when full).
+// Whether every (query t, head h) has a key in some branch (for a dilated branch: t lies on its
+// grid; for a key-dilated one: t's segment has a grid key, at or before t when causal); if not,
+// the first uncovered pair in (t, then h) order (both -1 when full).
 struct Coverage {
   bool full = true;
   int64_t first_uncovered_t = -1;
   int64_t first_uncovered_h = -1;
 };
-Coverage schedule_coverage(const std::vector<AttentionBranch>& schedule, int64_t H, int64_t N);
+Coverage schedule_coverage(const std::vector<AttentionBranch>& schedule, int64_t H, int64_t N, bool causal);
 
 // The exact number of (query, key) score evaluations of one batch element, summed over heads and
 // branches (a key in two branches counts twice): the work the kernels do, for FLOP counting.

@@ -1,16 +1,27 @@
-// Flash dilated attention: the parameters every backend's kernels take. The function itself is
-// defined in ../shared/specs/dilated-attention.md (the contract); kernels/cpu/dilated_attention.cpp
-// and kernels/cuda/dilated_attention.cu implement it.
+// Flash dilated attention: the parameters every backend's kernels take, and the grid geometry they
+// share (host and device). The function itself is defined in docs/attention-contract.md (the
+// contract); kernels/cpu/dilated_attention.cpp and kernels/cuda/dilated_attention.cu implement it.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
+#if defined(__CUDACC__)
+#define DILATRON_HOST_DEVICE __host__ __device__
+#else
+#define DILATRON_HOST_DEVICE
+#endif
+
 namespace dilatron::kernels {
+
+// dilated: LongNet's branch, queries and keys on the grid. key_dilated: every query of the
+// segment, keys on the grid (schedule syntax "w:rk").
+enum class BranchKind : int { dilated, key_dilated };
 
 struct AttentionBranch {
   int64_t segment = 0;   // w_i >= 1
   int64_t dilation = 1;  // 1 <= r_i <= w_i
+  BranchKind kind = BranchKind::dilated;
   bool operator==(const AttentionBranch&) const = default;
 };
 
@@ -26,5 +37,44 @@ struct AttentionParams {
   std::vector<int32_t> bucket_of_distance;
   int64_t bucket_base = 0;
 };
+
+// ---- grid geometry: the one home of the contract's "which query sees which key" ----
+//
+// Every branch splits, per (head h, segment s), into sub-problems that are dense attention between
+// a query grid and a key grid with the same stride r: query a at qfirst + a*r, key c at
+// kfirst + c*r, and causal visibility is exactly c <= a. A dilated branch has one sub-problem
+// (both grids: offset o = h mod r). A key-dilated branch has r, one per query residue o' of the
+// segment (keys: offset o). Causal, a residue o' < o starts one stride later: its first position
+// has no key at or before it, and with 0 <= qfirst - kfirst < r the mask stays c <= a.
+
+struct GridSpan {
+  int64_t first = 0, stride = 1, count = 0;  // positions first + a * stride, a < count
+  DILATRON_HOST_DEVICE int64_t position(int64_t a) const { return first + a * stride; }
+};
+
+DILATRON_HOST_DEVICE inline int64_t num_segments(int64_t w, int64_t N) { return (N + w - 1) / w; }
+
+// Positions start + u with u >= o, u = o (mod r), u < len.
+DILATRON_HOST_DEVICE inline GridSpan residue_span(int64_t start, int64_t len, int64_t r, int64_t o) {
+  return {start + o, r, len > o ? (len - o - 1) / r + 1 : 0};
+}
+
+DILATRON_HOST_DEVICE inline int64_t subproblems(BranchKind kind, int64_t r) {
+  return kind == BranchKind::key_dilated ? r : 1;
+}
+
+// The keys of (branch (w, r), head h) in segment s.
+DILATRON_HOST_DEVICE inline GridSpan key_grid(int64_t w, int64_t r, int64_t h, int64_t s, int64_t N) {
+  const int64_t start = s * w, len = N - start < w ? N - start : w;
+  return residue_span(start, len, r, h % r);
+}
+
+// The queries of sub-problem `sub` (< subproblems(kind, r)) of (branch, head h) in segment s.
+DILATRON_HOST_DEVICE inline GridSpan query_grid(int64_t w, int64_t r, BranchKind kind, bool causal, int64_t h,
+                                                int64_t s, int64_t sub, int64_t N) {
+  if (kind == BranchKind::dilated) return key_grid(w, r, h, s, N);
+  const int64_t start = s * w, len = N - start < w ? N - start : w, o = h % r;
+  return residue_span(start, len, r, causal && sub < o ? sub + r : sub);
+}
 
 }  // namespace dilatron::kernels
