@@ -5,7 +5,7 @@ inside each segment (one batched einsum over all segments and heads of an offset
 scores materialised), scatter the rows back, and merge the branches by their log-sum-exp. Autograd
 comes from torch.
 
-It computes the function of ../../../shared/specs/dilated-attention.md (the contract) without dropout:
+It computes the function of docs/attention-contract.md (the contract) without dropout:
 dilatron's attention dropout draws its mask bits from Philox4x32-10 keyed per (b, h, branch, t, j),
 which this twin does not reproduce. Everything else is supported: several branches, per-head
 offsets (any H, also not a multiple of r), ragged last segments (w not dividing N), causal masking,

@@ -99,7 +99,7 @@ class Backend {
   // out contiguous [B, N, H, D]: out[..., 2i] = x[2i] cos - x[2i+1] sin, out[..., 2i+1] = x[2i+1] cos + x[2i] sin.
   virtual void rotary(Tensor& out, const Tensor& x, const Tensor& cos, const Tensor& sin) = 0;
 
-  // ---- flash dilated attention (the contract: ../shared/specs/dilated-attention.md) ----
+  // ---- flash dilated attention (the contract: docs/attention-contract.md) ----
   // q, k, v, o: contiguous [B, N, H, D]; lse: [B, H, N] in q's dtype (float32, or float64 for float64 inputs:
   // a float32 lse would cap the float64 backward at float32 accuracy); bias: [H, num_buckets] or undefined.
   virtual void dilated_attention_forward(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
