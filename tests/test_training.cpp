@@ -58,6 +58,23 @@ std::string expect_error(const std::function<void()>& f) {
   return "";
 }
 
+std::string read_text(const fs::path& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// A tiny two-stage curriculum: 128 tokens x 2 under a shorter schedule, then the model's 256 x 4
+// (passkey samples need at least 127 tokens).
+std::vector<std::string> two_stages(int64_t first, int64_t second, std::vector<std::string> more = {}) {
+  more.push_back("model.seq_len=256");
+  more.push_back("train.stages=[{steps=" + std::to_string(first) +
+                 ", seq_len=128, batch_size=2, schedule=\"16:1,128:4\"}, {steps=" + std::to_string(second) + "}]");
+  more.push_back("train.steps=" + std::to_string(first + second));
+  return more;
+}
+
 }  // namespace
 
 TEST(Training, LossGoesDownOnTinyConfig) {
@@ -98,6 +115,71 @@ TEST(Training, ResumeIsExact) {
   joined.insert(joined.end(), part2.losses.begin(), part2.losses.end());
   EXPECT_EQ(joined, straight.losses);  // bit-identical doubles
   EXPECT_EQ(parameters_of(part2.last_checkpoint), parameters_of(straight.last_checkpoint));
+}
+
+TEST(Training, CurriculumStagesShowInMetricsAndCheckpoints) {
+  const fs::path dir = fresh_dir("stages");
+  const RunConfig c = load_config(kTiny, two_stages(3, 2, {"train.eval_every=4", "train.checkpoint_every=0"}));
+  const TrainResult r = train(c, quiet(dir));
+  ASSERT_EQ(r.losses.size(), 5u);
+  std::vector<std::string> steps, evals;
+  std::istringstream lines(read_text(dir / "metrics.jsonl"));
+  for (std::string line; std::getline(lines, line);) (line.find("\"loss\"") != std::string::npos ? steps : evals).push_back(line);
+  ASSERT_EQ(steps.size(), 5u);
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const std::string shape = i < 3 ? "\"stage\": 1, \"seq_len\": 128, \"batch_size\": 2,"
+                                    : "\"stage\": 2, \"seq_len\": 256, \"batch_size\": 4,";
+    EXPECT_NE(steps[i].find(shape), std::string::npos) << steps[i];
+  }
+  ASSERT_EQ(evals.size(), 2u);  // at step 4 and at the end, both in stage 2
+  for (const std::string& e : evals) EXPECT_NE(e.find("\"stage\": 2, \"eval\": \"passkey\""), std::string::npos) << e;
+  const CheckpointSummary s = read_checkpoint_summary(r.last_checkpoint);
+  EXPECT_EQ(s.state.stage, 2);
+  EXPECT_EQ(s.state.tokens_seen, 3 * 2 * 128 + 2 * 4 * 256);
+}
+
+TEST(Training, StageTooShortForTheTaskNamesTheStage) {
+  const RunConfig c = load_config(kTiny, {"train.stages=[{steps=1, seq_len=64}, {steps=1}]", "train.steps=2"});
+  const std::string msg = expect_error([&] { train(c, quiet(fresh_dir("stages_short"))); });
+  EXPECT_NE(msg.find("train.stages[0].seq_len = 64"), std::string::npos) << msg;
+}
+
+// Stopped inside stage 1, exactly at the boundary, and inside stage 2, then resumed: the same
+// losses and parameters as straight through.
+TEST(Training, CurriculumResumeIsExactInAndBetweenStages) {
+  const RunConfig c = load_config(kTiny, two_stages(3, 4, {"train.checkpoint_every=0", "model.dropout=0.1",
+                                                           "model.attn_dropout=0.1"}));
+  const TrainResult straight = train(c, quiet(fresh_dir("stages_straight")));
+  ASSERT_EQ(straight.losses.size(), 7u);
+  for (const int64_t stop : {2, 3, 5}) {
+    SCOPED_TRACE("stopped at step " + std::to_string(stop));
+    const fs::path dir = fresh_dir("stages_split_" + std::to_string(stop));
+    TrainOptions first = quiet(dir);
+    first.stop_at_step = stop;
+    const TrainResult part1 = train(c, first);
+    ASSERT_TRUE(part1.interrupted);
+    EXPECT_EQ(read_checkpoint_summary(part1.last_checkpoint).state.stage, stop <= 3 ? 1 : 2);
+    TrainOptions second = quiet(dir);
+    second.resume = "auto";
+    const TrainResult part2 = train(c, second);
+    EXPECT_EQ(part2.first_step, stop);
+    std::vector<double> joined = part1.losses;
+    joined.insert(joined.end(), part2.losses.begin(), part2.losses.end());
+    EXPECT_EQ(joined, straight.losses);  // bit-identical doubles
+    EXPECT_EQ(parameters_of(part2.last_checkpoint), parameters_of(straight.last_checkpoint));
+  }
+}
+
+TEST(Training, ResumeUnderDifferentStagesIsAnError) {
+  const fs::path dir = fresh_dir("stages_changed");
+  TrainOptions o = quiet(dir);
+  o.stop_at_step = 4;
+  train(load_config(kTiny, two_stages(3, 2, {"train.checkpoint_every=0"})), o);  // step 4 is in stage 2
+  o.stop_at_step = -1;
+  o.resume = "auto";
+  const std::string msg = expect_error([&] { train(load_config(kTiny, two_stages(5, 2)), o); });
+  EXPECT_NE(msg.find("stage 2 at step 4"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("in stage 1"), std::string::npos) << msg;
 }
 
 TEST(Training, KeepsOnlyTheNewestCheckpointsAndFindsLatest) {
@@ -180,6 +262,87 @@ TEST(Config, ErrorsNameTheKey) {
   EXPECT_NE(err(base + "[train]\ndtype = \"float16\"\n").find("train.dtype"), std::string::npos);
 }
 
+TEST(Config, CurriculumStages) {
+  const std::string base = "[attention]\nschedule = \"16:1,64:4\"\n[model]\nseq_len = 64\nn_layers = 2\n";
+  const RunConfig c = parse_config(base + R"(
+[[train.stages]]
+steps = 3
+seq_len = 32
+batch_size = 2
+schedule = "32:1"
+layers = { 1 = "8:1,32:4" }
+
+[[train.stages]]
+steps = 5
+)", "stages.toml");
+  EXPECT_EQ(c.train.steps, 8);  // absent: the stages' sum
+  ASSERT_EQ(c.train.stages.size(), 2u);
+  const StageConfig& a = c.train.stages[0];
+  EXPECT_EQ(a.steps, 3);
+  EXPECT_EQ(a.seq_len, 32);
+  EXPECT_EQ(a.batch_size, 2);
+  EXPECT_EQ(a.layer_schedules, (std::vector<Schedule>{{{32, 1}}, {{8, 1}, {32, 4}}}));
+  const StageConfig& b = c.train.stages[1];  // the model's shape
+  EXPECT_EQ(b.seq_len, 64);
+  EXPECT_EQ(b.batch_size, c.data.batch_size);
+  EXPECT_EQ(b.layer_schedules, c.model.layer_schedules);
+  EXPECT_EQ(training_stages(c).size(), 2u);
+  EXPECT_EQ(stage_of_step(c.train.stages, 0), 0u);
+  EXPECT_EQ(stage_of_step(c.train.stages, 3), 0u);
+  EXPECT_EQ(stage_of_step(c.train.stages, 4), 1u);
+  EXPECT_EQ(stage_of_step(c.train.stages, 8), 1u);
+  // The effective config a checkpoint stores reads back the same.
+  const RunConfig stored = parse_config(c.toml, "stored");
+  ASSERT_EQ(stored.train.stages.size(), 2u);
+  EXPECT_EQ(stored.train.stages[0].layer_schedules, a.layer_schedules);
+
+  // Without stages: one, the model's.
+  const RunConfig plain = parse_config(base + "[train]\nsteps = 7\n", "plain.toml");
+  const std::vector<StageConfig> one = training_stages(plain);
+  ASSERT_EQ(one.size(), 1u);
+  EXPECT_EQ(one[0].steps, 7);
+  EXPECT_EQ(one[0].seq_len, 64);
+  EXPECT_EQ(one[0].layer_schedules, plain.model.layer_schedules);
+  // train.steps equal to the sum is fine; an empty array is no stages.
+  EXPECT_EQ(parse_config(base + "[train]\nsteps = 4\n[[train.stages]]\nsteps = 4\n", "s.toml").train.stages.size(), 1u);
+  EXPECT_TRUE(parse_config(base + "[train]\nsteps = 9\nstages = []\n", "s.toml").train.stages.empty());
+}
+
+TEST(Config, CurriculumStageErrorsNameTheStageAndKey) {
+  const std::string base = "[attention]\nschedule = \"16:1,64:4\"\n[model]\nseq_len = 64\nn_layers = 2\n";
+  const auto err = [&](const std::string& stages) {
+    return expect_error([&] { parse_config(base + "[[train.stages]]\nsteps = 2\n" + stages, "bad.toml"); });
+  };
+  const auto expect_has = [](const std::string& msg, std::initializer_list<const char*> parts) {
+    for (const char* p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
+  };
+  expect_has(err("[[train.stages]]\nsteps = 2\nseqlen = 32\n"), {"unknown key", "train.stages[1].seqlen"});
+  expect_has(err("[[train.stages]]\nsteps = 2\nseq_len = \"long\"\n"), {"train.stages[1].seq_len", "'long'"});
+  expect_has(err("[[train.stages]]\nsteps = 2\nseq_len = 128\n"), {"train.stages[1].seq_len", "model.seq_len = 64", "128"});
+  expect_has(err("[[train.stages]]\nsteps = 0\n"), {"train.stages[1].steps", "got 0"});
+  expect_has(err("[[train.stages]]\nseq_len = 32\n"), {"train.stages[1].steps", "missing"});
+  expect_has(err("[[train.stages]]\nsteps = 2\nbatch_size = -1\n"), {"train.stages[1].batch_size", "-1"});
+  expect_has(err("[[train.stages]]\nsteps = 2\nschedule = \"16:0\"\n"), {"train.stages[1].schedule", "\"16:0\"", "dilation r = 0"});
+  expect_has(err("[[train.stages]]\nsteps = 2\nlayers = { 9 = \"8:1\" }\n"), {"train.stages[1].layers.9", "names no layer"});
+  expect_has(err("[[train.stages]]\nsteps = 2\nlayers = { 1 = 5 }\n"), {"train.stages[1].layers.1", "5"});
+  expect_has(err("[train]\nsteps = 10\n"), {"train.steps", "is 10", "sum to 2"});
+  expect_has(expect_error([&] { parse_config(base + "[train]\nstages = 3\n", "bad.toml"); }), {"train.stages", "array of tables"});
+  expect_has(expect_error([&] { parse_config(base + "[train]\nstages = [{steps = 1}, 2]\n", "bad.toml"); }),
+             {"train.stages[1]", "a table"});
+  // Coverage at the stage's seq_len: dilation 4 alone (one head) misses positions of layer 0; a
+  // per-stage override of layer 1 alone.
+  const std::string one_head = "[attention]\nschedule = \"64:1\"\n[model]\nseq_len = 64\nn_layers = 2\nn_heads = 1\nd_model = 8\n";
+  expect_has(expect_error([&] {
+               parse_config(one_head + "[[train.stages]]\nsteps = 1\n[[train.stages]]\nsteps = 1\nseq_len = 32\n"
+                                       "schedule = \"32:4\"\n", "bad.toml");
+             }),
+             {"train.stages[1]", "seq_len 32", "layer 0", "unattended"});
+  expect_has(expect_error([&] {
+               parse_config(one_head + "[[train.stages]]\nsteps = 1\nlayers = { 1 = \"64:2\" }\n", "bad.toml");
+             }),
+             {"train.stages[0]", "layer 1"});
+}
+
 TEST(Config, OverridesAndPerLayerSchedules) {
   const RunConfig c = load_config(kTiny, {"model.n_layers=3", "attention.layers.2=\"32:1,128:4\"", "train.lr=0.01"});
   ASSERT_EQ(c.model.layer_schedules.size(), 3u);
@@ -211,6 +374,24 @@ TEST(Model, GradcheckOnATinyFloat64Model) {
       },
       model->parameters(), /*max_elements=*/8);
   EXPECT_TRUE(r.ok) << r.message << " (max abs error " << r.max_abs_error << ")";
+}
+
+// Parameters do not depend on the schedules, so switching them equals building with them.
+TEST(Model, SetAttentionSchedulesMatchesAModelBuiltWithThem) {
+  const RunConfig a = load_config(kTiny, {"attention.schedule=\"16:1,64:4,128:8\""});
+  const RunConfig b = load_config(kTiny, {"attention.schedule=\"32:1\"", "attention.layers.1=\"8:1,128:16\""});
+  auto model = build_model(a, std::make_shared<Generator>(0));
+  auto reference = build_model(b, std::make_shared<Generator>(0));
+  model->set_attention_schedules(b.model.layer_schedules);
+  EXPECT_EQ(model->config().layer_schedules, b.model.layer_schedules);
+  model->eval();
+  reference->eval();
+  Generator gen(2);
+  std::vector<int64_t> ids(2 * 128);
+  for (int64_t& id : ids) id = static_cast<int64_t>(gen.next_below(256));
+  const Tensor tokens = Tensor::from_vector(ids, {2, 128});
+  EXPECT_EQ(model->forward(tokens).to_vector<double>(), reference->forward(tokens).to_vector<double>());
+  EXPECT_NE(expect_error([&] { model->set_attention_schedules({{{16, 1}}}); }).find("1 layer schedules"), std::string::npos);
 }
 
 TEST(Model, XposRejectsLengthsWhoseScaleLeavesFloat32) {
@@ -277,6 +458,24 @@ TEST_F(TrainCommand, SigintLeavesALoadableCheckpoint) {
   const TrainResult r = train(load_config(kTiny, {"train.checkpoint_every=0", "train.steps=" + std::to_string(stopped_at + 2)}), o);
   EXPECT_EQ(r.first_step, stopped_at);
   EXPECT_EQ(r.steps_done, stopped_at + 2);
+}
+
+TEST_F(TrainCommand, TrainPrintsTheStagesAndInspectShowsTheStage) {
+  const fs::path dir = fresh_dir("stages_cli");
+  fs::create_directories(dir);
+  const std::string log = (dir / "train.log").string();
+  const int status = run(binary() + " train " + kTiny + " --out " + dir.string() +
+                         " --set model.seq_len=256 --set 'train.stages=[{steps=2, seq_len=128, schedule=\"128:1\"}, {steps=1}]'"
+                         " --set train.steps=3"
+                         " > " + log + " 2>&1");
+  const std::string out = read_text(log);
+  ASSERT_EQ(status, 0) << out;
+  EXPECT_NE(out.find("stage 1/2: steps 1-2, batch 4 x 128 tokens, attention 128:1"), std::string::npos) << out;
+  EXPECT_NE(out.find("stage 2/2: steps 3-3, batch 4 x 256 tokens, attention 16:1,64:4,128:8"), std::string::npos) << out;
+  EXPECT_NE(out.find("stage 2/2 | step 3/3"), std::string::npos) << out;  // the progress line
+  ASSERT_EQ(run(binary() + " inspect " + dir.string() + " > " + (dir / "inspect.txt").string() + " 2>&1"), 0);
+  const std::string inspect = read_text(dir / "inspect.txt");
+  EXPECT_NE(inspect.find("step: 3\nstage: 2 of 2\n"), std::string::npos) << inspect;
 }
 
 TEST_F(TrainCommand, H5pyReadsEveryParameterInspectLists) {

@@ -560,7 +560,9 @@ struct TrainBenchArgs {
 void run_train_bench(const TrainBenchArgs& a) {
   DILATRON_CHECK(a.steps > a.warmup && a.warmup >= 0, "--steps (", a.steps, ") must exceed --warmup (", a.warmup, ")");
   std::vector<std::string> set = a.set;
-  for (const std::string& s : {"train.steps=" + std::to_string(a.steps), std::string("train.eval_every=0"),
+  // The model's own shape: no curriculum stages (an empty train.stages is none).
+  for (const std::string& s : {"train.steps=" + std::to_string(a.steps), std::string("train.stages=[]"),
+                               std::string("train.eval_every=0"),
                                std::string("train.checkpoint_every=0"), std::string("train.keep_checkpoints=1")})
     set.push_back(s);
   const RunConfig cfg = load_config(a.config, set);

@@ -27,6 +27,30 @@ struct TrainArgs {
   std::string out;
 };
 
+// The curriculum, one line per stage (nothing without [[train.stages]]).
+void print_stages(const RunConfig& cfg) {
+  int64_t first = 1;
+  for (size_t i = 0; i < cfg.train.stages.size(); ++i) {
+    const StageConfig& s = cfg.train.stages[i];
+    // One schedule when all layers share it, else each layer's, separated by " | ".
+    const bool shared = std::all_of(s.layer_schedules.begin(), s.layer_schedules.end(),
+                                    [&](const Schedule& l) { return l == s.layer_schedules.front(); });
+    std::string schedules;
+    for (size_t l = 0; l < (shared ? 1 : s.layer_schedules.size()); ++l) {
+      if (l) schedules += " | ";
+      for (size_t i = 0; i < s.layer_schedules[l].size(); ++i) {
+        const auto& b = s.layer_schedules[l][i];
+        if (i) schedules += ",";
+        schedules += std::to_string(b.segment) + ":" + std::to_string(b.dilation);
+      }
+    }
+    std::fprintf(stderr, "  stage %zu/%zu: steps %lld-%lld, batch %lld x %lld tokens, attention %s\n", i + 1,
+                 cfg.train.stages.size(), static_cast<long long>(first), static_cast<long long>(first + s.steps - 1),
+                 static_cast<long long>(s.batch_size), static_cast<long long>(s.seq_len), schedules.c_str());
+    first += s.steps;
+  }
+}
+
 void run_train(const TrainArgs& a) {
   const RunConfig cfg = load_config(a.config, a.set);
   TrainOptions o;
@@ -37,6 +61,7 @@ void run_train(const TrainArgs& a) {
   std::fprintf(stderr, "training %s -> %s (%lld steps, batch %lld x %lld tokens)\n", a.config.c_str(),
                o.out_dir.c_str(), static_cast<long long>(cfg.train.steps), static_cast<long long>(cfg.data.batch_size),
                static_cast<long long>(cfg.model.seq_len));
+  print_stages(cfg);
   const TrainResult r = train(cfg, o);
   std::signal(SIGINT, SIG_DFL);
   std::printf("checkpoint: %s\n", r.last_checkpoint.c_str());
@@ -154,8 +179,18 @@ void run_sample(const SampleArgs& a) {
 void run_inspect(const std::string& path) {
   const std::string ckpt = resolve_checkpoint(path);
   const CheckpointSummary s = read_checkpoint_summary(ckpt);
-  std::printf("checkpoint: %s\nversion: %s\nstep: %lld\ntokens seen: %lld\nparameters: %lld\n\n", ckpt.c_str(),
-              s.version.c_str(), static_cast<long long>(s.state.step), static_cast<long long>(s.state.tokens_seen),
+  std::printf("checkpoint: %s\nversion: %s\nstep: %lld\n", ckpt.c_str(), s.version.c_str(),
+              static_cast<long long>(s.state.step));
+  if (s.state.stage > 0) {
+    // "of N" from the stored config, when this dilatron still reads it.
+    std::string of;
+    try {
+      of = " of " + std::to_string(training_stages(parse_config(s.config_toml, ckpt + " (stored config)")).size());
+    } catch (const Error&) {
+    }
+    std::printf("stage: %lld%s\n", static_cast<long long>(s.state.stage), of.c_str());
+  }
+  std::printf("tokens seen: %lld\nparameters: %lld\n\n", static_cast<long long>(s.state.tokens_seen),
               static_cast<long long>(s.num_parameters));
   for (const auto& [name, shape] : s.parameters) std::printf("  %-40s %s\n", name.c_str(), shape_str(shape).c_str());
   std::printf("\nconfig:\n%s\n", s.config_toml.c_str());

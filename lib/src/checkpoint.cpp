@@ -46,6 +46,7 @@ TrainingState read_state(const h5::File& f) {
   s.data_offset = get_u64(f, "data_rng_offset");
   s.dropout_seed = get_u64(f, "dropout_rng_seed");
   s.dropout_offset = get_u64(f, "dropout_rng_offset");
+  if (f.has_attr("/", "stage")) s.stage = f.get_attr_int("/", "stage");  // absent before curriculum stages
   return s;
 }
 
@@ -88,6 +89,7 @@ void save_checkpoint(const std::string& path, const nn::Module& model, const opt
     f.set_attr("/", "data_rng_offset", bits(s.data_offset));
     f.set_attr("/", "dropout_rng_seed", bits(s.dropout_seed));
     f.set_attr("/", "dropout_rng_offset", bits(s.dropout_offset));
+    f.set_attr("/", "stage", s.stage);
   });
 }
 

@@ -18,10 +18,11 @@ class Reader {
  public:
   Reader(toml::table& root, std::string source) : root_(root), source_(std::move(source)) {}
 
+  // Returns whether the key is present (out keeps its default otherwise).
   template <typename T>
-  void read(const std::string& key, T& out) {
+  bool read(const std::string& key, T& out) {
     const toml::node* node = find(key);
-    if (!node) return;
+    if (!node) return false;
     if constexpr (std::is_same_v<T, bool>) {
       if (!node->is_boolean()) type_error(key, *node, "a boolean");
       out = node->as_boolean()->get();
@@ -46,17 +47,19 @@ class Reader {
         out.push_back(el.as_integer()->get());
       }
     }
+    return true;
   }
 
   template <typename T>
-  void read_range(const std::string& key, T& out, double lo, double hi) {
-    read(key, out);
+  bool read_range(const std::string& key, T& out, double lo, double hi) {
+    const bool present = read(key, out);
     const double v = static_cast<double>(out);
     if (!(v >= lo && v <= hi)) {
       std::ostringstream os;
       os << "must be in [" << lo << ", " << hi << "], got " << v;
       fail(key, os.str());
     }
+    return present;
   }
 
   // Keys of a table (for per-layer schedules), marking the table itself as known.
@@ -68,6 +71,18 @@ class Reader {
     std::vector<std::string> keys;
     for (const auto& [k, v] : *t) keys.emplace_back(k.str());
     return keys;
+  }
+
+  // Length of an array of tables ([[train.stages]]), marking the array itself as known; its
+  // elements are read as "key[i].name".
+  size_t table_array_size(const std::string& key) {
+    const toml::node* node = find(key);
+    if (!node) return 0;
+    const toml::array* a = node->as_array();
+    if (!a) type_error(key, *node, "an array of tables");
+    for (size_t i = 0; i < a->size(); ++i)
+      if (!(*a)[i].is_table()) type_error(key + "[" + std::to_string(i) + "]", (*a)[i], "a table");
+    return a->size();
   }
 
   [[noreturn]] void fail(const std::string& key, const std::string& what) const {
@@ -93,13 +108,20 @@ class Reader {
   [[noreturn]] void type_error(const std::string& key, const toml::node& node, const char* expected) const {
     std::ostringstream os;
     os << "must be " << expected << ", got " << node.type();
+    if (node.is_value()) os << " " << toml::node_view<const toml::node>(&node);
     fail(key, os.str());
   }
   void collect_unknown(const toml::table& t, const std::string& prefix, std::vector<std::string>& out) const {
     for (const auto& [k, v] : t) {
       const std::string key = prefix.empty() ? std::string(k.str()) : prefix + "." + std::string(k.str());
-      if (!known_.count(key)) out.push_back(key);
-      else if (const toml::table* sub = v.as_table()) collect_unknown(*sub, key, out);
+      if (!known_.count(key)) {
+        out.push_back(key);
+      } else if (const toml::table* sub = v.as_table()) {
+        collect_unknown(*sub, key, out);
+      } else if (const toml::array* arr = v.as_array()) {
+        for (size_t i = 0; i < arr->size(); ++i)
+          if (const toml::table* el = (*arr)[i].as_table()) collect_unknown(*el, key + "[" + std::to_string(i) + "]", out);
+      }
     }
   }
 
@@ -135,7 +157,34 @@ Schedule read_schedule(Reader& r, const std::string& key, const std::string& tex
   try {
     return parse_schedule(text);
   } catch (const Error& e) {
-    r.fail(key, std::string("is not a valid schedule: ") + e.what());
+    r.fail(key, "is not a valid schedule (\"" + text + "\"): " + e.what());
+  }
+}
+
+// Per-layer schedules from the table `key` ([attention.layers], a stage's layers): layer number -> schedule.
+void read_layer_overrides(Reader& r, const std::string& key, std::vector<Schedule>& schedules) {
+  const auto n_layers = static_cast<long>(schedules.size());
+  for (const std::string& k : r.table_keys(key)) {
+    char* end = nullptr;
+    const long l = std::strtol(k.c_str(), &end, 10);
+    const std::string layer_key = key + "." + k;
+    if (*end != '\0' || l < 0 || l >= n_layers)
+      r.fail(layer_key, "names no layer (layers are 0.." + std::to_string(n_layers - 1) + ")");
+    std::string text;
+    r.read(layer_key, text);
+    schedules[static_cast<size_t>(l)] = read_schedule(r, layer_key, text);
+  }
+}
+
+// Every layer's schedule must reach every (t, h) at length n; `where` begins the message.
+void check_coverage(const std::string& where, const std::vector<Schedule>& schedules, int64_t n_heads, int64_t n) {
+  for (size_t l = 0; l < schedules.size(); ++l) {
+    const Coverage cov = schedule_coverage(schedules[l], n_heads, n, /*causal=*/true);
+    if (!cov.full) {
+      throw Error(where + "layer " + std::to_string(l) + " schedule leaves position " +
+                  std::to_string(cov.first_uncovered_t) + " of head " + std::to_string(cov.first_uncovered_h) +
+                  " unattended (add a branch with dilation 1, or more heads)");
+    }
   }
 }
 
@@ -168,24 +217,43 @@ void read_attention(Reader& r, RunConfig& c) {
       r.fail("attention.generator", "must be \"geometric\" or \"local_then_dilated\", got \"" + generator + "\"");
     }
   }
-  for (const std::string& k : r.table_keys("attention.layers")) {
-    char* end = nullptr;
-    const long l = std::strtol(k.c_str(), &end, 10);
-    const std::string key = "attention.layers." + k;
-    if (*end != '\0' || l < 0 || l >= m.n_layers)
-      r.fail(key, "names no layer (layers are 0.." + std::to_string(m.n_layers - 1) + ")");
-    std::string text;
-    r.read(key, text);
-    m.layer_schedules[static_cast<size_t>(l)] = read_schedule(r, key, text);
+  read_layer_overrides(r, "attention.layers", m.layer_schedules);
+  check_coverage(c.source + ": ", m.layer_schedules, m.n_heads, m.seq_len);
+}
+
+// [[train.stages]]: each stage's defaults come from the model, data and attention sections; with
+// stages, train.steps is their sum (given or not).
+void read_stages(Reader& r, RunConfig& c, bool steps_given) {
+  const ModelConfig& m = c.model;
+  TrainConfig& t = c.train;
+  const size_t n = r.table_array_size("train.stages");
+  int64_t total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const std::string stage = "train.stages[" + std::to_string(i) + "]", at = stage + ".";
+    StageConfig s{0, m.seq_len, c.data.batch_size, m.layer_schedules};
+    if (!r.read(at + "steps", s.steps)) r.fail(at + "steps", "is missing (each stage needs its number of steps)");
+    r.read_range(at + "steps", s.steps, 1, int64_t{1} << 40);
+    r.read_range(at + "seq_len", s.seq_len, 8, 1 << 24);
+    if (s.seq_len > m.seq_len)
+      r.fail(at + "seq_len", "must be <= model.seq_len = " + std::to_string(m.seq_len) + ", got " + std::to_string(s.seq_len));
+    if (c.data.task == "passkey" && s.seq_len < c.data.min_distance)
+      r.fail(at + "seq_len", "must be >= data.min_distance = " + std::to_string(c.data.min_distance) + ", got " +
+                                 std::to_string(s.seq_len));
+    r.read_range(at + "batch_size", s.batch_size, 1, 1 << 20);
+    std::string schedule;
+    if (r.read(at + "schedule", schedule))
+      s.layer_schedules.assign(static_cast<size_t>(m.n_layers), read_schedule(r, at + "schedule", schedule));
+    read_layer_overrides(r, at + "layers", s.layer_schedules);
+    check_coverage(c.source + ": " + stage + " (seq_len " + std::to_string(s.seq_len) + "): ", s.layer_schedules,
+                   m.n_heads, s.seq_len);
+    total += s.steps;
+    t.stages.push_back(std::move(s));
   }
-  for (size_t l = 0; l < m.layer_schedules.size(); ++l) {
-    const Coverage cov = schedule_coverage(m.layer_schedules[l], m.n_heads, m.seq_len, /*causal=*/true);
-    if (!cov.full) {
-      throw Error(c.source + ": layer " + std::to_string(l) + " schedule leaves position " +
-                  std::to_string(cov.first_uncovered_t) + " of head " + std::to_string(cov.first_uncovered_h) +
-                  " unattended (add a branch with dilation 1, or more heads)");
-    }
-  }
+  if (t.stages.empty()) return;
+  if (!steps_given) t.steps = total;
+  if (t.steps != total)
+    r.fail("train.steps", "is " + std::to_string(t.steps) + " but the steps of train.stages sum to " +
+                              std::to_string(total) + " (leave train.steps out, or match them)");
 }
 
 }  // namespace
@@ -245,7 +313,7 @@ RunConfig parse_config(const std::string& text, const std::string& source, const
   if (d.task != "passkey" && d.task != "text") r.fail("data.task", "must be \"passkey\" or \"text\", got \"" + d.task + "\"");
 
   TrainConfig& t = c.train;
-  r.read_range("train.steps", t.steps, 0, int64_t{1} << 40);
+  const bool steps_given = r.read_range("train.steps", t.steps, 0, int64_t{1} << 40);
   r.read_range("train.lr", t.lr, 0.0, 10.0);
   r.read_range("train.min_lr", t.min_lr, 0.0, 10.0);
   r.read_range("train.warmup_steps", t.warmup_steps, 0, int64_t{1} << 40);
@@ -267,6 +335,7 @@ RunConfig parse_config(const std::string& text, const std::string& source, const
   } catch (const Error& e) {
     r.fail("train.device", e.what());
   }
+  read_stages(r, c, steps_given);
 
   EvalConfig& e = c.eval;
   r.read("eval.lengths", e.lengths);
@@ -279,6 +348,18 @@ RunConfig parse_config(const std::string& text, const std::string& source, const
 
   r.reject_unknown();
   return c;
+}
+
+std::vector<StageConfig> training_stages(const RunConfig& c) {
+  if (!c.train.stages.empty()) return c.train.stages;
+  return {StageConfig{c.train.steps, c.model.seq_len, c.data.batch_size, c.model.layer_schedules}};
+}
+
+size_t stage_of_step(const std::vector<StageConfig>& stages, int64_t step) {
+  int64_t end = 0;
+  for (size_t i = 0; i < stages.size(); ++i)
+    if (step <= (end += stages[i].steps)) return i;
+  return stages.empty() ? 0 : stages.size() - 1;
 }
 
 RunConfig load_config(const std::string& path, const std::vector<std::string>& overrides) {

@@ -94,12 +94,16 @@ DilatedSelfAttention::DilatedSelfAttention(const ModelConfig& c, const Schedule&
   init_linear(*proj, init, c.init_std / std::sqrt(2.0 * static_cast<double>(c.n_layers)));
   if (c.rel_pos_bias) rel_bias = register_parameter("rel_bias", Tensor::zeros({c.n_heads, c.bias_buckets}, opts));
   if (c.positional != "none") rotary_ = std::make_shared<RotaryEmbedding>(c.positional, head_dim_, c.xpos_scale_base);
-  validate_schedule(schedule);
-  attn_.schedule = schedule;
+  set_schedule(schedule);
   attn_.causal = true;
   attn_.dropout = c.attn_dropout;
   attn_.bias_num_buckets = c.bias_buckets;
   attn_.bias_max_distance = c.bias_max_distance;
+}
+
+void DilatedSelfAttention::set_schedule(const Schedule& schedule) {
+  validate_schedule(schedule);
+  attn_.schedule = schedule;
 }
 
 Tensor DilatedSelfAttention::forward(const Tensor& x) {
@@ -162,6 +166,14 @@ TransformerLM::TransformerLM(const ModelConfig& c, uint64_t seed, std::shared_pt
     head = register_module("head", std::make_shared<nn::Linear>(c.d_model, c.vocab_size, init, false, opts));
     init_linear(*head, init, c.init_std);
   }
+}
+
+void TransformerLM::set_attention_schedules(const std::vector<Schedule>& schedules) {
+  DILATRON_CHECK(schedules.size() == blocks.size(), "model: ", schedules.size(), " layer schedules for n_layers = ",
+                 blocks.size());
+  for (const Schedule& s : schedules) validate_schedule(s);  // all or nothing
+  for (size_t l = 0; l < blocks.size(); ++l) blocks[l]->attn->set_schedule(schedules[l]);
+  config_.layer_schedules = schedules;
 }
 
 Tensor TransformerLM::forward(const Tensor& tokens) {

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -33,36 +34,62 @@ std::string format_eta(double seconds) {
   return buf;
 }
 
-// Training batches of either task, drawn from one generator.
+// Training batches of either task in each stage's shape, all drawn from one generator (so its
+// offset stays the whole loader state across stages).
 class Batches {
  public:
-  explicit Batches(const RunConfig& c) : seq_len_(c.model.seq_len), batch_(c.data.batch_size) {
+  Batches(const RunConfig& c, const std::vector<StageConfig>& stages) : stages_(stages) {
     if (c.data.task == "passkey") {
-      passkey_ = std::make_unique<data::PasskeyTask>(passkey_options(c, false));
+      for (size_t i = 0; i < stages.size(); ++i) {
+        data::PasskeyOptions po = passkey_options(c, false);
+        po.seq_len = stages[i].seq_len;
+        try {
+          passkey_.push_back(std::make_unique<data::PasskeyTask>(po));  // built up front: bad shapes fail now
+        } catch (const Error& e) {
+          if (c.train.stages.empty()) throw;
+          throw Error(c.source + ": train.stages[" + std::to_string(i) + "].seq_len = " + std::to_string(po.seq_len) +
+                      ": " + e.what());
+        }
+      }
     } else {
       DILATRON_CHECK(!c.data.path.empty(), c.source, ": data.task = \"text\" needs data.path (a UTF-8 file)");
       text_ = std::make_unique<data::TextDataset>(c.data.path, c.data.val_fraction);
     }
   }
-  Tensor next(Generator& gen) const {
-    return passkey_ ? passkey_->batch(gen, batch_) : text_->sample_batch(data::Split::Train, batch_, seq_len_, gen);
+  Tensor next(Generator& gen, size_t stage) const {
+    const StageConfig& s = stages_[stage];
+    return text_ ? text_->sample_batch(data::Split::Train, s.batch_size, s.seq_len, gen)
+                 : passkey_[stage]->batch(gen, s.batch_size);
   }
   const data::TextDataset* text() const { return text_.get(); }
 
  private:
-  int64_t seq_len_, batch_;
-  std::unique_ptr<data::PasskeyTask> passkey_;
+  std::vector<StageConfig> stages_;
+  std::vector<std::unique_ptr<data::PasskeyTask>> passkey_;  // one per stage
   std::unique_ptr<data::TextDataset> text_;
 };
+
+// Tokens of steps (from, to]: the ETA weighs the remaining steps by their stage's shape.
+double tokens_in_steps(const std::vector<StageConfig>& stages, int64_t from, int64_t to) {
+  double tokens = 0.0;
+  int64_t end = 0;
+  for (const StageConfig& s : stages) {
+    const int64_t begin = end;
+    end += s.steps;
+    const int64_t n = std::max<int64_t>(0, std::min(end, to) - std::max(begin, from));
+    tokens += static_cast<double>(n) * static_cast<double>(s.batch_size * s.seq_len);
+  }
+  return tokens;
+}
 
 void append_line(const std::string& path, const std::string& line) {
   std::ofstream out(path, std::ios::app);
   out << line << "\n";
 }
 
-std::string passkey_json(int64_t step, const PasskeyReport& r) {
+std::string passkey_json(int64_t step, size_t stage, const PasskeyReport& r) {
   std::ostringstream os;
-  os << "{\"step\": " << step << ", \"eval\": \"passkey\", \"by_length\": {";
+  os << "{\"step\": " << step << ", \"stage\": " << stage << ", \"eval\": \"passkey\", \"by_length\": {";
   bool first = true;
   for (const auto& [len, acc] : r.by_length) {
     os << (first ? "" : ", ") << "\"" << len << "\": " << acc.accuracy();
@@ -112,7 +139,11 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
   const optim::WarmupCosine schedule(c.train.lr, std::min(c.train.warmup_steps, c.train.steps), c.train.steps,
                                      c.train.min_lr);
   CheckpointDir ckpts((fs::path(o.out_dir) / "checkpoints").string(), c.train.keep_checkpoints);
-  const Batches batches(c);
+  const std::vector<StageConfig> stages = training_stages(c);
+  const bool staged = !c.train.stages.empty();
+  const Batches batches(c, stages);
+  // Stages count from 1 in metrics, progress and checkpoints; after n steps, the stage is step n's.
+  const auto stage_number = [&](int64_t step) { return stage_of_step(stages, step) + 1; };
 
   TrainingState st;
   st.data_seed = data_gen.seed();
@@ -123,45 +154,59 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
     st = load_checkpoint(resume_path, *model, &opt);
     data_gen.set_state(st.data_seed, st.data_offset);
     dropout_gen->set_state(st.dropout_seed, st.dropout_offset);
+    DILATRON_CHECK(st.stage == 0 || st.stage == static_cast<int64_t>(stage_number(st.step)), "checkpoint '",
+                   resume_path, "' was saved in stage ", st.stage, " at step ", st.step, ", but ", c.source,
+                   " puts step ", st.step, " in stage ", stage_number(st.step), " (were train.stages changed?)");
     std::fprintf(stderr, "resumed from %s at step %lld\n", resume_path.c_str(), static_cast<long long>(st.step));
   }
 
   TrainResult res;
   res.first_step = st.step;
+  size_t stage = stages.size();  // the stage whose schedules the model holds; none yet
   auto save = [&] {
+    st.stage = static_cast<int64_t>(stage_number(st.step));
     st.data_offset = data_gen.offset();
     st.dropout_offset = dropout_gen->offset();
     res.last_checkpoint = ckpts.save(*model, &opt, st, c.toml);
   };
   auto evaluate = [&] {
+    // With the model's own schedules ([attention]), as `dilatron eval` sees it, in any stage.
+    model->set_attention_schedules(c.model.layer_schedules);
     model->eval();
     if (c.data.task == "passkey") {
       const PasskeyReport r = evaluate_passkey(*model, c.eval.lengths, c.train.eval_samples, c.eval.seed,
                                                passkey_options(c, true), c.data.batch_size);
-      append_line(metrics_path, passkey_json(st.step, r));
+      append_line(metrics_path, passkey_json(st.step, stage_number(st.step), r));
       if (o.progress) std::fprintf(stderr, "\n%s", format_passkey_report(r).c_str());
     } else {
       const double vl = evaluate_text_loss(*model, *batches.text(), c.model.seq_len, c.train.eval_samples,
                                            c.data.batch_size);
-      append_line(metrics_path, "{\"step\": " + std::to_string(st.step) + ", \"val_loss\": " + std::to_string(vl) + "}");
+      append_line(metrics_path, "{\"step\": " + std::to_string(st.step) + ", \"stage\": " +
+                                    std::to_string(stage_number(st.step)) + ", \"val_loss\": " + std::to_string(vl) + "}");
       if (o.progress) std::fprintf(stderr, "\nstep %lld: val loss %.4f\n", static_cast<long long>(st.step), vl);
     }
     model->train();
+    if (stage < stages.size()) model->set_attention_schedules(stages[stage].layer_schedules);
   };
 
   const bool tty = isatty(STDERR_FILENO);
   const auto t0 = Clock::now();
-  const int64_t tokens_per_step = c.data.batch_size * c.model.seq_len;
   model->train();
   while (st.step < c.train.steps) {
     if ((o.stop && o.stop->load()) || (o.stop_at_step >= 0 && st.step >= o.stop_at_step)) {
       res.interrupted = true;
       break;
     }
+    if (const size_t k = stage_of_step(stages, st.step + 1); k != stage) {
+      stage = k;
+      model->set_attention_schedules(stages[k].layer_schedules);
+    }
+    const StageConfig& sc = stages[stage];
+    const int64_t tokens_per_step = sc.batch_size * sc.seq_len;
     const auto ts = Clock::now();
     const double lr = schedule.lr_at(st.step);
     opt.set_lr(lr);
-    Tensor batch = batches.next(data_gen).to(Device::parse(c.train.device));
+    Tensor batch = batches.next(data_gen, stage).to(Device::parse(c.train.device));
     Tensor loss = model->loss(batch);
     loss.backward();
     const double gnorm = c.train.grad_clip > 0 ? optim::clip_grad_norm_(model->parameters(), c.train.grad_clip) : 0.0;
@@ -176,16 +221,19 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
     const double step_s = std::chrono::duration<double>(Clock::now() - ts).count();
     const double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
     const double tok_s = static_cast<double>(tokens_per_step) / step_s;
-    const int64_t done_here = st.step - res.first_step;
-    const double eta = elapsed / static_cast<double>(done_here) * static_cast<double>(c.train.steps - st.step);
-    char line[256];
-    std::snprintf(line, sizeof line, "{\"step\": %lld, \"loss\": %.6f, \"lr\": %.6g, \"grad_norm\": %.4f, "
-                  "\"tokens_per_s\": %.1f, \"elapsed_s\": %.2f}", static_cast<long long>(st.step), l, lr, gnorm,
-                  tok_s, elapsed);
+    const double eta = elapsed / tokens_in_steps(stages, res.first_step, st.step) *
+                       tokens_in_steps(stages, st.step, c.train.steps);
+    char line[384];
+    std::snprintf(line, sizeof line, "{\"step\": %lld, \"stage\": %zu, \"seq_len\": %lld, \"batch_size\": %lld, "
+                  "\"loss\": %.6f, \"lr\": %.6g, \"grad_norm\": %.4f, \"tokens_per_s\": %.1f, \"elapsed_s\": %.2f}",
+                  static_cast<long long>(st.step), stage + 1, static_cast<long long>(sc.seq_len),
+                  static_cast<long long>(sc.batch_size), l, lr, gnorm, tok_s, elapsed);
     append_line(metrics_path, line);
     if (o.progress && (st.step % c.train.log_every == 0 || st.step == c.train.steps)) {
-      std::fprintf(stderr, "%sstep %lld/%lld | loss %.4f | %.0f tok/s | lr %.2e | ETA %s%s", tty ? "\r" : "",
-                   static_cast<long long>(st.step), static_cast<long long>(c.train.steps), l, tok_s, lr,
+      char stage_part[48] = "";
+      if (staged) std::snprintf(stage_part, sizeof stage_part, "stage %zu/%zu | ", stage + 1, stages.size());
+      std::fprintf(stderr, "%s%sstep %lld/%lld | loss %.4f | %.0f tok/s | lr %.2e | ETA %s%s", tty ? "\r" : "",
+                   stage_part, static_cast<long long>(st.step), static_cast<long long>(c.train.steps), l, tok_s, lr,
                    format_eta(eta).c_str(), tty ? "   " : "\n");
     }
     if (c.train.eval_every > 0 && st.step % c.train.eval_every == 0 && st.step < c.train.steps) evaluate();

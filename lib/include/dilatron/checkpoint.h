@@ -2,7 +2,7 @@
 //   /model/<parameter name>              one dataset per parameter
 //   /optimizer/<parameter name>/{m,v}    optimizer state per parameter
 //   attributes on /: step, tokens_seen, optimizer_step, data_rng_{seed,offset},
-//                    dropout_rng_{seed,offset}, config (TOML text), version, format
+//                    dropout_rng_{seed,offset}, stage, config (TOML text), version, format
 // Written atomically; loading validates every name, shape and dtype before it changes anything.
 #pragma once
 
@@ -22,6 +22,7 @@ struct TrainingState {
   int64_t tokens_seen = 0;
   uint64_t data_seed = 0, data_offset = 0;        // the data loader's Philox stream
   uint64_t dropout_seed = 0, dropout_offset = 0;  // dropout masks' stream (one offset per call)
+  int64_t stage = 0;  // curriculum stage of the last step done, from 1 (the step implies it); 0: not recorded
 };
 
 // opt may be null (weights-only checkpoint).

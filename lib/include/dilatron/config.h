@@ -19,8 +19,18 @@ struct DataConfig {
   std::string filler = "repeat";  // passkey: "repeat" (the landmark passage) or "random" (random sentences)
 };
 
+// One curriculum stage ([[train.stages]]), its defaults resolved from the rest of the config. A
+// stage's `schedule` replaces every layer's (the [attention.layers] overrides too); its `layers`
+// table then overrides single layers. Every schedule must cover the stage's seq_len.
+struct StageConfig {
+  int64_t steps = 0;
+  int64_t seq_len = 0;                    // <= model.seq_len
+  int64_t batch_size = 0;
+  std::vector<Schedule> layer_schedules;  // one per layer, each covering seq_len
+};
+
 struct TrainConfig {
-  int64_t steps = 1000;
+  int64_t steps = 1000;  // with stages: their sum
   double lr = 3e-3;
   double min_lr = 3e-4;
   int64_t warmup_steps = 50;
@@ -35,6 +45,7 @@ struct TrainConfig {
   int64_t log_every = 1;
   std::string device = "cpu";
   std::string dtype = "float32";
+  std::vector<StageConfig> stages;  // empty: one stage, the model's shape
 };
 
 struct EvalConfig {
@@ -57,5 +68,12 @@ struct RunConfig {
 // parsed as TOML, else taken as a string).
 RunConfig parse_config(const std::string& text, const std::string& source, const std::vector<std::string>& overrides = {});
 RunConfig load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+
+// The stages a run trains through: train.stages, or one stage of train.steps at the model's seq_len,
+// data.batch_size and layer schedules.
+std::vector<StageConfig> training_stages(const RunConfig& config);
+// The stage (index into `stages`) that holds step number `step` (1-based: the step-th optimizer
+// step); step 0 is in the first stage and steps past the end in the last.
+size_t stage_of_step(const std::vector<StageConfig>& stages, int64_t step);
 
 }  // namespace dilatron

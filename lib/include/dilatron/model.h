@@ -70,6 +70,8 @@ class DilatedSelfAttention : public nn::Module {
   DilatedSelfAttention(const ModelConfig& c, const Schedule& schedule, Generator& init,
                        std::shared_ptr<Generator> dropout_gen, TensorOptions opts);
   Tensor forward(const Tensor& x);  // [B, N, d_model]
+  void set_schedule(const Schedule& schedule);  // validated; parameters do not depend on it
+  const Schedule& schedule() const { return attn_.schedule; }
 
   std::shared_ptr<nn::Linear> qkv, proj;
   Tensor rel_bias;  // [H, buckets] when enabled
@@ -104,6 +106,8 @@ class TransformerLM : public nn::Module {
   Tensor loss(const Tensor& batch);
 
   const ModelConfig& config() const { return config_; }
+  // One schedule per layer, e.g. a curriculum stage's; config().layer_schedules follows.
+  void set_attention_schedules(const std::vector<Schedule>& schedules);
 
   std::shared_ptr<nn::Embedding> tok;
   std::shared_ptr<nn::Sequential> layers;                 // "blocks"
