@@ -3,8 +3,10 @@
 
 (a) attention: random float32 q, k, v, do (and a bias table) at awkward sizes go through
     `dilatron attention` and through dilated_attention.py; o, lse, dq, dk, dv (dbias) must agree to
-    1e-5 in the contract's measure, max |twin - dilatron| / max(max |dilatron|, 1); one float64 case
-    to 1e-12, where rounding cannot hide a small difference in the function.
+    1e-5 in the contract's measure, max |twin - dilatron| / max(max |dilatron|, 1); the float64 cases
+    to 1e-12, where rounding cannot hide a small difference in the function. Both branch kinds
+    (dilated `w:r` and key-dilated `w:rk`) are covered, with queries no branch covers (lse = -inf on
+    both sides, at the same (h, t)).
 (b) model: `dilatron train` on a small text file the script writes (configs/tiny.toml, a few steps);
     the twin loads the final checkpoint and scores the validation windows of TextDataset (data.cpp).
     It must match the trainer's own evaluation of that checkpoint (metrics.jsonl's val_loss, printed
@@ -40,12 +42,22 @@ LOSS_TOL = 1e-4
 # name, B, N, H, D, schedule, causal, bias (num_buckets, max_distance) or None, dtype. N = 97 and 1025 leave
 # every segment length ragged; H is not a multiple of most dilations (offset groups of unequal size,
 # some empty); "uncovered" has no r = 1 branch, so some (t, h) get o = 0 and lse = -inf.
+# Key-dilated branches (`w:rk`, every query, keys on the grid): "uncovered" causal cases leave the
+# queries at places u < o of every branch with no key at all (t = 0 for h = 1, 2, ...); the bidir
+# one ends in a ragged segment of length 1, which holds no grid key for h = 1, 2.
 ATTENTION_CASES = [
     ("N97 causal 3 branches", 2, 97, 3, 16, "16:1,40:2,64:4", True, None, np.float32),
     ("N97 bidir uncovered bias", 2, 97, 3, 16, "24:2,50:3", False, (16, 24), np.float32),
     ("N1025 causal 3 branches bias", 1, 1025, 6, 32, "128:1,512:4,1024:8", True, (32, 128), np.float32),
     ("N1025 bidir 2 branches", 1, 1025, 5, 32, "200:1,1000:3", False, None, np.float32),
     ("N97 causal 3 branches bias float64", 2, 97, 3, 16, "16:1,40:2,64:4", True, (16, 24), np.float64),
+    ("N97 causal key-dilated bias", 2, 97, 3, 16, "64:1,97:4k", True, (16, 24), np.float32),
+    ("N97 causal key-dilated uncovered", 2, 97, 3, 16, "40:3k,97:4k", True, (16, 24), np.float32),
+    ("N97 bidir key-dilated uncovered bias", 2, 97, 3, 16, "32:8k,48:6k", False, (16, 24), np.float32),
+    ("N1025 causal key-dilated bias", 1, 1025, 3, 32, "128:1,512:8k,1025:4k", True, (32, 128), np.float32),
+    ("N1025 bidir ragged key-dilated bias", 1, 1025, 3, 32, "300:5k,100:1", False, (32, 128), np.float32),
+    ("N97 causal mixed kinds uncovered bias float64", 2, 97, 3, 16, "16:2,40:3k,97:4k", True, (16, 24), np.float64),
+    ("N97 bidir ragged key-dilated bias float64", 2, 97, 3, 16, "30:5k,20:1", False, (16, 24), np.float64),
 ]
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 
