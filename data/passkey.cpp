@@ -1,5 +1,5 @@
 // The passkey-retrieval task: samples are written straight into their rows from constant text, so a
-// training batch costs a few Philox draws per filler sentence and no allocation beyond the tensor.
+// training batch costs a few Philox draws per filler sentence and no allocation per row.
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -16,6 +16,7 @@ constexpr std::string_view kNeedleHead = "The pass key is ";
 constexpr std::string_view kNeedleMid = ". Remember it. ";
 constexpr std::string_view kNeedleTail = " is the pass key. ";
 constexpr std::string_view kQuestion = "What is the pass key? The pass key is ";
+constexpr std::string_view kAnswerTail = ". ";  // ends an answer inside the filler (questions > 1)
 
 // Filler in the style of the landmark-attention prompt, each sentence with its trailing space.
 constexpr std::string_view kFillerSentences[] = {
@@ -110,7 +111,20 @@ int64_t needle_key_offset(int64_t digits) {
   return static_cast<int64_t>(kNeedleHead.size() + kNeedleMid.size()) + digits;
 }
 
+// The tokens of a sample that are not filler: <bos> needle (question key ". ")^(questions - 1) question
+// key <eos>.
+int64_t fixed_tokens(int64_t digits, int64_t questions) {
+  const auto question = static_cast<int64_t>(kQuestion.size()) + digits;
+  return 1 + needle_length(digits) + (questions - 1) * (question + static_cast<int64_t>(kAnswerTail.size())) +
+         question + 1;
+}
+
 }  // namespace
+
+int64_t PasskeyTask::min_seq_len(int64_t digits, int64_t questions) {
+  // A sentence or more before the needle and before each question.
+  return fixed_tokens(digits, questions) - 1 + (questions + 1) * filler_table().shortest;
+}
 
 PasskeyTask::PasskeyTask(PasskeyOptions options) : options_(options) {
   const int64_t T = options_.seq_len, d = options_.digits;
@@ -120,16 +134,21 @@ PasskeyTask::PasskeyTask(PasskeyOptions options) : options_(options) {
                  "] is not an interval within [0, 1]");
   DILATRON_CHECK(options_.min_distance >= 0 && options_.min_distance <= T, "PasskeyTask: min_distance ",
                  options_.min_distance, " is outside [0, seq_len = ", T, "]");
+  const int64_t K = options_.questions;
+  DILATRON_CHECK(K >= 1, "PasskeyTask: questions ", K, " must be at least 1");
+  DILATRON_CHECK(std::isfinite(options_.answer_weight) && options_.answer_weight > 0.0, "PasskeyTask: answer_weight ",
+                 options_.answer_weight, " must be finite and > 0");
 
-  // <bos> filler needle filler question key <eos> is T + 1 tokens, with a sentence or more per filler.
+  // The fixed tokens and filler make T + 1 tokens, with a sentence or more before the needle and before
+  // each question.
   const int64_t shortest = filler_table().shortest;
-  const int64_t fixed = 1 + needle_length(d) + static_cast<int64_t>(kQuestion.size()) + d + 1;
-  filler_ = T + 1 - fixed;
-  DILATRON_CHECK(filler_ >= 2 * shortest, "PasskeyTask: seq_len ", T, " is too short for a needle and question with ",
-                 d, " digits: needs at least ", fixed - 1 + 2 * shortest);
+  filler_ = T + 1 - fixed_tokens(d, K);
+  DILATRON_CHECK(T >= min_seq_len(d, K), "PasskeyTask: seq_len ", T, " is too short for a needle and ",
+                 K == 1 ? std::string("question") : std::to_string(K) + " questions", " with ", d,
+                 " digits: needs at least ", min_seq_len(d, K));
 
   const auto before_at = [&](double depth) {
-    return std::clamp<int64_t>(std::llround(depth * static_cast<double>(filler_)), shortest, filler_ - shortest);
+    return std::clamp<int64_t>(std::llround(depth * static_cast<double>(filler_)), shortest, filler_ - K * shortest);
   };
   before_lo_ = before_at(options_.min_depth);
   before_hi_ = before_at(options_.max_depth);
@@ -145,10 +164,17 @@ PasskeyTask::PasskeyTask(PasskeyOptions options) : options_(options) {
   for (int64_t k = 1; k < d; ++k) key_low_ *= 10;
 }
 
-std::pair<uint64_t, int64_t> PasskeyTask::write_sample(Generator& gen, int64_t* tokens) const {
-  const int64_t d = options_.digits;
+std::pair<uint64_t, int64_t> PasskeyTask::write_sample(Generator& gen, int64_t* tokens,
+                                                      std::span<int64_t> answer_starts) const {
+  const int64_t d = options_.digits, K = options_.questions, shortest = filler_table().shortest;
   const uint64_t key = static_cast<uint64_t>(key_low_) + gen.next_below(9 * static_cast<uint64_t>(key_low_));
   const int64_t before = before_lo_ + static_cast<int64_t>(gen.next_below(before_hi_ - before_lo_ + 1));
+  // The filler after the needle is K runs of at least `shortest`, each ended by a question: the spare
+  // bytes are cut at K - 1 uniform points (no draws for K = 1, so that sample is the original prompt).
+  // answer_starts[q] holds the q-th cut until the q-th answer start replaces it.
+  const int64_t spare = filler_ - before - K * shortest;
+  for (int64_t q = 0; q + 1 < K; ++q) answer_starts[q] = static_cast<int64_t>(gen.next_below(spare + 1));
+  std::sort(answer_starts.begin(), answer_starts.begin() + (K - 1));
   int64_t* out = tokens;
   *out++ = kBos;
   const bool repeat = options_.filler == PasskeyOptions::Filler::Repeat;
@@ -158,9 +184,18 @@ std::pair<uint64_t, int64_t> PasskeyTask::write_sample(Generator& gen, int64_t* 
   out = write_text(kNeedleMid, out);
   out = write_key(key, d, out);
   out = write_text(kNeedleTail, out);
-  out = repeat ? write_passage(filler_ - before, before, out) : write_filler(filler_ - before, gen, out);
-  out = write_text(kQuestion, out);
-  out = write_key(key, d, out);
+  int64_t cut = 0, phase = before;
+  for (int64_t q = 0; q < K; ++q) {
+    const int64_t next_cut = q + 1 < K ? answer_starts[q] : spare;
+    const int64_t run = shortest + next_cut - cut;
+    out = repeat ? write_passage(run, phase, out) : write_filler(run, gen, out);
+    cut = next_cut;
+    phase += run;
+    out = write_text(kQuestion, out);
+    answer_starts[q] = out - tokens;
+    out = write_key(key, d, out);
+    if (q + 1 < K) out = write_text(kAnswerTail, out);
+  }
   *out = kEos;
   return {key, before};
 }
@@ -169,7 +204,8 @@ PasskeySample PasskeyTask::make_sample(Generator gen) const {
   const int64_t T = options_.seq_len, d = options_.digits;
   PasskeySample s;
   s.tokens.resize(static_cast<size_t>(T + 1));
-  const auto [key, before] = write_sample(gen, s.tokens.data());
+  s.answer_starts.resize(static_cast<size_t>(options_.questions));
+  const auto [key, before] = write_sample(gen, s.tokens.data(), s.answer_starts);
   s.key = std::to_string(key);
   s.needle_position = 1 + before + needle_key_offset(d);
   s.answer_start = T - d;
@@ -182,15 +218,21 @@ PasskeySample PasskeyTask::sample(uint64_t index) const {
   return make_sample(sample_generator(options_.seed, Stream::Train, index));
 }
 
-Tensor PasskeyTask::batch(Generator& gen, int64_t batch) const {
+Batch PasskeyTask::batch(Generator& gen, int64_t batch) const {
   DILATRON_CHECK(batch >= 1, "PasskeyTask::batch: batch ", batch, " must be at least 1");
-  const int64_t width = options_.seq_len + 1;
-  Tensor out = Tensor::empty({batch, width}, DType::Int64);
-  int64_t* rows = out.data<int64_t>();
+  const int64_t T = options_.seq_len, width = T + 1;
+  const double w = options_.answer_weight;
+  Batch out{Tensor::empty({batch, width}, DType::Int64), Tensor()};
+  if (w != 1.0) out.weights = Tensor::full({batch, T}, 1.0, DType::Float64);
+  int64_t* rows = out.tokens.data<int64_t>();
+  std::vector<int64_t> answer_starts(static_cast<size_t>(options_.questions));
   for (int64_t r = 0; r < batch; ++r) {
     Generator sample_gen =
         sample_generator(options_.seed, Stream::Train, gen.next_below(std::numeric_limits<uint64_t>::max()));
-    write_sample(sample_gen, rows + r * width);
+    write_sample(sample_gen, rows + r * width, answer_starts);
+    if (!out.weights.defined()) continue;
+    // Token p is the target of input position p - 1.
+    for (int64_t a : answer_starts) std::fill_n(out.weights.data<double>() + r * T + a - 1, options_.digits, w);
   }
   return out;
 }

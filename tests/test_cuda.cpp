@@ -365,6 +365,10 @@ TEST(CudaNn, CrossEntropyWithIgnoredTargets) {
     check_parity_both(
         [&](const std::vector<Tensor>& in) { return cross_entropy(in[0], in[1], -100, reduction); },
         {logits, targets}, {true, false});
+    // Per-target weights (a constant input: mul's kernels scale the rows).
+    check_parity_both(
+        [&](const std::vector<Tensor>& in) { return cross_entropy(in[0], in[1], -100, reduction, in[2]); },
+        {logits, targets, positive({2, 9}, 29)}, {true, false, false});
   }
   const Tensor bad = Tensor::from_vector<int64_t>({0, 1, 37}, {3});
   const std::string msg = error_message([&] { cross_entropy(randn({3, 37}, 28).to(kGpu), bad.to(kGpu)); });

@@ -243,6 +243,7 @@ void expect_layout(const PasskeySample& s, const PasskeyOptions& o) {
   EXPECT_EQ(s.tokens[0], kBos);
   EXPECT_EQ(s.tokens[T], kEos);
   EXPECT_EQ(s.answer_start, T - d);
+  EXPECT_EQ(s.answer_starts, std::vector<int64_t>{s.answer_start});
   EXPECT_EQ(s.distance, s.answer_start - s.needle_position);
   EXPECT_EQ(decode(std::vector<int64_t>(s.tokens.begin() + s.answer_start, s.tokens.begin() + T)), s.key);
   EXPECT_EQ(decode(std::vector<int64_t>(s.tokens.begin() + s.needle_position,
@@ -316,13 +317,141 @@ TEST(DataPasskey, TrainingBatchRowsAreSamplesAtDrawnIndices) {
   const PasskeyTask task(o);
   Generator gen(3, 10);
   Generator replay = gen;
-  const Tensor b = task.batch(gen, 4);
+  const Batch batch = task.batch(gen, 4);
+  const Tensor& b = batch.tokens;
   ASSERT_EQ(b.shape(), (Shape{4, 301}));
+  EXPECT_FALSE(batch.weights.defined());  // answer_weight 1: every target weighs the same
   EXPECT_EQ(gen.offset(), 14u);
   for (int64_t r = 0; r < 4; ++r)
     EXPECT_EQ(row_ids(b, r), task.sample(replay.next_below(std::numeric_limits<uint64_t>::max())).tokens);
   EXPECT_NE(row_ids(b, 0), row_ids(b, 1));
-  EXPECT_NE(b.to_vector<int64_t>(), task.batch(gen, 4).to_vector<int64_t>());
+  EXPECT_NE(b.to_vector<int64_t>(), task.batch(gen, 4).tokens.to_vector<int64_t>());
+}
+
+// Sample 0 of seed 7 at seq_len 200 as the code wrote it before questions and answer weights existed:
+// one question (the default) must still be that prompt, token for token.
+TEST(DataPasskey, OneQuestionIsTheOriginalPromptBitForBit) {
+  PasskeyOptions o;
+  o.seq_len = 200;
+  o.seed = 7;
+  EXPECT_EQ(decode(PasskeyTask(o).sample(0).tokens),
+            "<bos>Fire is hot. Here we go. The pass key is 90516. Remember it. 90516 is the pass key. The cat sleeps by "
+            "the fire. Fish swim in the lake. The fields are wide. What is the pass key? The pass key is 90516<eos>");
+  o.filler = PasskeyOptions::Filler::Repeat;
+  EXPECT_EQ(decode(PasskeyTask(o).sample(0).tokens),
+            "<bos>The grass is green. The sThe pass key is 90516. Remember it. 90516 is the pass key. ky is blue. The "
+            "sun is yellow. Here we go. There and back again. The graWhat is the pass key? The pass key is 90516<eos>");
+  o.answer_weight = 3.0;  // weights the loss only
+  EXPECT_EQ(decode(PasskeyTask(o).sample(0).tokens).substr(0, 30), "<bos>The grass is green. The s");
+}
+
+TEST(DataPasskey, SeveralQuestionsFollowTheNeedleWithTheKeyAsAnswer) {
+  for (const auto filler : {PasskeyOptions::Filler::Random, PasskeyOptions::Filler::Repeat}) {
+    PasskeyOptions o;
+    o.seq_len = 600;
+    o.questions = 3;
+    o.filler = filler;
+    const PasskeyTask task(o);
+    const int64_t T = o.seq_len, d = o.digits;
+    std::set<int64_t> first_answers;
+    for (uint64_t i = 0; i < 40; ++i) {
+      SCOPED_TRACE(testing::Message() << "repeat " << (filler == PasskeyOptions::Filler::Repeat) << " index " << i);
+      const PasskeySample s = task.sample(i);
+      EXPECT_EQ(s.tokens, task.sample(i).tokens);  // from (seed, index) alone
+      ASSERT_EQ(static_cast<int64_t>(s.tokens.size()), T + 1);
+      EXPECT_EQ(s.tokens[0], kBos);
+      EXPECT_EQ(s.tokens[T], kEos);
+      ASSERT_EQ(s.answer_starts.size(), 3u);
+      EXPECT_EQ(s.answer_starts.back(), s.answer_start);
+      EXPECT_EQ(s.answer_start, T - d);
+      EXPECT_EQ(s.distance, s.answer_start - s.needle_position);
+      EXPECT_EQ(decode(std::vector<int64_t>(s.tokens.begin() + s.needle_position,
+                                            s.tokens.begin() + s.needle_position + d)),
+                s.key);
+      const std::string question = "What is the pass key? The pass key is ";
+      int64_t previous = s.needle_position + d;
+      for (size_t q = 0; q < 3; ++q) {
+        const int64_t a = s.answer_starts[q];
+        EXPECT_GT(a, previous);
+        EXPECT_EQ(decode(std::vector<int64_t>(s.tokens.begin() + a - static_cast<int64_t>(question.size()),
+                                              s.tokens.begin() + a + d)),
+                  question + s.key);
+        if (q < 2) {
+          EXPECT_EQ(decode(std::vector<int64_t>(s.tokens.begin() + a + d, s.tokens.begin() + a + d + 2)), ". ");
+          // Filler between this answer and the next question: whole sentences for the random filler.
+          const int64_t next_question = s.answer_starts[q + 1] - static_cast<int64_t>(question.size());
+          const std::string between = decode(std::vector<int64_t>(s.tokens.begin() + a + d + 2,
+                                                                   s.tokens.begin() + next_question));
+          EXPECT_GE(between.size(), 12u);
+          if (filler == PasskeyOptions::Filler::Random) {
+            EXPECT_TRUE(whole_sentences(between)) << between;
+          }
+        }
+        previous = a + d;
+      }
+      const std::string text = decode(s.tokens);
+      size_t count = 0;
+      for (size_t at = text.find(question); at != std::string::npos; at = text.find(question, at + 1)) ++count;
+      EXPECT_EQ(count, 3u);
+      EXPECT_TRUE(text.ends_with(question + s.key + "<eos>"));
+      first_answers.insert(s.answer_starts[0]);
+    }
+    EXPECT_GT(first_answers.size(), 20u);  // the questions move around
+  }
+}
+
+TEST(DataPasskey, AnswerWeightsMarkEveryAnswerDigitTarget) {
+  PasskeyOptions o;
+  o.seq_len = 400;
+  o.questions = 3;
+  o.answer_weight = 4.5;
+  const PasskeyTask task(o);
+  Generator gen(11), replay(11);
+  const Batch b = task.batch(gen, 3);
+  ASSERT_TRUE(b.weights.defined());
+  ASSERT_EQ(b.weights.shape(), (Shape{3, 400}));
+  ASSERT_EQ(b.weights.dtype(), DType::Float64);
+  const std::vector<double> w = b.weights.to_vector<double>();
+  for (int64_t r = 0; r < 3; ++r) {
+    const PasskeySample s = task.sample(replay.next_below(std::numeric_limits<uint64_t>::max()));
+    EXPECT_EQ(row_ids(b.tokens, r), s.tokens);
+    // Weight column j belongs to the target tokens[j + 1].
+    std::vector<double> want(400, 1.0);
+    for (int64_t a : s.answer_starts)
+      for (int64_t k = 0; k < o.digits; ++k) {
+        want[static_cast<size_t>(a + k - 1)] = 4.5;
+        EXPECT_TRUE(std::isdigit(static_cast<int>(s.tokens[static_cast<size_t>(a + k)])));
+      }
+    EXPECT_EQ(std::vector<double>(w.begin() + r * 400, w.begin() + (r + 1) * 400), want) << "row " << r;
+  }
+  EXPECT_EQ(std::count(w.begin(), w.end(), 4.5), 3 * 3 * 5);
+}
+
+TEST(DataPasskey, QuestionsAndAnswerWeightAreValidated) {
+  const auto message = [](auto edit) {
+    PasskeyOptions o;
+    edit(o);
+    return error_message([&] { PasskeyTask{o}; });
+  };
+  EXPECT_NE(message([](PasskeyOptions& o) { o.questions = 0; }).find("questions 0"), std::string::npos);
+  for (double w : {0.0, -1.0, std::numeric_limits<double>::infinity(), std::numeric_limits<double>::quiet_NaN()}) {
+    const std::string msg = message([w](PasskeyOptions& o) { o.answer_weight = w; });
+    EXPECT_NE(msg.find("answer_weight"), std::string::npos) << msg;
+  }
+  // The shortest seq_len for 4 questions is the one the error names, and min_seq_len agrees.
+  PasskeyOptions o;
+  o.seq_len = 200;
+  o.questions = 4;
+  const std::string msg = error_message([&] { PasskeyTask{o}; });
+  EXPECT_NE(msg.find("seq_len 200"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("4 questions"), std::string::npos) << msg;
+  const int64_t shortest = PasskeyTask::min_seq_len(o.digits, 4);
+  EXPECT_NE(msg.find("needs at least " + std::to_string(shortest)), std::string::npos) << msg;
+  o.seq_len = shortest;
+  const PasskeyTask task(o);
+  for (uint64_t i = 0; i < 20; ++i) EXPECT_EQ(task.sample(i).answer_starts.size(), 4u);
+  o.seq_len = shortest - 1;
+  EXPECT_THROW(PasskeyTask{o}, Error);
 }
 
 TEST(DataPasskey, EvaluationSetIsDeterministicAndApartFromTraining) {

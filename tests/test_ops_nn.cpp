@@ -201,6 +201,61 @@ TEST(NnOpsCrossEntropy, GradcheckWithIgnoredTargets) {
   for (int64_t c = 0; c < 5; ++c) EXPECT_EQ(l.grad().at({0, 1, c}), 0.0);
 }
 
+TEST(NnOpsCrossEntropy, WeightedLossIsTheWeightedMean) {
+  Generator gen(7);
+  const int64_t C = 6;
+  const Tensor logits = Tensor::randn({5, C}, gen, DType::Float64, 0.0, 2.0);
+  const Tensor targets = int64_tensor({1, 5, -100, 0, 3}, {5});
+  const Tensor weight = Tensor::from_vector<double>({2.0, 0.5, 7.0, 1.0, 3.0}, {5});
+  const std::vector<double> x = logits.to_vector<double>(), w = weight.to_vector<double>();
+  const std::vector<int64_t> t = targets.to_vector<int64_t>();
+  double weighted = 0.0, total_weight = 0.0;
+  std::vector<double> ref(5, 0.0);
+  for (size_t m = 0; m < 5; ++m) {
+    if (t[m] == -100) continue;  // its weight 7 counts nowhere
+    double s = 0.0;
+    for (int64_t c = 0; c < C; ++c) s += std::exp(x[m * C + static_cast<size_t>(c)]);
+    ref[m] = w[m] * (std::log(s) - x[m * C + static_cast<size_t>(t[m])]);
+    weighted += ref[m];
+    total_weight += w[m];
+  }
+  const std::vector<double> none = cross_entropy(logits, targets, -100, "none", weight).to_vector<double>();
+  for (size_t m = 0; m < 5; ++m) EXPECT_NEAR(none[m], ref[m], 1e-12) << "row " << m;
+  EXPECT_NEAR(cross_entropy(logits, targets, -100, "sum", weight).item(), weighted, 1e-12);
+  EXPECT_NEAR(cross_entropy(logits, targets, -100, "mean", weight).item(), weighted / total_weight, 1e-12);
+  // Unit weights are the unweighted loss, bit for bit, with the same gradient.
+  Tensor a = logits.detach().clone().requires_grad_(), b = logits.detach().clone().requires_grad_();
+  Tensor la = cross_entropy(a, targets), lb = cross_entropy(b, targets, -100, "mean", Tensor::ones({5}, DType::Float64));
+  EXPECT_EQ(la.item(), lb.item());
+  la.backward();
+  lb.backward();
+  EXPECT_EQ(a.grad().to_vector<double>(), b.grad().to_vector<double>());
+  for (const std::string reduction : {"mean", "sum", "none"}) {
+    SCOPED_TRACE(reduction);
+    expect_gradcheck(
+        [&](const std::vector<Tensor>& in) { return cross_entropy(in[0], targets, -100, reduction, weight); },
+        {logits.detach().clone().requires_grad_()});
+  }
+  // All weight on ignored or zero-weight targets: 0, as for a fully ignored batch.
+  EXPECT_EQ(cross_entropy(logits, targets, -100, "mean", Tensor::zeros({5}, DType::Float64)).item(), 0.0);
+}
+
+TEST(NnOpsCrossEntropy, WeightErrorsNameTheProblem) {
+  const Tensor logits = Tensor::zeros({2, 3, 5}, DType::Float64);
+  const Tensor targets = int64_tensor({0, 1, 2, 3, 4, 0}, {2, 3});
+  std::string msg = error_of([&] { cross_entropy(logits, targets, -100, "mean", Tensor::ones({6}, DType::Float64)); });
+  EXPECT_NE(msg.find("[2, 3]"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("[6]"), std::string::npos) << msg;
+  msg = error_of([&] { cross_entropy(logits, targets, -100, "mean", Tensor::ones({2, 3}, DType::Float32)); });
+  EXPECT_NE(msg.find("float32"), std::string::npos) << msg;
+  msg = error_of([&] {
+    cross_entropy(logits, targets, -100, "mean", Tensor::from_vector<double>({1, 1, 1, 1, -2, 1}, {2, 3}));
+  });
+  EXPECT_NE(msg.find("weight -2 at position 4"), std::string::npos) << msg;
+  msg = error_of([&] { cross_entropy(logits, targets, -100, "mean", Tensor::ones({2, 3}, kF64)); });
+  EXPECT_NE(msg.find("no gradient"), std::string::npos) << msg;
+}
+
 TEST(NnOpsCrossEntropy, AllIgnoredMeanIsZero) {
   Tensor logits = Tensor::zeros({3, 4}, kF64);
   Tensor loss = cross_entropy(logits, int64_tensor({-100, -100, -100}, {3}));

@@ -7,10 +7,12 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "dilatron/attention.h"
 #include "dilatron/autograd.h"
 #include "dilatron/checkpoint.h"
 #include "dilatron/config.h"
@@ -354,6 +356,168 @@ TEST(Config, OverridesAndPerLayerSchedules) {
   EXPECT_EQ(g.model.layer_schedules[0], (Schedule{{32, 1}, {64, 2}, {128, 4}}));
 }
 
+TEST(Config, PasskeyQuestionsAndAnswerWeight) {
+  const RunConfig c = load_config(kTiny, {"model.seq_len=256", "data.questions=3", "data.answer_weight=4"});
+  EXPECT_EQ(c.data.questions, 3);
+  EXPECT_EQ(c.data.answer_weight, 4.0);
+  const data::PasskeyOptions train_task = passkey_options(c, false), eval_task = passkey_options(c, true);
+  EXPECT_EQ(train_task.questions, 3);
+  EXPECT_EQ(train_task.answer_weight, 4.0);
+  EXPECT_EQ(eval_task.questions, 1);  // the evaluation prompt is always the one-question prompt
+  EXPECT_EQ(eval_task.answer_weight, 1.0);
+  const RunConfig d = load_config(kTiny);
+  EXPECT_EQ(d.data.questions, 1);
+  EXPECT_EQ(d.data.answer_weight, 1.0);
+
+  // Three questions do not fit tiny's 128 tokens: the error names the key, its value and seq_len.
+  std::string msg = expect_error([&] { load_config(kTiny, {"data.questions=3"}); });
+  EXPECT_NE(msg.find("'data.questions' = 3"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("model.seq_len = 128"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("seq_len >= " + std::to_string(data::PasskeyTask::min_seq_len(5, 3))), std::string::npos) << msg;
+  EXPECT_NO_THROW(load_config(kTiny, {"data.questions=3", "data.task=\"text\""}));  // a text run ignores it
+  msg = expect_error([&] { load_config(kTiny, {"data.questions=0"}); });
+  EXPECT_NE(msg.find("'data.questions' must be in [1"), std::string::npos) << msg;
+  for (const std::string bad : {"0", "-2", "nan", "inf"}) {
+    msg = expect_error([&] { load_config(kTiny, {"data.answer_weight=" + bad}); });
+    EXPECT_NE(msg.find("'data.answer_weight' must be a finite number > 0, got"), std::string::npos) << msg;
+  }
+  msg = expect_error([&] { load_config(kTiny, {"data.answer_weight=\"heavy\""}); });
+  EXPECT_NE(msg.find("data.answer_weight"), std::string::npos) << msg;
+}
+
+// TransformerLM::loss with weights against log-softmax by hand over the model's own logits.
+TEST(Model, WeightedLossIsTheHandComputedWeightedMean) {
+  const RunConfig c = load_config(kTiny, {"model.seq_len=8", "model.d_model=8", "model.n_heads=2", "model.d_ff=8",
+                                          "attention.schedule=\"4:1,8:2\"", "train.dtype=\"float64\""});
+  auto model = build_model(c, std::make_shared<Generator>(0));
+  const Tensor batch = Tensor::from_vector<int64_t>({256, 49, 50, 51, 52, 10, 20, 30, 257,  //
+                                                     256, 7, 7, 7, 200, 3, 1, 4, 257},
+                                                    {2, 9});
+  const std::vector<double> w = {1, 1, 6, 6, 1, 1, 1, 1, 1, 0.5, 1, 1, 3, 3, 3, 1};
+  const int64_t V = data::vocab_size();
+  const std::vector<double> logits = model->forward(narrow(batch, 1, 0, 8)).to_vector<double>();
+  const std::vector<int64_t> ids = batch.to_vector<int64_t>();
+  double weighted = 0.0, total_weight = 0.0, plain = 0.0;
+  for (size_t b = 0; b < 2; ++b)
+    for (size_t t = 0; t < 8; ++t) {
+      const double* x = logits.data() + (b * 8 + t) * static_cast<size_t>(V);
+      double z = 0.0;
+      for (int64_t v = 0; v < V; ++v) z += std::exp(x[v]);
+      const double nll = std::log(z) - x[ids[b * 9 + t + 1]];
+      weighted += w[b * 8 + t] * nll;
+      total_weight += w[b * 8 + t];
+      plain += nll;
+    }
+  const Tensor weights = Tensor::from_vector<double>(w, {2, 8});
+  EXPECT_NEAR(model->loss(batch, weights).item(), weighted / total_weight, 1e-12);
+  EXPECT_NEAR(model->loss(batch, weights.to(DType::Float32)).item(), weighted / total_weight, 1e-6);
+  EXPECT_NEAR(model->loss(batch).item(), plain / 16.0, 1e-12);
+  const std::string msg = expect_error([&] { model->loss(batch, Tensor::ones({2, 9}, DType::Float64)); });
+  EXPECT_NE(msg.find("[2, 8]"), std::string::npos) << msg;
+}
+
+TEST(Training, SeveralQuestionsAndAnswerWeightTrainAndReportResidues) {
+  const fs::path dir = fresh_dir("questions");
+  const RunConfig c = load_config(kTiny, {"model.seq_len=256", "data.questions=3", "data.answer_weight=5",
+                                          "train.steps=4", "train.eval_every=2", "train.checkpoint_every=0"});
+  const TrainResult r = train(c, quiet(dir));
+  ASSERT_EQ(r.losses.size(), 4u);
+  for (double l : r.losses) EXPECT_TRUE(std::isfinite(l));
+  // The same run with unit weights sees the same batches and scores them differently.
+  const RunConfig unit = load_config(kTiny, {"model.seq_len=256", "data.questions=3", "train.steps=1",
+                                             "train.eval_every=0", "train.checkpoint_every=0"});
+  EXPECT_NE(train(unit, quiet(fresh_dir("questions_unit"))).losses[0], r.losses[0]);
+  std::ifstream metrics(dir / "metrics.jsonl");
+  std::string line;
+  int evals = 0;
+  while (std::getline(metrics, line)) {
+    if (line.find("\"eval\": \"passkey\"") == std::string::npos) continue;
+    ++evals;
+    EXPECT_NE(line.find("\"residue_modulus\": 8"), std::string::npos) << line;
+    EXPECT_NE(line.find("\"by_residue\": {\"256 "), std::string::npos) << line;
+  }
+  EXPECT_EQ(evals, 2);
+}
+
+namespace {
+
+// Reads a whole file.
+std::string slurp(const fs::path& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+TEST(Evaluation, ResidueBreakdownAddsUpOverTheLargestDilationOfAnyLayer) {
+  // Layer 1 has the largest dilation, 16; layer 0 keeps tiny's 16:1,64:4,128:8.
+  const RunConfig c = load_config(kTiny, {"attention.layers.1=\"16:1,128:16\""});
+  auto model = build_model(c, std::make_shared<Generator>(0));
+  model->eval();
+  const std::vector<int64_t> lengths = {128, 200};
+  const PasskeyReport r = evaluate_passkey(*model, lengths, 24, 5, passkey_options(c, true), 8);
+  EXPECT_EQ(r.residue_modulus, 16);
+  for (int64_t len : lengths) {
+    SCOPED_TRACE(len);
+    data::PasskeyOptions po = passkey_options(c, true);
+    po.seq_len = len;
+    std::map<int64_t, int64_t> want;
+    for (const data::PasskeySample& s : data::PasskeyTask(po).eval_set(24, 5))
+      ++want[(s.answer_start - s.needle_position) % 16];
+    const auto& residues = r.by_length_residue.at(len);
+    ASSERT_EQ(residues.size(), 16u);
+    int64_t total = 0, correct = 0;
+    for (const auto& [k, a] : residues) {
+      EXPECT_EQ(a.total, want.count(k) ? want[k] : 0) << "residue " << k;
+      total += a.total;
+      correct += a.correct;
+    }
+    EXPECT_EQ(total, r.by_length.at(len).total);
+    EXPECT_EQ(correct, r.by_length.at(len).correct);
+    double pairs = 0.0;
+    for (const Schedule& s : c.model.layer_schedules) pairs += static_cast<double>(visited_pairs(s, 4, len, true));
+    EXPECT_DOUBLE_EQ(r.visited_pairs_per_token.at(len), pairs / static_cast<double>(len) / 4.0);
+  }
+  const std::string text = format_passkey_report(r);
+  EXPECT_NE(text.find("mod 16 (the largest dilation)"), std::string::npos) << text;
+  EXPECT_NE(text.find("200      aligned"), std::string::npos) << text;
+  EXPECT_NE(text.find("200      unaligned"), std::string::npos) << text;
+
+  // Dilation 1 everywhere: one residue, and the table says so.
+  const RunConfig dense = load_config(kTiny, {"attention.schedule=\"128:1\""});
+  auto dense_model = build_model(dense, std::make_shared<Generator>(0));
+  dense_model->eval();
+  const PasskeyReport d = evaluate_passkey(*dense_model, {128}, 6, 5, passkey_options(dense, true), 8);
+  EXPECT_EQ(d.residue_modulus, 1);
+  ASSERT_EQ(d.by_length_residue.at(128).size(), 1u);
+  EXPECT_EQ(d.by_length_residue.at(128).at(0).total, 6);
+  EXPECT_NE(format_passkey_report(d).find("every sample is aligned"), std::string::npos);
+}
+
+TEST(Evaluation, ReportJsonParsesAndMatchesThePrintedTable) {
+  if (std::system("/usr/bin/python3 -c 'import json' >/dev/null 2>&1") != 0)
+    GTEST_SKIP() << "python3 is not installed (scripts/install-deps.sh installs it)";
+  const fs::path dir = fresh_dir("report_json");
+  fs::create_directories(dir);
+  for (const bool dense : {false, true}) {
+    SCOPED_TRACE(dense ? "dense" : "dilated");
+    const RunConfig rc = dense ? load_config(kTiny, {"attention.schedule=\"128:1\""}) : load_config(kTiny);
+    auto m = build_model(rc, std::make_shared<Generator>(0));
+    m->eval();
+    const PasskeyReport r = evaluate_passkey(*m, {128, 300}, 10, 3, passkey_options(rc, true), 8);
+    // A checkpoint name that needs escaping: a quote, a backslash and a tab.
+    const std::string name = "runs/a \"b\" \\c\td.h5";
+    std::ofstream(dir / "report.json") << passkey_report_json(r, name, 42);
+    std::ofstream(dir / "report.txt") << format_passkey_report(r);
+    const std::string cmd = "/usr/bin/python3 " + std::string(DILATRON_SOURCE_DIR) + "/tests/passkey_json_check.py " +
+                            (dir / "report.json").string() + " " + (dir / "report.txt").string() + " '" + name +
+                            "' 42 > " + (dir / "check.log").string() + " 2>&1";
+    EXPECT_EQ(std::system(cmd.c_str()), 0) << slurp(dir / "check.log");
+  }
+}
+
 TEST(Model, GradcheckOnATinyFloat64Model) {
   // Every parameter kind of the model, with XPOS, the relative-position bias and attention dropout.
   const RunConfig c = load_config(kTiny, {"model.seq_len=12", "model.d_model=8", "model.n_heads=2", "model.d_ff=12",
@@ -506,6 +670,27 @@ TEST_F(TrainCommand, AttentionCommandMatchesTheDenseContractInNumpy) {
   std::stringstream ss;
   ss << log.rdbuf();
   EXPECT_EQ(status, 0) << ss.str();
+}
+
+TEST_F(TrainCommand, EvalJsonIsTheReportItPrints) {
+  if (run("/usr/bin/python3 -c 'import json' >/dev/null 2>&1") != 0)
+    GTEST_SKIP() << "python3 is not installed (scripts/install-deps.sh installs it)";
+  const fs::path dir = fresh_dir("eval_json");
+  const std::string ckpt = train(load_config(kTiny, {"train.steps=2"}), quiet(dir)).last_checkpoint;
+  const fs::path json = dir / "report.json", text = dir / "report.txt", log = dir / "check.log";
+  EXPECT_EQ(run(binary() + " eval " + dir.string() + " --samples 12 --lengths 128,160 --json " + json.string() + " > " +
+                text.string() + " 2>&1"),
+            0)
+      << slurp(text);
+  EXPECT_FALSE(fs::exists(json.string() + ".tmp"));
+  EXPECT_EQ(run("/usr/bin/python3 " + std::string(DILATRON_SOURCE_DIR) + "/tests/passkey_json_check.py " +
+                json.string() + " " + text.string() + " " + ckpt + " 2 > " + log.string() + " 2>&1"),
+            0)
+      << slurp(log);
+  EXPECT_NE(slurp(text).find("mod 8 (the largest dilation)"), std::string::npos) << slurp(text);
+  // --json is the passkey report's: a text evaluation refuses it.
+  EXPECT_NE(run(binary() + " eval " + ckpt + " --task text --json " + json.string() + " > " + log.string() + " 2>&1"), 0);
+  EXPECT_NE(slurp(log).find("--json"), std::string::npos) << slurp(log);
 }
 
 TEST_F(TrainCommand, AttentionCommandNamesTheMissingDataset) {

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <numeric>
 
 #include "commands.h"
@@ -75,6 +76,8 @@ void run_train(const TrainArgs& a) {
 struct Loaded {
   RunConfig config;
   std::unique_ptr<TransformerLM> model;
+  std::string path;  // the checkpoint file
+  int64_t step = 0;
 };
 // A checkpoint file, or a run directory (its newest checkpoint).
 std::string resolve_checkpoint(const std::string& path) {
@@ -88,7 +91,7 @@ std::string resolve_checkpoint(const std::string& path) {
 Loaded load_model(const std::string& path) {
   const std::string ckpt = resolve_checkpoint(path);
   const CheckpointSummary s = read_checkpoint_summary(ckpt);
-  Loaded l{parse_config(s.config_toml, ckpt + " (stored config)"), nullptr};
+  Loaded l{parse_config(s.config_toml, ckpt + " (stored config)"), nullptr, ckpt, s.state.step};
   l.model = build_model(l.config, std::make_shared<Generator>(0));
   load_checkpoint(ckpt, *l.model, nullptr);
   l.model->eval();
@@ -96,7 +99,7 @@ Loaded load_model(const std::string& path) {
 }
 
 struct EvalArgs {
-  std::string ckpt, task, text;
+  std::string ckpt, task, text, json;
   std::vector<int64_t> lengths;
   int64_t samples = 0, min_distance = -1, batch = 8;
 };
@@ -104,13 +107,25 @@ struct EvalArgs {
 void run_eval(const EvalArgs& a) {
   Loaded l = load_model(a.ckpt);
   const std::string task = a.task.empty() ? (a.text.empty() ? l.config.data.task : "text") : a.task;
+  DILATRON_CHECK(a.json.empty() || task == "passkey", "--json: only the passkey report is written as JSON");
   if (task == "passkey") {
     const auto lengths = a.lengths.empty() ? l.config.eval.lengths : a.lengths;
     const int64_t samples = a.samples > 0 ? a.samples : l.config.eval.samples;
     data::PasskeyOptions base = passkey_options(l.config, true);
     if (a.min_distance >= 0) base.min_distance = a.min_distance;
-    std::printf("%s", format_passkey_report(evaluate_passkey(*l.model, lengths, samples, l.config.eval.seed, base,
-                                                             a.batch)).c_str());
+    const PasskeyReport report = evaluate_passkey(*l.model, lengths, samples, l.config.eval.seed, base, a.batch);
+    std::printf("%s", format_passkey_report(report).c_str());
+    if (!a.json.empty()) {
+      // Written beside and renamed, so a reader never sees half a report.
+      const std::string tmp = a.json + ".tmp";
+      {
+        std::ofstream out(tmp);
+        out << passkey_report_json(report, l.path, l.step);
+        out.close();
+        DILATRON_CHECK(!out.fail(), "--json: cannot write '", tmp, "'");
+      }
+      std::filesystem::rename(tmp, a.json);
+    }
   } else if (task == "text") {
     const std::string path = a.text.empty() ? l.config.data.path : a.text;
     DILATRON_CHECK(!path.empty(), "eval --task text needs --text FILE");
@@ -216,6 +231,7 @@ void add_train_commands(CLI::App& app) {
   eval->add_option("--min-distance", e->min_distance, "passkey: only needles at least this far from the answer");
   eval->add_option("--text", e->text, "a UTF-8 file whose validation split to score");
   eval->add_option("--batch", e->batch, "sequences per forward pass");
+  eval->add_option("--json", e->json, "passkey: also write the whole report to this JSON file");
   eval->callback([e] { run_eval(*e); });
 
   auto s = std::make_shared<SampleArgs>();

@@ -9,6 +9,7 @@
 #include <toml++/toml.h>
 
 #include "dilatron/attention.h"
+#include "dilatron/data.h"
 #include "dilatron/error.h"
 
 namespace dilatron {
@@ -311,6 +312,19 @@ RunConfig parse_config(const std::string& text, const std::string& source, const
   if (d.filler != "repeat" && d.filler != "random")
     r.fail("data.filler", "must be \"repeat\" or \"random\", got \"" + d.filler + "\"");
   if (d.task != "passkey" && d.task != "text") r.fail("data.task", "must be \"passkey\" or \"text\", got \"" + d.task + "\"");
+  r.read_range("data.questions", d.questions, 1, 1 << 20);
+  const int64_t digits = data::PasskeyOptions{}.digits;
+  if (d.task == "passkey" && d.questions > 1 && m.seq_len < data::PasskeyTask::min_seq_len(digits, d.questions))
+    r.fail("data.questions", "= " + std::to_string(d.questions) + " does not fit model.seq_len = " +
+                                 std::to_string(m.seq_len) + ": a needle and " + std::to_string(d.questions) +
+                                 " questions need seq_len >= " +
+                                 std::to_string(data::PasskeyTask::min_seq_len(digits, d.questions)));
+  r.read("data.answer_weight", d.answer_weight);
+  if (!(std::isfinite(d.answer_weight) && d.answer_weight > 0.0)) {
+    std::ostringstream os;
+    os << "must be a finite number > 0, got " << d.answer_weight;
+    r.fail("data.answer_weight", os.str());
+  }
 
   TrainConfig& t = c.train;
   const bool steps_given = r.read_range("train.steps", t.steps, 0, int64_t{1} << 40);

@@ -82,6 +82,9 @@ std::vector<GradcheckCase> build_cases() {
   c.push_back(make("log_softmax", [](const Inputs& x) { return log_softmax(x[0], -1); }, one({5, 9})));
   c.push_back(make("cross_entropy", [](const Inputs& x) { return cross_entropy(x[0], indices({3, 0, -100, 6, 2}), -100); },
                    one({5, 7})));
+  c.push_back(make("cross_entropy(weighted)",
+                   [](const Inputs& x) { return cross_entropy(x[0], indices({3, 0, -100, 6, 2}), -100, "mean", x[1]); },
+                   [] { return Inputs{input({5, 7}, 3), positive({5}, 4).detach()}; }));
   c.push_back(make("layer_norm", [](const Inputs& x) { return layer_norm(x[0], x[1], x[2]); },
                    [] { return Inputs{input({3, 2, 7}, 1), input({7}, 2), input({7}, 3)}; }));
   c.push_back(make("embedding", [](const Inputs& x) { return embedding(x[0], Tensor::from_vector<int64_t>({4, 1, 4, 0, 2, 4}, {2, 3})); },

@@ -184,11 +184,14 @@ Tensor TransformerLM::forward(const Tensor& tokens) {
   return head ? head->forward(x) : matmul(x, transpose(tok->weight, 0, 1));
 }
 
-Tensor TransformerLM::loss(const Tensor& batch) {
+Tensor TransformerLM::loss(const Tensor& batch, const Tensor& weights) {
   const int64_t b = batch.size(0), t = batch.size(1) - 1;
   Tensor logits = forward(narrow(batch, 1, 0, t));
   Tensor targets = narrow(batch, 1, 1, t).contiguous();
-  return cross_entropy(reshape(logits, {b * t, config_.vocab_size}), reshape(targets, {b * t}));
+  DILATRON_CHECK(!weights.defined() || weights.shape() == Shape({b, t}), "TransformerLM::loss: weights must be ",
+                 shape_str({b, t}), " for batch ", shape_str(batch.shape()), ", got ", shape_str(weights.shape()));
+  const Tensor w = weights.defined() ? reshape(weights.to(logits.dtype()).to(logits.device()), {b * t}) : Tensor();
+  return cross_entropy(reshape(logits, {b * t, config_.vocab_size}), reshape(targets, {b * t}), -100, "mean", w);
 }
 
 }  // namespace dilatron

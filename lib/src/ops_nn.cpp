@@ -1,6 +1,7 @@
 // Fused nn ops. Each is one autograd Function whose forward and backward are single backend
 // kernels over the rows of the last dim; the kernels treat [..., K] as contiguous [M, K].
 #include <algorithm>
+#include <cmath>
 
 #include "dilatron/autograd.h"
 #include "dilatron/kernels/backend.h"
@@ -156,9 +157,10 @@ struct RotaryFn : autograd::Function<RotaryFn> {
 Tensor softmax(const Tensor& x, int64_t dim) { return softmax_along<false>(x, dim); }
 Tensor log_softmax(const Tensor& x, int64_t dim) { return softmax_along<true>(x, dim); }
 
-// "mean" divides by the number of non-ignored targets. When every target is ignored the loss is 0
+// "mean" divides by the number (or total weight) of non-ignored targets. When that is 0 the loss is 0
 // (PyTorch returns nan there), so a fully padded batch does not poison a training run.
-Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index, const std::string& reduction) {
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index, const std::string& reduction,
+                     const Tensor& weight) {
   DILATRON_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none",
                  "cross_entropy: reduction must be \"mean\", \"sum\" or \"none\", got \"", reduction, "\"");
   check_floating("cross_entropy", "logits", logits);
@@ -170,12 +172,30 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
   DILATRON_CHECK(targets.device() == logits.device(), "cross_entropy: targets on ", targets.device().str(),
                  " but logits on ", logits.device().str());
   Tensor loss = CrossEntropyRows::apply(logits, targets, ignore_index);
+  // Host copies of the weights and targets (small next to the logits) to check and count them.
+  std::vector<double> w;
+  if (weight.defined()) {
+    DILATRON_CHECK(weight.shape() == targets.shape() && weight.dtype() == logits.dtype() &&
+                       weight.device() == logits.device(),
+                   "cross_entropy: weight must be ", dtype_name(logits.dtype()), " ", shape_str(targets.shape()), " on ",
+                   logits.device().str(), ", got ", dtype_name(weight.dtype()), " ", shape_str(weight.shape()), " on ",
+                   weight.device().str());
+    // The "mean" normaliser is a host number, so a gradient for the weights would miss its share.
+    DILATRON_CHECK(!weight.requires_grad(), "cross_entropy: weight is constant and takes no gradient");
+    w = weight.to_vector<double>();
+    for (size_t i = 0; i < w.size(); ++i)
+      DILATRON_CHECK(std::isfinite(w[i]) && w[i] >= 0.0, "cross_entropy: weight ", w[i], " at position ", i,
+                     " is not a finite number >= 0");
+    // mul's backward scales each row's gradient by its weight before the fused backward sees it.
+    loss = mul(loss, weight);
+  }
   if (reduction == "none") return loss;
   if (reduction == "sum") return sum(loss);
-  // A host copy of the targets (small next to the logits) to count them.
   const std::vector<int64_t> t = targets.to_vector<int64_t>();
-  const auto count = std::count_if(t.begin(), t.end(), [&](int64_t v) { return v != ignore_index; });
-  return mul(sum(loss), 1.0 / static_cast<double>(std::max<int64_t>(count, 1)));
+  double total = 0.0;
+  for (size_t i = 0; i < t.size(); ++i)
+    if (t[i] != ignore_index) total += w.empty() ? 1.0 : w[i];
+  return mul(sum(loss), 1.0 / (total > 0.0 ? total : 1.0));
 }
 
 Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) {

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -10,6 +11,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "dilatron/attention.h"
 #include "dilatron/autograd.h"
 #include "dilatron/checkpoint.h"
 #include "dilatron/ops.h"
@@ -56,9 +58,9 @@ class Batches {
       text_ = std::make_unique<data::TextDataset>(c.data.path, c.data.val_fraction);
     }
   }
-  Tensor next(Generator& gen, size_t stage) const {
+  data::Batch next(Generator& gen, size_t stage) const {
     const StageConfig& s = stages_[stage];
-    return text_ ? text_->sample_batch(data::Split::Train, s.batch_size, s.seq_len, gen)
+    return text_ ? data::Batch{text_->sample_batch(data::Split::Train, s.batch_size, s.seq_len, gen), Tensor()}
                  : passkey_[stage]->batch(gen, s.batch_size);
   }
   const data::TextDataset* text() const { return text_.get(); }
@@ -102,8 +104,58 @@ std::string passkey_json(int64_t step, size_t stage, const PasskeyReport& r) {
       os << (first ? "" : ", ") << "\"" << len << " " << bucket.label() << "\": " << acc.accuracy();
       first = false;
     }
+  os << "}, \"residue_modulus\": " << r.residue_modulus << ", \"by_residue\": {";
+  first = true;
+  for (const auto& [len, residues] : r.by_length_residue)
+    for (const auto& [residue, acc] : residues) {
+      if (acc.total == 0) continue;
+      os << (first ? "" : ", ") << "\"" << len << " " << residue << "\": " << acc.accuracy();
+      first = false;
+    }
   os << "}}";
   return os.str();
+}
+
+// The shortest text that reads back as the same double.
+std::string json_number(double v) {
+  char buf[32];
+  return std::string(buf, std::to_chars(buf, buf + sizeof buf, v).ptr);
+}
+
+std::string json_string(const std::string& s) {
+  std::string out = "\"";
+  for (const char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(c));
+      out += buf;
+    } else {
+      out += c;  // bytes >= 0x80 pass through: a UTF-8 path stays UTF-8
+    }
+  }
+  return out + "\"";
+}
+
+// "samples": n, "accuracy": a, "digit_accuracy": d
+std::string json_accuracy(const PasskeyAccuracy& a) {
+  return "\"samples\": " + std::to_string(a.total) + ", \"accuracy\": " + json_number(a.accuracy()) +
+         ", \"digit_accuracy\": " + json_number(a.digit_accuracy());
+}
+
+// Residue 0 is aligned, every other residue unaligned.
+std::pair<PasskeyAccuracy, PasskeyAccuracy> aligned_unaligned(const std::map<int64_t, PasskeyAccuracy>& residues) {
+  std::pair<PasskeyAccuracy, PasskeyAccuracy> out;
+  for (const auto& [residue, a] : residues) {
+    PasskeyAccuracy& into = residue == 0 ? out.first : out.second;
+    into.correct += a.correct;
+    into.total += a.total;
+    into.digits_correct += a.digits_correct;
+    into.digits_total += a.digits_total;
+  }
+  return out;
 }
 
 }  // namespace
@@ -114,6 +166,9 @@ data::PasskeyOptions passkey_options(const RunConfig& c, bool for_eval) {
   o.seed = c.train.seed;
   o.min_distance = for_eval ? c.eval.min_distance : c.data.min_distance;
   o.filler = c.data.filler == "random" ? data::PasskeyOptions::Filler::Random : data::PasskeyOptions::Filler::Repeat;
+  // Evaluation asks one question and scores it; the extra questions and weights are training signal.
+  o.questions = for_eval ? 1 : c.data.questions;
+  o.answer_weight = for_eval ? 1.0 : c.data.answer_weight;
   return o;
 }
 
@@ -206,8 +261,8 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
     const auto ts = Clock::now();
     const double lr = schedule.lr_at(st.step);
     opt.set_lr(lr);
-    Tensor batch = batches.next(data_gen, stage).to(Device::parse(c.train.device));
-    Tensor loss = model->loss(batch);
+    const data::Batch batch = batches.next(data_gen, stage);
+    Tensor loss = model->loss(batch.tokens.to(Device::parse(c.train.device)), batch.weights);
     loss.backward();
     const double gnorm = c.train.grad_clip > 0 ? optim::clip_grad_norm_(model->parameters(), c.train.grad_clip) : 0.0;
     opt.step();
@@ -254,12 +309,20 @@ PasskeyReport evaluate_passkey(TransformerLM& model, const std::vector<int64_t>&
                                uint64_t seed, const data::PasskeyOptions& base, int64_t batch_size) {
   autograd::NoGradGuard no_grad;
   const Device device = model.tok->weight.device();
+  const ModelConfig& mc = model.config();
   PasskeyReport report;
+  for (const Schedule& schedule : mc.layer_schedules)
+    for (const AttentionBranch& b : schedule) report.residue_modulus = std::max(report.residue_modulus, b.dilation);
   for (int64_t len : lengths) {
     data::PasskeyOptions po = base;
     po.seq_len = len;
     po.min_distance = std::min(base.min_distance, len);
     const data::PasskeyTask task(po);
+    double pairs = 0.0;
+    for (const Schedule& schedule : mc.layer_schedules)
+      pairs += static_cast<double>(visited_pairs(schedule, mc.n_heads, len, /*causal=*/true));
+    report.visited_pairs_per_token[len] = pairs / static_cast<double>(len) / static_cast<double>(mc.n_heads);
+    for (int64_t k = 0; k < report.residue_modulus; ++k) report.by_length_residue[len][k];  // every residue listed
     const std::vector<data::PasskeySample> set = task.eval_set(samples, seed);
     for (size_t first = 0; first < set.size(); first += static_cast<size_t>(batch_size)) {
       const size_t count = std::min(set.size() - first, static_cast<size_t>(batch_size));
@@ -276,7 +339,8 @@ PasskeyReport evaluate_passkey(TransformerLM& model, const std::vector<int64_t>&
         int64_t right = 0;
         for (int64_t d = 0; d < digits; ++d)
           right += pred[static_cast<size_t>(d)] == s.tokens[static_cast<size_t>(s.answer_start + d)];
-        for (PasskeyAccuracy* acc : {&report.by_length[len], &report.by_length_distance[len][data::distance_bucket(s.distance)]}) {
+        for (PasskeyAccuracy* acc : {&report.by_length[len], &report.by_length_distance[len][data::distance_bucket(s.distance)],
+                                     &report.by_length_residue[len][s.distance % report.residue_modulus]}) {
           acc->correct += right == digits;
           acc->total += 1;
           acc->digits_correct += right;
@@ -304,6 +368,54 @@ std::string format_passkey_report(const PasskeyReport& r) {
     for (const auto& [bucket, b] : r.by_length_distance.at(len)) row(len, bucket.label(), b);
     row(len, "all", acc);
   }
+  const int64_t m = r.residue_modulus;
+  if (m == 1) {
+    os << "residue alignment: the largest dilation is 1, so every sample is aligned\n";
+  } else {
+    os << "residue alignment: (answer_start - needle_position) mod " << m << " (the largest dilation); aligned when 0"
+       << " (residues without samples left out)\n";
+    std::snprintf(buf, sizeof buf, "%-8s %-18s %8s %9s %10s\n", "length", "residue", "samples", "accuracy", "digit acc");
+    os << buf;
+    for (const auto& [len, residues] : r.by_length_residue) {
+      const auto [aligned, unaligned] = aligned_unaligned(residues);
+      row(len, "aligned", aligned);
+      row(len, "unaligned", unaligned);
+      for (const auto& [residue, a] : residues)
+        if (a.total > 0) row(len, std::to_string(residue), a);
+    }
+  }
+  for (const auto& [len, pairs] : r.visited_pairs_per_token) {
+    std::snprintf(buf, sizeof buf, "attention at length %lld: %.2f visited (query, key) pairs per token per head\n",
+                  static_cast<long long>(len), pairs);
+    os << buf;
+  }
+  return os.str();
+}
+
+std::string passkey_report_json(const PasskeyReport& r, const std::string& checkpoint, int64_t step) {
+  std::ostringstream os;
+  os << "{\"checkpoint\": " << json_string(checkpoint) << ", \"step\": " << step << ", \"lengths\": [";
+  bool first = true;
+  for (const auto& [len, acc] : r.by_length) {
+    os << (first ? "" : ", ") << "{\"length\": " << len << ", " << json_accuracy(acc) << ", \"by_distance\": [";
+    first = false;
+    bool first_bucket = true;
+    for (const auto& [bucket, b] : r.by_length_distance.at(len)) {
+      os << (first_bucket ? "" : ", ") << "{\"lo\": " << bucket.lo << ", \"hi\": " << bucket.hi << ", "
+         << json_accuracy(b) << "}";
+      first_bucket = false;
+    }
+    const auto& residues = r.by_length_residue.at(len);
+    const auto [aligned, unaligned] = aligned_unaligned(residues);
+    os << "], \"residue_modulus\": " << r.residue_modulus << ", \"aligned\": {" << json_accuracy(aligned)
+       << "}, \"unaligned\": {" << json_accuracy(unaligned) << "}, \"by_residue\": [";
+    for (const auto& [residue, a] : residues)
+      os << (residue == 0 ? "" : ", ") << "{\"residue\": " << residue << ", " << json_accuracy(a) << "}";
+    os << "], \"visited_pairs_per_token\": " << json_number(r.visited_pairs_per_token.at(len)) << "}";
+  }
+  os << "], \"visited_pairs_per_token\": "
+     << (r.visited_pairs_per_token.empty() ? "null" : json_number(r.visited_pairs_per_token.rbegin()->second))
+     << "}\n";
   return os.str();
 }
 

@@ -17,6 +17,8 @@ struct DataConfig {
   double val_fraction = 0.05;    // text
   int64_t min_distance = 0;      // passkey training: needle at least this many tokens before the answer
   std::string filler = "repeat";  // passkey: "repeat" (the landmark passage) or "random" (random sentences)
+  int64_t questions = 1;          // passkey training: question-answer pairs per sample, the last at the end
+  double answer_weight = 1.0;     // passkey training: loss weight of every answer-digit target (others 1)
 };
 
 // One curriculum stage ([[train.stages]]), its defaults resolved from the rest of the config. A

@@ -72,6 +72,9 @@ class TextDataset {
 // exactly at seq_len + 1 tokens, with at least one sentence on either side of the needle. The answer's
 // digits are tokens[answer_start, answer_start + digits) with answer_start = seq_len - digits, so a model
 // is scored on its predictions at input positions answer_start - 1 .. answer_start + digits - 2.
+// With questions = K > 1 (training), K - 1 more question-answer pairs "What is the pass key? The pass key
+// is 71432. " stand between the needle and the final question, at random sentence boundaries, so one
+// sample supervises K retrievals at K distances.
 struct PasskeyOptions {
   int64_t seq_len = 2048;  // T: a sample has T + 1 tokens
   int64_t digits = 5;      // the key is uniform over the numbers with this many digits, in [1, 18]
@@ -89,6 +92,8 @@ struct PasskeyOptions {
   // Repeat: the landmark-attention passage "The grass is green. The sky is blue. ..." repeated, cut
   // to length (the filler becomes predictable, so nearly all the loss left is the key's).
   enum class Filler { Random, Repeat } filler = Filler::Random;
+  int64_t questions = 1;       // K >= 1 question-answer pairs per sample; 1 is the prompt above exactly
+  double answer_weight = 1.0;  // > 0: the loss weight batch() gives every answer-digit target (others 1)
 };
 
 struct PasskeySample {
@@ -100,32 +105,47 @@ struct PasskeySample {
   int64_t answer_start = 0;  // seq_len - digits
   int64_t distance = 0;      // answer_start - needle_position
   double depth = 0.0;        // filler bytes before the needle / all filler bytes
+  std::vector<int64_t> answer_starts;  // each answer's first digit, one per question in order; last: answer_start
+};
+
+// A training batch: tokens Int64 [batch, seq_len + 1]; weights Float64 [batch, seq_len], the loss weight
+// of each target (tokens column 1..seq_len), or undefined when every target weighs 1.
+struct Batch {
+  Tensor tokens;
+  Tensor weights;
 };
 
 class PasskeyTask {
  public:
   // Throws, naming the values, when no sample fits: digits outside [1, 18], a depth range outside [0, 1]
-  // or reversed, min_distance outside [0, seq_len], seq_len too short for the needle and the question,
-  // or a min_distance no needle in the depth range can reach.
+  // or reversed, min_distance outside [0, seq_len], questions < 1, answer_weight not finite and > 0,
+  // seq_len too short for the needle and the questions, or a min_distance no needle in the depth range
+  // can reach.
   explicit PasskeyTask(PasskeyOptions options);
+
+  // The shortest seq_len that holds a needle and `questions` questions with one filler sentence or more
+  // between consecutive parts.
+  static int64_t min_seq_len(int64_t digits, int64_t questions);
 
   const PasskeyOptions& options() const { return options_; }
 
   // Training sample `index` of the stream options().seed.
   PasskeySample sample(uint64_t index) const;
-  // [batch, seq_len + 1] training samples: row r is sample(gen.next_below(2^64 - 1)).tokens, one draw per row.
-  Tensor batch(Generator& gen, int64_t batch) const;
+  // `batch` training samples: row r is sample(gen.next_below(2^64 - 1)).tokens, one draw per row; the
+  // targets of every answer's digits weigh options().answer_weight.
+  Batch batch(Generator& gen, int64_t batch) const;
   // Samples 0..count-1 of an evaluation stream. Evaluation and training streams are derived apart, so
   // no evaluation sample is a training sample, even with eval_seed == options().seed.
   std::vector<PasskeySample> eval_set(int64_t count, uint64_t eval_seed) const;
 
  private:
   PasskeySample make_sample(Generator gen) const;
-  // Writes one sample's seq_len + 1 tokens; returns the key and the filler bytes before the needle.
-  std::pair<uint64_t, int64_t> write_sample(Generator& gen, int64_t* tokens) const;
+  // Writes one sample's seq_len + 1 tokens and its questions answer starts; returns the key and the
+  // filler bytes before the needle.
+  std::pair<uint64_t, int64_t> write_sample(Generator& gen, int64_t* tokens, std::span<int64_t> answer_starts) const;
 
   PasskeyOptions options_;
-  int64_t filler_;                 // filler bytes per sample
+  int64_t filler_;                 // filler bytes per sample (around the needle and the questions)
   int64_t before_lo_, before_hi_;  // the range of filler bytes before the needle
   int64_t key_low_;                // 10^(digits - 1)
 };

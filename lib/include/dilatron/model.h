@@ -102,8 +102,9 @@ class TransformerLM : public nn::Module {
                 TensorOptions opts = {});
   // tokens Int64 [B, T] -> logits [B, T, vocab].
   Tensor forward(const Tensor& tokens);
-  // batch Int64 [B, T + 1]: mean next-token cross-entropy of columns 1..T given 0..T-1.
-  Tensor loss(const Tensor& batch);
+  // batch Int64 [B, T + 1]: mean next-token cross-entropy of columns 1..T given 0..T-1. weights:
+  // undefined, or [B, T] loss weights of those targets (any floating dtype): then the weighted mean.
+  Tensor loss(const Tensor& batch, const Tensor& weights = Tensor());
 
   const ModelConfig& config() const { return config_; }
   // One schedule per layer, e.g. a curriculum stage's; config().layer_schedules follows.

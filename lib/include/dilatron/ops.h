@@ -87,9 +87,11 @@ Tensor sum_to(const Tensor& x, const Shape& shape);
 Tensor softmax(const Tensor& x, int64_t dim);
 Tensor log_softmax(const Tensor& x, int64_t dim);
 // logits [M, C] (or [..., C] flattened), targets Int64 [M] (or [...]). Mean over non-ignored
-// targets ("mean"), or "sum", or "none" (per-target losses, 0 where ignored).
+// targets ("mean"), or "sum", or "none" (per-target losses, 0 where ignored). weight: undefined, or
+// a constant loss weight >= 0 per target (the targets' shape, the logits' dtype and device): each
+// loss is scaled by its weight, and "mean" divides by the sum of the non-ignored weights.
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100,
-                     const std::string& reduction = "mean");
+                     const std::string& reduction = "mean", const Tensor& weight = Tensor());
 // Normalises over the last dim (normalized_shape = {x.size(-1)}); weight and bias may be undefined.
 Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps = 1e-5);
 // weight [V, E], indices Int64 of any shape -> [..., E]

@@ -44,6 +44,13 @@ struct PasskeyAccuracy {
 struct PasskeyReport {
   std::map<int64_t, PasskeyAccuracy> by_length;
   std::map<int64_t, std::map<data::DistanceBucket, PasskeyAccuracy>> by_length_distance;
+  // By residue (answer_start - needle_position) mod residue_modulus, the largest dilation of any branch of
+  // any layer (a branch of dilation r links two positions directly only when r divides their distance). Residue 0 is
+  // "aligned". Every residue 0..residue_modulus-1 is listed, with or without samples.
+  int64_t residue_modulus = 1;
+  std::map<int64_t, std::map<int64_t, PasskeyAccuracy>> by_length_residue;
+  // The model's attention cost at each length: visited_pairs (causal) summed over layers, per token per head.
+  std::map<int64_t, double> visited_pairs_per_token;
 };
 // `base` gives the task's shape (filler, min_distance, digits); its seq_len is set from `lengths`.
 PasskeyReport evaluate_passkey(TransformerLM& model, const std::vector<int64_t>& lengths, int64_t samples,
@@ -51,6 +58,11 @@ PasskeyReport evaluate_passkey(TransformerLM& model, const std::vector<int64_t>&
 // The passkey task a config trains on (seq_len and seed included) and evaluates on (min_distance).
 data::PasskeyOptions passkey_options(const RunConfig& config, bool for_eval);
 std::string format_passkey_report(const PasskeyReport& report);
+// The whole report as one JSON object (`dilatron eval --json`): {"checkpoint", "step", "lengths": [{"length",
+// "samples", "accuracy", "digit_accuracy", "by_distance": [{"lo", "hi", ...}], "residue_modulus", "aligned",
+// "unaligned", "by_residue": [{"residue", ...}], "visited_pairs_per_token"}], "visited_pairs_per_token"}; the
+// last is that of the longest length. Accuracies are fractions in [0, 1].
+std::string passkey_report_json(const PasskeyReport& report, const std::string& checkpoint, int64_t step);
 
 // Mean next-token loss over up to max_windows validation windows of the text.
 double evaluate_text_loss(TransformerLM& model, const data::TextDataset& text, int64_t seq_len, int64_t max_windows,
