@@ -7,7 +7,7 @@ config, configs/passkey.toml, with only its [attention] tables replaced), evalua
 accuracy by residue alignment ((answer - needle) mod the largest dilation), and the attention cost
 (visited query-key pairs per token and head) of each schedule.
 
-  scripts/passkey_study.py [--out runs/passkey-study] [--report docs/passkey-study.md]
+  scripts/passkey_study.py [--out runs/passkey-study] [--report OUT/report.md]
                            [--jobs 1] [--only NAME,...] [--set section.key=value ...]
 
 `--set` goes to every run (e.g. --set train.device=\"cuda\" on a GPU). Runs that already have an
@@ -177,7 +177,7 @@ plot for [i=0:{len(entries) - 1}] "{data}" index i using 1:2 with linespoints ti
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "passkey-study"))
-    p.add_argument("--report", default=os.path.join(ROOT, "docs", "passkey-study.md"))
+    p.add_argument("--report", default=None, help="default: OUT/report.md")
     p.add_argument("--plot", default=None, help="default: the report's name with .png")
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "passkey.toml"))
     p.add_argument("--dilatron", default=os.path.join(os.environ.get("DILATRON_BUILD_DIR", os.path.join(ROOT, "build")), "dilatron"))
@@ -186,6 +186,7 @@ def main():
     p.add_argument("--set", action="append", default=[], help="section.key=value for every run")
     p.add_argument("--eval-args", default="", help="extra arguments for dilatron eval, e.g. '--samples 200'")
     args = p.parse_args()
+    args.report = args.report or os.path.join(args.out, "report.md")
     args.plot = args.plot or os.path.splitext(args.report)[0] + ".png"
     args.eval_args = args.eval_args.split()
     only = set(filter(None, args.only.split(",")))

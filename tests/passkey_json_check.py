@@ -48,7 +48,7 @@ def main():
             residue_rows += [row(n, "aligned", entry["aligned"]), row(n, "unaligned", entry["unaligned"])]
             residue_rows += [row(n, str(r["residue"]), r) for r in residues if r["samples"] > 0]
         attention.append(f"attention at length {n}: {entry['visited_pairs_per_token']:.2f} visited (query, key) "
-                         "pairs per token per head")
+                         "pairs per token per head (sum over layers)")
     if report["lengths"] and report["visited_pairs_per_token"] != report["lengths"][-1]["visited_pairs_per_token"]:
         fail("the top-level visited_pairs_per_token is not the longest length's")
     expected = rows + residue_rows + attention

@@ -37,14 +37,8 @@ void print_stages(const RunConfig& cfg) {
     const bool shared = std::all_of(s.layer_schedules.begin(), s.layer_schedules.end(),
                                     [&](const Schedule& l) { return l == s.layer_schedules.front(); });
     std::string schedules;
-    for (size_t l = 0; l < (shared ? 1 : s.layer_schedules.size()); ++l) {
-      if (l) schedules += " | ";
-      for (size_t i = 0; i < s.layer_schedules[l].size(); ++i) {
-        const auto& b = s.layer_schedules[l][i];
-        if (i) schedules += ",";
-        schedules += std::to_string(b.segment) + ":" + std::to_string(b.dilation);
-      }
-    }
+    for (size_t l = 0; l < (shared ? 1 : s.layer_schedules.size()); ++l)
+      schedules += (l ? " | " : "") + format_schedule(s.layer_schedules[l]);
     std::fprintf(stderr, "  stage %zu/%zu: steps %lld-%lld, batch %lld x %lld tokens, attention %s\n", i + 1,
                  cfg.train.stages.size(), static_cast<long long>(first), static_cast<long long>(first + s.steps - 1),
                  static_cast<long long>(s.batch_size), static_cast<long long>(s.seq_len), schedules.c_str());

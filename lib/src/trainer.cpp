@@ -385,7 +385,8 @@ std::string format_passkey_report(const PasskeyReport& r) {
     }
   }
   for (const auto& [len, pairs] : r.visited_pairs_per_token) {
-    std::snprintf(buf, sizeof buf, "attention at length %lld: %.2f visited (query, key) pairs per token per head\n",
+    std::snprintf(buf, sizeof buf,
+                  "attention at length %lld: %.2f visited (query, key) pairs per token per head (sum over layers)\n",
                   static_cast<long long>(len), pairs);
     os << buf;
   }
