@@ -28,11 +28,11 @@
 //
 // Backward (FlashAttention-2). Dt = <do[t], o[t]> once per row; then per branch, per
 // (b, h, segment) work item and each of its sub-problems in order: for each key tile, for each
-// query tile at or below the diagonal,
-// recompute s, P = exp(s - lse) and the dropout bits, dS = P (dP - Dt), and accumulate dv and dk
-// (per key tile, in the thread's scratch, then added to the key rows) and dq (query rows, or the
-// thread's copy of the segment's dq rows, copied back). Within a branch, work items touch disjoint rows; the
-// branches run one after another because they share rows. dbias is summed per work item into its
+// query tile at or below the diagonal, recompute s, P = exp(s - lse) and the dropout bits,
+// dS = P (dP - Dt), and accumulate dv and dk (per key tile, in the thread's scratch, then added
+// to the key rows) and dq (query rows, or the thread's copy of the sub-problem's dq rows, copied
+// back). Within a branch, work items touch disjoint rows; the branches run one after another
+// because they share rows. dbias is summed per work item into its
 // own slot and the slots are added in item order, so every result is independent of thread timing.
 //
 // Determinism: each output element's sums run in an order fixed by the problem (tile order, p order
@@ -449,10 +449,8 @@ void forward(Tensor& o_t, Tensor& lse_t, const Tensor& q_t, const Tensor& k_t, c
   parallel_for(o_t.numel(), 1 << 16, [&](int64_t begin, int64_t end) { std::fill(o + begin, o + end, T(0)); });
   std::fill(lse, lse + BH * P.N, -std::numeric_limits<T>::infinity());
 
-  // Work items of branch i: (b*H + h, segment, query tile), a segment's last (costliest) query
-  // tiles first. head 0's first segment is the largest.
-  // Work items of branch i: (b*H + h, segment, sub-problem, query tile). Head 0's first segment
-  // has the most grid points (of either grid).
+  // Work items of branch i: (b*H + h, segment, sub-problem, query tile), a segment's last
+  // (costliest) query tiles first. Head 0's first segment has the most grid points (of either grid).
   auto tiles_of = [&](const AttentionBranch& br) { return (keys_of(br, 0, 0, P.N).count + kTile - 1) / kTile; };
   int64_t max_items = 0, seg_rows = 0;
   for (const auto& br : params.schedule) {
