@@ -112,7 +112,7 @@ def write_report(args, entries):
              "`dilatron eval` (greedy decoding of all digits, one needle, needles at least `eval.min_distance`",
              "tokens from the answer). Made by `scripts/passkey_study.py`"
              + (f" with `{' '.join('--set ' + s for s in args.set)}`" if args.set else "") + ".", ""]
-    lines += ["| run | schedule | visited pairs / token / head | accuracy | digit acc | aligned | unaligned | tokens/s | train time |",
+    lines += ["| run | schedule | visited pairs / token / head, all layers | accuracy | digit acc | aligned | unaligned | tokens/s | train time |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, what, schedule, layers, rep in entries:
         length = rep["lengths"][-1]
