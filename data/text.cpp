@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 
@@ -88,6 +89,8 @@ void write_window(std::string_view bytes, int64_t start, int64_t length, int64_t
 TextDataset::TextDataset(std::string path, double val_fraction) : path_(std::move(path)) {
   DILATRON_CHECK(val_fraction >= 0.0 && val_fraction < 1.0, "TextDataset '", path_, "': val_fraction ",
                  val_fraction, " is outside [0, 1)");
+  // A directory opens as a stream and fails only on reading, as "basic_filebuf::underflow".
+  DILATRON_CHECK(!std::filesystem::is_directory(path_), "text file '", path_, "' is a directory, not a file");
   std::ifstream in(path_, std::ios::binary);
   DILATRON_CHECK(in, "cannot open text file '", path_, "': ", std::strerror(errno));
   bytes_.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());

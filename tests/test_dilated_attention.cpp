@@ -563,6 +563,43 @@ TEST(DilatedAttentionMemory, ForwardBackwardExtraMemoryIsLinearInN) {
                                                                                  << " bytes, X = " << X;
 }
 
+// A segment or dilation far past N (up to INT64_MAX, where (N + w - 1) / w overflowed and every query
+// was masked) acts as one of length N: same outputs, lse and gradients, with dropout and the bias on.
+TEST(DilatedAttention, HugeSegmentsAndDilationsActAsTheSequenceLength) {
+  const std::string max = std::to_string(std::numeric_limits<int64_t>::max());
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"9223372036854775777:1", "32:1"}, {max + ":1", "32:1"}, {"4:1," + max + ":" + max, "4:1,32:32"},
+      {"4:1," + max + ":" + max + "k", "4:1,32:32k"}, {"4:1," + max + ":3k", "4:1,32:3k"}};
+  Generator gen(3);
+  const Shape shape{2, 32, 3, 8};
+  const Tensor q = Tensor::randn(shape, gen, DType::Float64), k = Tensor::randn(shape, gen, DType::Float64),
+               v = Tensor::randn(shape, gen, DType::Float64), bias = Tensor::randn({3, 32}, gen, DType::Float64),
+               dout = Tensor::randn(shape, gen, DType::Float64);
+  for (const auto& [huge, plain] : cases) {
+    for (bool causal : {false, true}) {
+      SCOPED_TRACE(huge + (causal ? " causal" : ""));
+      std::vector<std::vector<double>> results[2];
+      for (int i = 0; i < 2; ++i) {
+        DilatedAttentionOptions opts;
+        opts.schedule = parse_schedule(i == 0 ? huge : plain);
+        opts.causal = causal;
+        opts.dropout = 0.25;
+        opts.seed = 9;
+        Tensor qr = q.clone().requires_grad_(), kr = k.clone().requires_grad_(), vr = v.clone().requires_grad_(),
+               br = bias.clone().requires_grad_();
+        const AttentionOutput out = dilated_attention_with_lse(qr, kr, vr, opts, br);
+        out.o.backward(dout);
+        results[i] = {out.o.to_vector<double>(), out.lse.to_vector<double>(), qr.grad().to_vector<double>(),
+                      kr.grad().to_vector<double>(), vr.grad().to_vector<double>(), br.grad().to_vector<double>()};
+      }
+      EXPECT_EQ(results[0], results[1]);
+      if (huge.find(':') == huge.rfind(':')) {  // one dense branch: every query attends
+        for (double l : results[0][1]) EXPECT_TRUE(std::isfinite(l));
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------- schedule helpers
 
 TEST(DilatedAttentionSchedule, CoverageAndVisitedPairsMatchBruteForce) {
@@ -604,6 +641,26 @@ TEST(DilatedAttentionSchedule, CoverageAndVisitedPairsMatchBruteForce) {
 }
 
 // ---------------------------------------------------------------- relative-position buckets
+
+// visited_pairs with w and r near INT64_MAX (r sub-problems per key-dilated segment hung it): one
+// segment; a dilation of at least max(N, H) gives head h < N the one grid point h.
+TEST(DilatedAttentionSchedule, VisitedPairsOfHugeSegmentsAndDilations) {
+  const std::string max = std::to_string(std::numeric_limits<int64_t>::max());
+  for (int64_t H : {3, 40}) {
+    for (bool causal : {false, true}) {
+      const int64_t N = 32, heads = std::min(H, N);
+      SCOPED_TRACE("H=" + std::to_string(H) + (causal ? " causal" : ""));
+      EXPECT_EQ(visited_pairs(parse_schedule(max + ":1"), H, N, causal), (causal ? N * (N + 1) / 2 : N * N) * H);
+      EXPECT_EQ(visited_pairs(parse_schedule("9223372036854775777:1"), H, N, causal),
+                visited_pairs(parse_schedule("32:1"), H, N, causal));
+      EXPECT_EQ(visited_pairs(parse_schedule(max + ":" + max), H, N, causal), heads);
+      // Key-dilated: the one key h, for every query (causal: every query at or after h).
+      EXPECT_EQ(visited_pairs(parse_schedule(max + ":" + max + "k"), H, N, causal),
+                causal ? heads * N - heads * (heads - 1) / 2 : heads * N);
+      EXPECT_TRUE(schedule_coverage(parse_schedule(max + ":1"), H, N, causal).full);
+    }
+  }
+}
 
 TEST(DilatedAttentionBias, BucketsMatchTheContractFormula) {
   struct Config {

@@ -2,13 +2,16 @@
 // bit, resuming continues exactly, and bad configs and checkpoints are reported clearly.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <csignal>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <sstream>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -385,6 +388,107 @@ TEST(Config, PasskeyQuestionsAndAnswerWeight) {
   EXPECT_NE(msg.find("data.answer_weight"), std::string::npos) << msg;
 }
 
+// A message that contains every part.
+void expect_mentions(const std::string& msg, std::initializer_list<std::string> parts) {
+  for (const std::string& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
+}
+
+// A section replaced through --set (or given as a value in the file) would leave all its keys at their
+// defaults: `--set train=x` trained 1000 steps.
+TEST(Config, OverridesOfWholeSectionsAndMalformedKeysAreErrors) {
+  const auto err = [](std::vector<std::string> overrides) {
+    return expect_error([&] { load_config(kTiny, overrides); });
+  };
+  expect_mentions(err({"train=x"}), {"--set train=x", "'train' names a section"});
+  expect_mentions(err({"model=5"}), {"--set model=5", "'model' names a section"});
+  expect_mentions(err({"model={}"}), {"--set model={}", "'model' names a section"});
+  expect_mentions(err({"model.extra={}"}), {"--set model.extra={}", "empty table"});
+  expect_mentions(err({".seq_len=5"}), {"malformed key '.seq_len'"});
+  expect_mentions(err({"model.=5"}), {"malformed key 'model.'"});
+  expect_mentions(err({"model..seq_len=5"}), {"malformed key 'model..seq_len'"});
+  const std::string layered = "[model]\nseq_len = 64\nn_layers = 2\n[attention]\nschedule = \"16:1\"\n"
+                              "[attention.layers]\n1 = \"64:1\"\n";
+  expect_mentions(expect_error([&] { parse_config(layered, "layers.toml", {"attention.layers=5"}); }),
+                  {"--set attention.layers=5", "'attention.layers' is a section"});
+  // A table with keys still works, and so does a section given as a value in the file... as an error.
+  EXPECT_EQ(parse_config(layered, "layers.toml", {"attention.layers={0=\"32:1\"}"}).model.layer_schedules[0],
+            parse_schedule("32:1"));
+  expect_mentions(expect_error([&] { parse_config("train = 5\n[attention]\nschedule = \"16:1\"\n", "flat.toml"); }),
+                  {"flat.toml", "key 'train' must be a table"});
+}
+
+TEST(Config, MinLrAboveLrNamesBothKeys) {
+  expect_mentions(expect_error([&] { load_config(kTiny, {"train.min_lr=0.01"}); }),
+                  {"tiny.toml", "'train.min_lr' must be <= train.lr = 0.003", "got 0.01"});
+  EXPECT_NO_THROW(load_config(kTiny, {"train.min_lr=0.003"}));
+}
+
+// eval.lengths that cannot hold a passkey sample failed only at the first evaluation, mid-run.
+TEST(Config, EvalLengthsMustHoldThePasskeyTaskAtConfigTime) {
+  const int64_t shortest = data::PasskeyTask::min_seq_len(data::PasskeyOptions{}.digits, 1);
+  expect_mentions(expect_error([&] { load_config(kTiny, {"eval.lengths=[128, " + std::to_string(shortest - 1) + "]"}); }),
+                  {"'eval.lengths'", "length " + std::to_string(shortest - 1), "needs at least " + std::to_string(shortest)});
+  EXPECT_NO_THROW(load_config(kTiny, {"eval.lengths=[" + std::to_string(shortest) + "]"}));
+  expect_mentions(expect_error([&] { load_config(kTiny, {"eval.lengths=[128, 1000000000]"}); }),
+                  {"'eval.lengths'", "1000000000"});
+  // An eval.min_distance that no sample of a length can meet.
+  expect_mentions(expect_error([&] { load_config(kTiny, {"eval.min_distance=128"}); }),
+                  {"'eval.min_distance'", "length 128", "min_distance 128 cannot be met"});
+  EXPECT_NO_THROW(load_config(kTiny, {"data.task=\"text\"", "eval.lengths=[16]"}));  // text runs do not use them
+}
+
+TEST(Training, NegativeCheckpointStepNamesTheFileAndAttribute) {
+  const fs::path dir = fresh_dir("negative_step");
+  const std::string ckpt = train(load_config(kTiny, {"train.steps=1"}), quiet(dir)).last_checkpoint;
+  {
+    h5::File f = h5::File::open(ckpt, h5::Mode::ReadWrite);
+    f.set_attr("/", "step", int64_t{-3});
+  }
+  expect_mentions(expect_error([&] { read_checkpoint_summary(ckpt); }), {ckpt, "'step'", "-3"});
+}
+
+// Everything that can fail is built before out_dir is written: a run that cannot start leaves a new
+// directory absent and an existing run's config, checkpoints and metrics as they were.
+TEST(Training, ARunThatCannotStartWritesNothing) {
+  const fs::path text_dir = fresh_dir("text_is_dir");
+  fs::create_directories(text_dir);
+  std::vector<std::pair<std::vector<std::string>, std::string>> bad = {
+      {{"data.min_distance=128"}, "cannot be met"},
+      {{"data.task=\"text\"", "data.path=\"" + text_dir.string() + "\""}, "is a directory"},
+      {{"data.task=\"text\"", "data.path=\"/nonexistent/dilatron.txt\""}, "/nonexistent/dilatron.txt"},
+  };
+#ifndef DILATRON_WITH_CUDA
+  bad.push_back({{"train.device=\"cuda\""}, "CUDA"});
+#endif
+  for (const auto& [overrides, why] : bad) {
+    SCOPED_TRACE(overrides.back());
+    const RunConfig c = load_config(kTiny, overrides);
+    const fs::path fresh = fresh_dir("cannot_start");
+    expect_mentions(expect_error([&] { train(c, quiet(fresh)); }), {why});
+    EXPECT_FALSE(fs::exists(fresh));
+  }
+
+  const fs::path dir = fresh_dir("cannot_start_existing");
+  train(load_config(kTiny, {"train.steps=2"}), quiet(dir));
+  const std::string config = read_text(dir / "config.toml"), metrics = read_text(dir / "metrics.jsonl");
+  const auto listing = [&] {
+    std::vector<std::string> names;
+    for (const auto& e : fs::recursive_directory_iterator(dir)) names.push_back(e.path().string());
+    std::sort(names.begin(), names.end());
+    return names;
+  };
+  const std::vector<std::string> before = listing();
+  for (const auto& overrides : std::vector<std::vector<std::string>>{{"data.min_distance=128"}, {"model.d_ff=96"}}) {
+    SCOPED_TRACE(overrides.back());
+    TrainOptions o = quiet(dir);
+    o.resume = "auto";  // d_ff = 96: the checkpoint does not fit, and the run's config must stay its own
+    expect_error([&] { train(load_config(kTiny, overrides), o); });
+    EXPECT_EQ(read_text(dir / "config.toml"), config);
+    EXPECT_EQ(read_text(dir / "metrics.jsonl"), metrics);
+    EXPECT_EQ(listing(), before);
+  }
+}
+
 // TransformerLM::loss with weights against log-softmax by hand over the model's own logits.
 TEST(Model, WeightedLossIsTheHandComputedWeightedMean) {
   const RunConfig c = load_config(kTiny, {"model.seq_len=8", "model.d_model=8", "model.n_heads=2", "model.d_ff=8",
@@ -558,6 +662,29 @@ TEST(Model, SetAttentionSchedulesMatchesAModelBuiltWithThem) {
   EXPECT_NE(expect_error([&] { model->set_attention_schedules({{{16, 1}}}); }).find("1 layer schedules"), std::string::npos);
 }
 
+// `--set attention.schedule=9223372036854775807:1` trained attending to nothing (the segment count
+// overflowed): a huge segment is one of the sequence's length, and a huge dilation does not make the
+// passkey report list 2^63 residues.
+TEST(Model, HugeSegmentsAndDilationsActAsTheSequenceLength) {
+  const std::string max = std::to_string(std::numeric_limits<int64_t>::max());
+  const RunConfig huge = load_config(kTiny, {"attention.schedule=\"" + max + ":1\""});
+  const RunConfig plain = load_config(kTiny, {"attention.schedule=\"128:1\""});
+  Generator gen(4);
+  std::vector<int64_t> ids(2 * 128);
+  for (int64_t& id : ids) id = static_cast<int64_t>(gen.next_below(256));
+  const Tensor tokens = Tensor::from_vector(ids, {2, 128});
+  const double loss = build_model(huge, std::make_shared<Generator>(0))->loss(tokens).item();
+  EXPECT_TRUE(std::isfinite(loss));
+  EXPECT_EQ(loss, build_model(plain, std::make_shared<Generator>(0))->loss(tokens).item());
+
+  const RunConfig dilated = load_config(kTiny, {"attention.schedule=\"16:1," + max + ":" + max + "\""});
+  auto model = build_model(dilated, std::make_shared<Generator>(0));
+  model->eval();
+  const PasskeyReport r = evaluate_passkey(*model, {128}, 2, 1, passkey_options(dilated, true), 2);
+  EXPECT_EQ(r.residue_modulus, 128);
+  EXPECT_EQ(r.by_length.at(128).total, 2);
+}
+
 TEST(Model, XposRejectsLengthsWhoseScaleLeavesFloat32) {
   RunConfig c = load_config(kTiny, {"model.seq_len=200000", "attention.schedule=\"16:1\""});
   auto model = build_model(c, std::make_shared<Generator>(0));
@@ -711,6 +838,138 @@ TEST_F(TrainCommand, AttentionCommandNamesTheMissingDataset) {
   EXPECT_NE(ss.str().find("'v'"), std::string::npos) << ss.str();
   EXPECT_NE(ss.str().find("in.h5"), std::string::npos) << ss.str();
   EXPECT_FALSE(fs::exists(dir / "out.h5"));
+}
+
+// Arguments are checked before anything loads: `eval --batch 0` looped forever.
+TEST_F(TrainCommand, EvalRejectsBadBatchSamplesAndLengthsUpFront) {
+  const fs::path dir = fresh_dir("eval_args");
+  train(load_config(kTiny, {"train.steps=1"}), quiet(dir));
+  const std::string text = (dir / "text.txt").string();
+  std::ofstream(text) << std::string(4000, 'a');
+  const int64_t shortest = data::PasskeyTask::min_seq_len(data::PasskeyOptions{}.digits, 1);
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"--batch 0", "--batch must be in [1, 1048576], got 0"},
+      {"--text " + text + " --batch 0", "--batch must be in [1, 1048576], got 0"},
+      {"--batch -3", "got -3"},
+      {"--samples 0", "--samples must be >= 1, got 0"},
+      {"--text " + text + " --samples -1", "--samples must be >= 1, got -1"},
+      {"--samples 2000000", "at most 1048576"},
+      {"--lengths 128,4", "--lengths: each length must be in [8, 16777216], got 4"},
+      {"--lengths 99999999999", "got 99999999999"},
+      {"--lengths 128," + std::to_string(shortest - 1), "--lengths: length " + std::to_string(shortest - 1)},
+      {"--min-distance -2", "--min-distance must be >= 0, got -2"},
+  };
+  const std::string log = (dir / "eval.log").string();
+  for (const auto& [args, want] : cases) {
+    const int status = run("timeout 120 " + binary() + " eval " + dir.string() + " " + args + " > " + log + " 2>&1");
+    ASSERT_TRUE(WIFEXITED(status)) << args;
+    EXPECT_EQ(WEXITSTATUS(status), 1) << args << ": " << read_text(log);
+    EXPECT_NE(read_text(log).find(want), std::string::npos) << args << ": " << read_text(log);
+  }
+  // A directory for --text says so.
+  EXPECT_EQ(WEXITSTATUS(run(binary() + " eval " + dir.string() + " --text " + dir.string() + " > " + log + " 2>&1")), 1);
+  EXPECT_NE(read_text(log).find("is a directory"), std::string::npos) << read_text(log);
+  EXPECT_EQ(run(binary() + " eval " + dir.string() + " --samples 2 --batch 1 > " + log + " 2>&1"), 0) << read_text(log);
+}
+
+// --out is renamed over: the command refuses to replace anything but a regular file other than --in.
+TEST_F(TrainCommand, AttentionOutRefusesSpecialFilesSymlinksAndTheInput) {
+  const fs::path dir = fresh_dir("attention_out");
+  fs::create_directories(dir / "adir");
+  const fs::path in = dir / "in.h5";
+  {
+    h5::File f = h5::File::create(in.string());
+    Generator gen(1);
+    for (const char* name : {"q", "k", "v"}) f.write(name, Tensor::randn({1, 8, 2, 4}, gen));
+  }
+  std::ofstream(dir / "victim.txt") << "keep me";
+  fs::create_symlink(dir / "victim.txt", dir / "link.h5");
+  fs::create_hard_link(in, dir / "hard.h5");
+  ASSERT_EQ(::mkfifo((dir / "fifo").c_str(), 0644), 0);
+  const std::string log = (dir / "log").string();
+  const auto attention = [&](const fs::path& out) {
+    const int status = run("timeout 60 " + binary() + " attention --in " + in.string() + " --out " + out.string() +
+                           " --schedule 4:1 > " + log + " 2>&1");
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  };
+  const std::vector<std::pair<fs::path, std::string>> cases = {
+      {dir / "adir", "not a regular file (a directory)"},
+      {dir / "fifo", "not a regular file (a device, fifo or socket)"},
+      {dir / "link.h5", "is a symbolic link"},
+      {in, "is the input file"},
+      {dir / "." / "adir" / ".." / "in.h5", "is the input file"},
+      {dir / "hard.h5", "is the input file"},
+  };
+  for (const auto& [out, want] : cases) {
+    EXPECT_EQ(attention(out), 1) << out;
+    EXPECT_NE(read_text(log).find(want), std::string::npos) << out << ": " << read_text(log);
+  }
+  EXPECT_TRUE(fs::is_directory(dir / "adir"));
+  EXPECT_TRUE(fs::is_fifo(dir / "fifo"));
+  EXPECT_TRUE(fs::is_symlink(dir / "link.h5"));
+  EXPECT_EQ(read_text(dir / "victim.txt"), "keep me");
+  EXPECT_EQ(h5::File::open(in.string(), h5::Mode::ReadOnly).list("/", false).size(), 3u);
+  // A new path, and then the regular file it made, are written.
+  EXPECT_EQ(attention(dir / "out.h5"), 0) << read_text(log);
+  EXPECT_EQ(attention(dir / "out.h5"), 0) << read_text(log);
+  // Integer q without --dtype names the dataset, not --dtype.
+  {
+    h5::File f = h5::File::create((dir / "int.h5").string());
+    for (const char* name : {"q", "k", "v"}) f.write(name, Tensor::zeros({1, 8, 2, 4}, TensorOptions(DType::Int64)));
+  }
+  const int status = run(binary() + " attention --in " + (dir / "int.h5").string() + " --out " +
+                         (dir / "int_out.h5").string() + " --schedule 4:1 > " + log + " 2>&1");
+  EXPECT_EQ(WEXITSTATUS(status), 1);
+  EXPECT_NE(read_text(log).find("dataset 'q' is int64"), std::string::npos) << read_text(log);
+  EXPECT_EQ(read_text(log).find("--dtype"), std::string::npos) << read_text(log);
+}
+
+// SIGTERM (a scheduler's stop) checkpoints like SIGINT and exits 143; while a run holds its directory,
+// a second `train` on it is refused.
+TEST_F(TrainCommand, SigtermSavesAndASecondRunOnTheSameDirectoryIsRefused) {
+  const fs::path dir = fresh_dir("sigterm");
+  const std::string log = dir.string() + ".log", log2 = dir.string() + ".second.log";
+  const std::string cmd = "exec " + binary() + " train " + kTiny + " --out " + dir.string() +
+                          " --resume auto --set train.steps=1000000 --set train.checkpoint_every=0 > " + log + " 2>&1";
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  // Wait for the first step's metrics line.
+  bool started = false;
+  for (int i = 0; i < 1200 && !started; ++i) {
+    started = read_text(dir / "metrics.jsonl").find('\n') != std::string::npos;
+    if (!started) ::usleep(100000);
+  }
+  if (started) {
+    const int second = run(binary() + " train " + kTiny + " --out " + dir.string() + " --set train.steps=2 > " + log2 +
+                           " 2>&1");
+    EXPECT_EQ(WEXITSTATUS(second), 1) << read_text(log2);
+    EXPECT_NE(read_text(log2).find("is in use by another dilatron train"), std::string::npos) << read_text(log2);
+  }
+  ::kill(pid, SIGTERM);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(started) << read_text(log);
+  ASSERT_TRUE(WIFEXITED(status)) << read_text(log);
+  EXPECT_EQ(WEXITSTATUS(status), 143) << read_text(log);
+  const std::string out = read_text(log);
+  EXPECT_NE(out.find("no checkpoint in " + (dir / "checkpoints").string() + "; starting fresh"), std::string::npos)
+      << out;
+  const auto latest = CheckpointDir((dir / "checkpoints").string(), 1).latest();
+  ASSERT_TRUE(latest.has_value()) << out;
+  const int64_t stopped_at = read_checkpoint_summary(*latest).state.step;
+  EXPECT_GE(stopped_at, 1);
+  EXPECT_NE(out.find("interrupted by SIGTERM at step " + std::to_string(stopped_at) + ";"), std::string::npos) << out;
+  // The lock went with the process, and the run resumes where it stopped.
+  TrainOptions o = quiet(dir);
+  o.resume = "auto";
+  const TrainResult r =
+      train(load_config(kTiny, {"train.checkpoint_every=0", "train.steps=" + std::to_string(stopped_at + 2)}), o);
+  EXPECT_EQ(r.first_step, stopped_at);
+  EXPECT_EQ(r.steps_done, stopped_at + 2);
 }
 
 #endif  // DILATRON_CLI

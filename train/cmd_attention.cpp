@@ -3,6 +3,7 @@
 // their own model.
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <optional>
 #include <string>
 
@@ -31,12 +32,30 @@ Tensor read_input(h5::File& file, const std::string& path, const std::string& na
   return t.to(dtype).to(device);
 }
 
+// The result is renamed over --out, which replaces whatever the path names: only a new path or a
+// regular file other than --in may be replaced. A symlink is refused rather than replaced by a file
+// (its target would never be written).
+void check_out_path(const std::string& in, const std::string& out) {
+  namespace fs = std::filesystem;
+  const fs::file_status st = fs::symlink_status(out);
+  if (!fs::exists(st)) return;
+  DILATRON_CHECK(!fs::is_symlink(st), "--out '", out, "' is a symbolic link; refusing to replace it (give the path "
+                 "it points to, or remove it)");
+  DILATRON_CHECK(fs::is_regular_file(st), "--out '", out, "' exists and is not a regular file (",
+                 fs::is_directory(st) ? "a directory" : "a device, fifo or socket", "); refusing to replace it");
+  std::error_code ec;
+  DILATRON_CHECK(!fs::equivalent(in, out, ec), "--out '", out, "' is the input file --in '", in,
+                 "'; refusing to overwrite it");
+}
+
 void run_attention(const AttentionArgs& a) {
+  check_out_path(a.in, a.out);
   h5::File in = h5::File::open(a.in, h5::Mode::ReadOnly);
   for (const char* name : {"q", "k", "v"})
     DILATRON_CHECK(in.has(name), "'", a.in, "' has no dataset '", name, "' (needs q, k, v of shape [B, N, H, D])");
+  // Without --dtype, q's own dtype: an integer q is reported by read_input, naming the file and dataset.
   const DType dtype = a.dtype.empty() ? in.read("q").dtype() : dtype_from_name(a.dtype);
-  DILATRON_CHECK(is_floating(dtype), "--dtype ", a.dtype, ": expected float32 or float64");
+  DILATRON_CHECK(a.dtype.empty() || is_floating(dtype), "--dtype ", a.dtype, ": expected float32 or float64");
   const Device device = Device::parse(a.device);
 
   Tensor q = read_input(in, a.in, "q", dtype, device);

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <numeric>
+#include <optional>
 
 #include "commands.h"
 #include "dilatron/autograd.h"
@@ -18,8 +19,14 @@
 namespace dilatron::cli {
 namespace {
 
+// SIGINT (Ctrl-C) and SIGTERM (a scheduler's stop) both checkpoint and stop; the exit code is 128 + the
+// signal, as the shell reports a process the signal ended.
 std::atomic<bool> g_stop{false};
-extern "C" void on_sigint(int) { g_stop.store(true); }
+volatile std::sig_atomic_t g_signal = 0;
+extern "C" void on_stop_signal(int sig) {
+  g_signal = sig;
+  g_stop.store(true);
+}
 
 struct TrainArgs {
   std::string config;
@@ -52,17 +59,19 @@ void run_train(const TrainArgs& a) {
   o.out_dir = a.out.empty() ? "runs/" + std::filesystem::path(a.config).stem().string() : a.out;
   o.resume = a.resume;
   o.stop = &g_stop;
-  std::signal(SIGINT, on_sigint);
+  for (const int sig : {SIGINT, SIGTERM}) std::signal(sig, on_stop_signal);
   std::fprintf(stderr, "training %s -> %s (%lld steps, batch %lld x %lld tokens)\n", a.config.c_str(),
                o.out_dir.c_str(), static_cast<long long>(cfg.train.steps), static_cast<long long>(cfg.data.batch_size),
                static_cast<long long>(cfg.model.seq_len));
   print_stages(cfg);
   const TrainResult r = train(cfg, o);
-  std::signal(SIGINT, SIG_DFL);
+  for (const int sig : {SIGINT, SIGTERM}) std::signal(sig, SIG_DFL);
   std::printf("checkpoint: %s\n", r.last_checkpoint.c_str());
   if (r.interrupted) {
-    std::fprintf(stderr, "interrupted at step %lld; resume with --resume auto\n", static_cast<long long>(r.steps_done));
-    std::exit(130);
+    const int sig = g_signal ? static_cast<int>(g_signal) : SIGINT;
+    std::fprintf(stderr, "interrupted by %s at step %lld; resume with --resume auto\n",
+                 sig == SIGTERM ? "SIGTERM" : "SIGINT", static_cast<long long>(r.steps_done));
+    std::exit(128 + sig);
   }
 }
 
@@ -95,18 +104,33 @@ Loaded load_model(const std::string& path) {
 struct EvalArgs {
   std::string ckpt, task, text, json;
   std::vector<int64_t> lengths;
-  int64_t samples = 0, min_distance = -1, batch = 8;
+  std::optional<int64_t> samples, min_distance;
+  int64_t batch = 8;
 };
 
 void run_eval(const EvalArgs& a) {
+  // Checked before anything loads (--batch 0 looped forever); the ranges are the config's.
+  DILATRON_CHECK(a.batch >= 1 && a.batch <= (1 << 20), "--batch must be in [1, 1048576], got ", a.batch);
+  DILATRON_CHECK(!a.samples || *a.samples >= 1, "--samples must be >= 1, got ", a.samples.value_or(0));
+  DILATRON_CHECK(!a.min_distance || *a.min_distance >= 0, "--min-distance must be >= 0, got ",
+                 a.min_distance.value_or(0));
+  for (const int64_t len : a.lengths)
+    DILATRON_CHECK(len >= 8 && len <= (1 << 24), "--lengths: each length must be in [8, 16777216], got ", len);
   Loaded l = load_model(a.ckpt);
   const std::string task = a.task.empty() ? (a.text.empty() ? l.config.data.task : "text") : a.task;
   DILATRON_CHECK(a.json.empty() || task == "passkey", "--json: only the passkey report is written as JSON");
   if (task == "passkey") {
+    DILATRON_CHECK(!a.samples || *a.samples <= (1 << 20), "--samples: passkey evaluates at most 1048576 samples per "
+                   "length, got ", *a.samples);
     const auto lengths = a.lengths.empty() ? l.config.eval.lengths : a.lengths;
-    const int64_t samples = a.samples > 0 ? a.samples : l.config.eval.samples;
+    const int64_t samples = a.samples.value_or(l.config.eval.samples);
     data::PasskeyOptions base = passkey_options(l.config, true);
-    if (a.min_distance >= 0) base.min_distance = a.min_distance;
+    if (a.min_distance) base.min_distance = *a.min_distance;
+    try {
+      check_passkey_lengths(lengths, base);
+    } catch (const Error& e) {
+      throw Error((a.lengths.empty() ? "eval.lengths of " + l.path : std::string("--lengths")) + ": " + e.what());
+    }
     const PasskeyReport report = evaluate_passkey(*l.model, lengths, samples, l.config.eval.seed, base, a.batch);
     std::printf("%s", format_passkey_report(report).c_str());
     if (!a.json.empty()) {
@@ -125,7 +149,7 @@ void run_eval(const EvalArgs& a) {
     DILATRON_CHECK(!path.empty(), "eval --task text needs --text FILE");
     const data::TextDataset text(path, l.config.data.val_fraction);
     const double loss = evaluate_text_loss(*l.model, text, l.config.model.seq_len,
-                                           a.samples > 0 ? a.samples : 1 << 30, a.batch);
+                                           a.samples.value_or(1 << 30), a.batch);
     std::printf("%s validation: loss %.4f nats/byte, perplexity %.3f, %.4f bits/byte\n", path.c_str(), loss,
                 std::exp(loss), loss / std::log(2.0));
   } else {

@@ -20,6 +20,20 @@ namespace {
 
 constexpr size_t kMaxBranches = 16;  // the dropout stream id packs the branch into 4 bits
 
+// The schedule as it acts on H heads of length N, with w and r at most max(N, H, 1): a segment
+// longer than the sequence is one segment of length N, and a dilation r >= max(N, H) gives head h
+// the offset h and at most one grid point per residue, as any larger r does. Positions stay
+// absolute, so dropout and bias are unchanged; the kernels and visited_pairs then never form
+// s*w, r*H*D or r sub-problems from a huge w or r.
+std::vector<AttentionBranch> bounded_schedule(std::vector<AttentionBranch> schedule, int64_t H, int64_t N) {
+  const int64_t cap = std::max({N, H, int64_t{1}});
+  for (AttentionBranch& br : schedule) {
+    br.segment = std::min(br.segment, cap);
+    br.dilation = std::min(br.dilation, br.segment);
+  }
+  return schedule;
+}
+
 struct DilatedAttentionFunction : autograd::Function<DilatedAttentionFunction> {
   static const char* name() { return "dilated_attention"; }
 
@@ -77,7 +91,7 @@ AttentionParams make_params(const Tensor& q, const Tensor& k, const Tensor& v, c
                  opts.dropout);
 
   AttentionParams params;
-  params.schedule = opts.schedule;
+  params.schedule = bounded_schedule(opts.schedule, H, N);
   params.causal = opts.causal;
   params.scale = scale;
   params.dropout_p = opts.dropout;
@@ -191,6 +205,7 @@ Coverage schedule_coverage(const std::vector<AttentionBranch>& schedule, int64_t
 
 int64_t visited_pairs(const std::vector<AttentionBranch>& schedule, int64_t H, int64_t N, bool causal) {
   validate_schedule(schedule);
+  const std::vector<AttentionBranch> bounded = bounded_schedule(schedule, H, N);
   // Per sub-problem with gq queries and gk keys: gq(gq+1)/2 pairs causal (c <= a, gq <= gk),
   // gq * gk otherwise. Full segments of a (branch, head) all have the same counts; only the ragged
   // last one differs.
@@ -204,7 +219,7 @@ int64_t visited_pairs(const std::vector<AttentionBranch>& schedule, int64_t H, i
     }
     return pairs;
   };
-  for (const auto& br : schedule) {
+  for (const auto& br : bounded) {
     const int64_t full = N / br.segment;
     for (int64_t h = 0; h < H; ++h) {
       if (full > 0) total += full * segment_pairs(br, h, 0);

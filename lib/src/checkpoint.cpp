@@ -41,6 +41,7 @@ TrainingState read_state(const h5::File& f) {
   DILATRON_CHECK(format == kFormat, "checkpoint '", f.path(), "' has format ", format, "; this dilatron reads ", kFormat);
   TrainingState s;
   s.step = f.get_attr_int("/", "step");
+  DILATRON_CHECK(s.step >= 0, "checkpoint '", f.path(), "': attribute 'step' is ", s.step, "; expected >= 0");
   s.tokens_seen = f.get_attr_int("/", "tokens_seen");
   s.data_seed = get_u64(f, "data_rng_seed");
   s.data_offset = get_u64(f, "data_rng_offset");

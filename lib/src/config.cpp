@@ -11,6 +11,7 @@
 #include "dilatron/attention.h"
 #include "dilatron/data.h"
 #include "dilatron/error.h"
+#include "dilatron/trainer.h"
 
 namespace dilatron {
 namespace {
@@ -103,7 +104,13 @@ class Reader {
  private:
   const toml::node* find(const std::string& key) {
     known_.insert(key);
-    for (size_t p = key.find('.'); p != std::string::npos; p = key.find('.', p + 1)) known_.insert(key.substr(0, p));
+    for (size_t p = key.find('.'); p != std::string::npos; p = key.find('.', p + 1)) {
+      // A section given as a value (`train = 5`) would hide all its keys, which then keep their defaults.
+      const std::string section = key.substr(0, p);
+      const toml::node* node = root_.at_path(section).node();
+      if (node && !node->is_table()) type_error(section, *node, "a table (a section)");
+      known_.insert(section);
+    }
     return root_.at_path(key).node();
   }
   [[noreturn]] void type_error(const std::string& key, const toml::node& node, const char* expected) const {
@@ -136,12 +143,21 @@ void apply_override(toml::table& root, const std::string& assignment, const std:
   const size_t eq = assignment.find('=');
   DILATRON_CHECK(eq != std::string::npos && eq > 0, "--set ", assignment, ": expected section.key=value");
   const std::string key = assignment.substr(0, eq), text = assignment.substr(eq + 1);
+  DILATRON_CHECK(key.front() != '.' && key.back() != '.' && key.find("..") == std::string::npos, source, ": --set ",
+                 assignment, ": malformed key '", key, "' (expected section.key, e.g. model.seq_len)");
+  // A whole section replaced by a value, or by an empty table, would silently leave all its keys at
+  // their defaults (`--set train=x` trained 1000 steps).
+  DILATRON_CHECK(key.find('.') != std::string::npos, source, ": --set ", assignment, ": '", key,
+                 "' names a section; set one of its keys (section.key=value)");
   toml::table parsed;
   try {
     parsed = toml::parse("v = " + text);
   } catch (const toml::parse_error&) {
     parsed.insert_or_assign("v", text);
   }
+  toml::node& value = *parsed.get("v");
+  DILATRON_CHECK(!(value.is_table() && value.as_table()->empty()), source, ": --set ", assignment,
+                 ": an empty table sets nothing; set the keys inside '", key, "'");
   toml::table* t = &root;
   std::string rest = key;
   for (size_t dot; (dot = rest.find('.')) != std::string::npos; rest = rest.substr(dot + 1)) {
@@ -151,7 +167,10 @@ void apply_override(toml::table& root, const std::string& assignment, const std:
     DILATRON_CHECK(child->is_table(), source, ": --set ", key, ": '", part, "' is not a section");
     t = child->as_table();
   }
-  t->insert_or_assign(rest, *parsed.get("v"));
+  const toml::node* old = t->get(rest);
+  DILATRON_CHECK(!(old && old->is_table() && !value.is_table()), source, ": --set ", assignment, ": '", key,
+                 "' is a section; set one of its keys (", key, ".key=value)");
+  t->insert_or_assign(rest, value);
 }
 
 Schedule read_schedule(Reader& r, const std::string& key, const std::string& text) {
@@ -330,6 +349,11 @@ RunConfig parse_config(const std::string& text, const std::string& source, const
   const bool steps_given = r.read_range("train.steps", t.steps, 0, int64_t{1} << 40);
   r.read_range("train.lr", t.lr, 0.0, 10.0);
   r.read_range("train.min_lr", t.min_lr, 0.0, 10.0);
+  if (t.min_lr > t.lr) {
+    std::ostringstream os;
+    os << "must be <= train.lr = " << t.lr << ", got " << t.min_lr << " (the schedule decays from lr to min_lr)";
+    r.fail("train.min_lr", os.str());
+  }
   r.read_range("train.warmup_steps", t.warmup_steps, 0, int64_t{1} << 40);
   r.read_range("train.weight_decay", t.weight_decay, 0.0, 10.0);
   r.read_range("train.beta1", t.beta1, 0.0, 0.999999);
@@ -352,13 +376,22 @@ RunConfig parse_config(const std::string& text, const std::string& source, const
   read_stages(r, c, steps_given);
 
   EvalConfig& e = c.eval;
-  r.read("eval.lengths", e.lengths);
+  const bool lengths_given = r.read("eval.lengths", e.lengths);
   r.read_range("eval.samples", e.samples, 1, 1 << 20);
   r.read("eval.seed", e.seed);
-  r.read_range("eval.min_distance", e.min_distance, 0, int64_t{1} << 30);
+  const bool min_distance_given = r.read_range("eval.min_distance", e.min_distance, 0, int64_t{1} << 30);
   if (e.lengths.empty()) e.lengths = {m.seq_len};
   for (int64_t len : e.lengths)
-    if (len < 8) r.fail("eval.lengths", "entries must be >= 8, got " + std::to_string(len));
+    if (len < 8 || len > (1 << 24)) r.fail("eval.lengths", "entries must be in [8, 16777216], got " + std::to_string(len));
+  // Each length must hold the evaluation sample, or training fails at its first evaluation. (The
+  // default, model.seq_len, fits unless the training task does not, which training reports.)
+  if (d.task == "passkey" && (lengths_given || min_distance_given)) {
+    try {
+      check_passkey_lengths(e.lengths, passkey_options(c, /*for_eval=*/true));
+    } catch (const Error& err) {
+      r.fail(lengths_given ? "eval.lengths" : "eval.min_distance", err.what());
+    }
+  }
 
   r.reject_unknown();
   return c;

@@ -1,14 +1,19 @@
 #include "dilatron/trainer.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include "dilatron/attention.h"
@@ -158,7 +163,49 @@ std::pair<PasskeyAccuracy, PasskeyAccuracy> aligned_unaligned(const std::map<int
   return out;
 }
 
+// An exclusive flock on dir/.lock while a run writes there: a second `train` on the same directory
+// would interleave its checkpoints and metrics with the first's. The file stays (removing it would let
+// a third run lock a new file while the second still holds the old one).
+class RunLock {
+ public:
+  explicit RunLock(const fs::path& dir) : path_((dir / ".lock").string()) {
+    fd_ = ::open(path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    DILATRON_CHECK(fd_ >= 0, "cannot open lock file '", path_, "': ", std::strerror(errno));
+    if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+      const int err = errno;
+      ::close(fd_);
+      DILATRON_CHECK(err != EWOULDBLOCK, "run directory '", dir.string(), "' is in use by another dilatron train ('",
+                     path_, "' is locked); wait for it to finish or give another --out");
+      throw Error("cannot lock '" + path_ + "': " + std::strerror(err));
+    }
+  }
+  ~RunLock() { ::close(fd_); }
+  RunLock(const RunLock&) = delete;
+  RunLock& operator=(const RunLock&) = delete;
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+};
+
 }  // namespace
+
+data::PasskeyOptions passkey_eval_options(const data::PasskeyOptions& base, int64_t len) {
+  data::PasskeyOptions po = base;
+  po.seq_len = len;
+  po.min_distance = std::min(base.min_distance, len);
+  return po;
+}
+
+void check_passkey_lengths(const std::vector<int64_t>& lengths, const data::PasskeyOptions& base) {
+  for (const int64_t len : lengths) {
+    try {
+      const data::PasskeyTask task(passkey_eval_options(base, len));
+    } catch (const Error& e) {
+      throw Error("length " + std::to_string(len) + " cannot hold a passkey evaluation sample: " + e.what());
+    }
+  }
+}
 
 data::PasskeyOptions passkey_options(const RunConfig& c, bool for_eval) {
   data::PasskeyOptions o;
@@ -177,12 +224,7 @@ std::unique_ptr<TransformerLM> build_model(const RunConfig& config, std::shared_
 }
 
 TrainResult train(const RunConfig& c, const TrainOptions& o) {
-  fs::create_directories(o.out_dir);
   const std::string metrics_path = (fs::path(o.out_dir) / "metrics.jsonl").string();
-  {
-    std::ofstream cfg(fs::path(o.out_dir) / "config.toml");
-    cfg << c.toml;
-  }
   // Stream ids keep data and dropout apart from the parameter init stream (seed itself).
   auto dropout_gen = std::make_shared<Generator>(c.train.seed ^ 0x64726f706f7574ull);
   Generator data_gen(c.train.seed ^ 0x64617461ull);
@@ -193,18 +235,25 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
   optim::AdamW opt(optim::weight_decay_groups(model->named_parameters(), c.train.lr, c.train.weight_decay), ao);
   const optim::WarmupCosine schedule(c.train.lr, std::min(c.train.warmup_steps, c.train.steps), c.train.steps,
                                      c.train.min_lr);
-  CheckpointDir ckpts((fs::path(o.out_dir) / "checkpoints").string(), c.train.keep_checkpoints);
   const std::vector<StageConfig> stages = training_stages(c);
   const bool staged = !c.train.stages.empty();
   const Batches batches(c, stages);
   // Stages count from 1 in metrics, progress and checkpoints; after n steps, the stage is step n's.
   const auto stage_number = [&](int64_t step) { return stage_of_step(stages, step) + 1; };
 
+  // Nothing is written before here, so a run that cannot start leaves out_dir as it was. An existing
+  // out_dir is locked before its checkpoints are read; a new one once it is made.
+  std::optional<RunLock> lock;
+  if (fs::exists(o.out_dir)) lock.emplace(o.out_dir);
+  const std::string ckpt_dir = (fs::path(o.out_dir) / "checkpoints").string();
   TrainingState st;
   st.data_seed = data_gen.seed();
   st.dropout_seed = dropout_gen->seed();
   std::string resume_path = o.resume;
-  if (resume_path == "auto") resume_path = ckpts.latest().value_or("");
+  if (resume_path == "auto") {
+    resume_path = fs::exists(ckpt_dir) ? CheckpointDir(ckpt_dir, c.train.keep_checkpoints).latest().value_or("") : "";
+    if (resume_path.empty()) std::fprintf(stderr, "--resume auto: no checkpoint in %s; starting fresh\n", ckpt_dir.c_str());
+  }
   if (!resume_path.empty()) {
     st = load_checkpoint(resume_path, *model, &opt);
     data_gen.set_state(st.data_seed, st.data_offset);
@@ -214,6 +263,13 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
                    " puts step ", st.step, " in stage ", stage_number(st.step), " (were train.stages changed?)");
     std::fprintf(stderr, "resumed from %s at step %lld\n", resume_path.c_str(), static_cast<long long>(st.step));
   }
+  fs::create_directories(o.out_dir);
+  if (!lock) lock.emplace(o.out_dir);
+  {
+    std::ofstream cfg(fs::path(o.out_dir) / "config.toml");
+    cfg << c.toml;
+  }
+  CheckpointDir ckpts(ckpt_dir, c.train.keep_checkpoints);
 
   TrainResult res;
   res.first_step = st.step;
@@ -311,12 +367,14 @@ PasskeyReport evaluate_passkey(TransformerLM& model, const std::vector<int64_t>&
   const Device device = model.tok->weight.device();
   const ModelConfig& mc = model.config();
   PasskeyReport report;
+  // A dilation past the longest length gives the same residues as that length (distances are shorter),
+  // and keeps the residue table small.
+  const int64_t longest = lengths.empty() ? 1 : *std::max_element(lengths.begin(), lengths.end());
   for (const Schedule& schedule : mc.layer_schedules)
-    for (const AttentionBranch& b : schedule) report.residue_modulus = std::max(report.residue_modulus, b.dilation);
+    for (const AttentionBranch& b : schedule)
+      report.residue_modulus = std::max(report.residue_modulus, std::min(b.dilation, longest));
   for (int64_t len : lengths) {
-    data::PasskeyOptions po = base;
-    po.seq_len = len;
-    po.min_distance = std::min(base.min_distance, len);
+    const data::PasskeyOptions po = passkey_eval_options(base, len);
     const data::PasskeyTask task(po);
     double pairs = 0.0;
     for (const Schedule& schedule : mc.layer_schedules)

@@ -16,7 +16,7 @@ namespace dilatron {
 struct TrainOptions {
   std::string out_dir = "runs/default";
   std::string resume;                         // "", "auto" (latest in out_dir, if any) or a checkpoint path
-  const std::atomic<bool>* stop = nullptr;    // set (by SIGINT) to checkpoint and return early
+  const std::atomic<bool>* stop = nullptr;    // set (by SIGINT, SIGTERM) to checkpoint and return early
   int64_t stop_at_step = -1;                  // >= 0: checkpoint and return early on reaching this step
   bool progress = true;                       // the live progress line on stderr
 };
@@ -29,6 +29,9 @@ struct TrainResult {
   bool interrupted = false;
 };
 
+// Builds everything (model on its device, data, the checkpoint to resume) before it writes to
+// out_dir, so a run that fails to start leaves the directory as it was; then holds out_dir/.lock
+// (flock) to the end, refusing a second run on the same directory.
 TrainResult train(const RunConfig& config, const TrainOptions& options);
 
 // Passkey accuracy: a sample counts when the greedy prediction of all its key digits is right
@@ -57,6 +60,10 @@ PasskeyReport evaluate_passkey(TransformerLM& model, const std::vector<int64_t>&
                                uint64_t seed, const data::PasskeyOptions& base, int64_t batch_size);
 // The passkey task a config trains on (seq_len and seed included) and evaluates on (min_distance).
 data::PasskeyOptions passkey_options(const RunConfig& config, bool for_eval);
+// The task evaluate_passkey scores at context length `len`: `base` at that length, min_distance capped by it.
+data::PasskeyOptions passkey_eval_options(const data::PasskeyOptions& base, int64_t len);
+// Throws an Error naming the first length that cannot hold that task, before any evaluation runs.
+void check_passkey_lengths(const std::vector<int64_t>& lengths, const data::PasskeyOptions& base);
 std::string format_passkey_report(const PasskeyReport& report);
 // The whole report as one JSON object (`dilatron eval --json`): {"checkpoint", "step", "lengths": [{"length",
 // "samples", "accuracy", "digit_accuracy", "by_distance": [{"lo", "hi", ...}], "residue_modulus", "aligned",

@@ -52,7 +52,8 @@ struct GridSpan {
   DILATRON_HOST_DEVICE int64_t position(int64_t a) const { return first + a * stride; }
 };
 
-DILATRON_HOST_DEVICE inline int64_t num_segments(int64_t w, int64_t N) { return (N + w - 1) / w; }
+// (N - 1) / w + 1 rather than (N + w - 1) / w, which overflows for w near INT64_MAX.
+DILATRON_HOST_DEVICE inline int64_t num_segments(int64_t w, int64_t N) { return N > 0 ? (N - 1) / w + 1 : 0; }
 
 // Positions start + u with u >= o, u = o (mod r), u < len.
 DILATRON_HOST_DEVICE inline GridSpan residue_span(int64_t start, int64_t len, int64_t r, int64_t o) {
