@@ -19,6 +19,7 @@ def check_ours(path):
         expect(x.dtype == np.float32 and x.shape == (2, 3, 4), f"tensors/x is {x.dtype} {x.shape}")
         want = np.arange(24, dtype=np.float32).reshape(2, 3, 4) * 0.25 - 3.0
         expect(np.array_equal(x[()], want), f"tensors/x values {x[()]}")
+        expect(x.fletcher32 and x.chunks is not None, "tensors/x is not written with the Fletcher32 checksum")
         mask = f["mask"]
         expect(mask.dtype == np.bool_, f"mask dtype {mask.dtype}")
         expect(mask[()].tolist() == [True, False, False, True, True], f"mask values {mask[()]}")

@@ -1,5 +1,6 @@
 // HDF5 tensor files: bit-exact round trips, names, attributes, error messages, atomic writes, h5py interop.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -7,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <limits>
 #include <numbers>
 
@@ -282,6 +284,48 @@ TEST_F(H5Errors, WritesToReadOnlyOrClosedFilesAndOverGroupsAreRefused) {
   EXPECT_NE(error_of([&] { h5::File::create(nowhere); }).find("cannot create '" + nowhere + "'"), std::string::npos);
 }
 
+// Where `bytes` first occurs in the file, or npos.
+size_t find_bytes(const std::string& path, const void* bytes, size_t n) {
+  std::ifstream in(path, std::ios::binary);
+  const std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return data.find(std::string(static_cast<const char*>(bytes), n));
+}
+
+void flip_byte(const std::string& path, size_t offset) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekg(static_cast<std::streamoff>(offset));
+  const char c = static_cast<char>(f.get() ^ 0xff);
+  f.seekp(static_cast<std::streamoff>(offset));
+  f.put(c);
+}
+
+TEST_F(H5Errors, FlippedDataBytesAreRefusedNamingTheDataset) {
+  // Every flip inside a dataset's stored values changes a value; the Fletcher32 checksum refuses each.
+  const std::string path = file("data.h5");
+  Generator gen(3);
+  const Tensor w = Tensor::randn({64, 16}, gen);
+  {
+    h5::File f = h5::File::create(path);
+    f.write("model/w", w);
+    f.write("other", Tensor::ones({5}));
+  }
+  const size_t nbytes = static_cast<size_t>(w.numel()) * sizeof(float);
+  const size_t at = find_bytes(path, w.raw_data(), nbytes);
+  ASSERT_NE(at, std::string::npos) << "the values of model/w are not stored verbatim";
+  const std::string clean = path + ".clean";
+  fs::copy_file(path, clean);
+  for (size_t i = 0; i < nbytes; i += 13) {
+    fs::copy_file(clean, path, fs::copy_options::overwrite_existing);
+    flip_byte(path, at + i);
+    const h5::File f = h5::File::open(path);
+    const std::string msg = error_of([&] { f.read("model/w"); });
+    ASSERT_NE(msg.find("'model/w'"), std::string::npos) << "byte " << i << ": " << msg;
+    ASSERT_NE(msg.find(path), std::string::npos) << msg;
+    ASSERT_NE(msg.find("Fletcher32"), std::string::npos) << msg;
+    EXPECT_EQ(f.read("other").to_vector<float>(), std::vector<float>(5, 1.0f));  // the rest still reads
+  }
+}
+
 // ---------------------------------------------------------------- atomic_write
 
 TEST_F(H5Atomic, ReplacesTheFileAndLeavesNoTemporary) {
@@ -306,6 +350,23 @@ TEST_F(H5Atomic, FailedFillLeavesTheOldFileIntact) {
   const h5::File f = h5::File::open(path);
   EXPECT_EQ(f.list(), std::vector<std::string>({"old"}));
   EXPECT_EQ(std::distance(fs::directory_iterator(dir_), fs::directory_iterator()), 1);  // no ckpt.h5.tmp.<pid>
+}
+
+TEST_F(H5Atomic, OrphanedTemporariesOfDeadProcessesAreRemoved) {
+  const pid_t dead = ::fork();
+  if (dead == 0) ::_exit(0);
+  ASSERT_GT(dead, 0);
+  ::waitpid(dead, nullptr, 0);  // reaped: no process has this pid now
+  const std::string mine = std::to_string(::getpid()), gone = std::to_string(dead);
+  for (const std::string& name : {"a.h5.tmp." + gone, "a.h5.tmp." + mine, "b.h5.tmp." + gone, "notes.tmp." + gone,
+                                  "a.h5.tmp.x" + gone})
+    std::ofstream(file(name)) << "partial";
+  EXPECT_EQ(h5::remove_orphaned_temporaries(dir_.string(), "a.h5"), std::vector<std::string>{file("a.h5.tmp." + gone)});
+  EXPECT_TRUE(fs::exists(file("b.h5.tmp." + gone)));  // another file's
+  EXPECT_EQ(h5::remove_orphaned_temporaries(dir_.string()), std::vector<std::string>{file("b.h5.tmp." + gone)});
+  EXPECT_TRUE(fs::exists(file("a.h5.tmp." + mine)));  // its writer (this process) is running
+  EXPECT_TRUE(fs::exists(file("notes.tmp." + gone)));  // not an HDF5 temporary
+  EXPECT_TRUE(fs::exists(file("a.h5.tmp.x" + gone)));
 }
 
 // ---------------------------------------------------------------- h5py

@@ -251,6 +251,135 @@ TEST_F(CheckpointErrors, ResumeFromMissingFileIsAnErrorAndWritesNothing) {
   EXPECT_NE(msg.find("nope.h5"), std::string::npos) << msg;
 }
 
+namespace {
+
+// Where the stored values of `dataset` begin in the checkpoint file (they are stored verbatim).
+size_t data_offset(const std::string& ckpt, const std::string& dataset) {
+  const Tensor t = h5::File::open(ckpt).read(dataset);
+  const std::string bytes(static_cast<const char*>(t.raw_data()), static_cast<size_t>(t.numel()) * sizeof(float));
+  const std::string file = read_text(ckpt);
+  const size_t at = file.find(bytes);
+  EXPECT_NE(at, std::string::npos) << dataset << " is not stored verbatim in " << ckpt;
+  return at;
+}
+
+void flip_byte(const std::string& path, size_t offset) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekg(static_cast<std::streamoff>(offset));
+  const char c = static_cast<char>(f.get() ^ 0x10);
+  f.seekp(static_cast<std::streamoff>(offset));
+  f.put(c);
+}
+
+}  // namespace
+
+TEST_F(CheckpointErrors, FlippedByteInAParameterIsRefusedNamingTheDataset) {
+  for (const std::string dataset : {"model/blocks.0.fc.weight", "optimizer/blocks.1.attn.qkv.weight/v"}) {
+    const std::string bad = (dir_ / "flipped.h5").string();
+    fs::copy_file(ckpt_, bad, fs::copy_options::overwrite_existing);
+    const size_t at = data_offset(bad, dataset);
+    ASSERT_NE(at, std::string::npos);
+    flip_byte(bad, at + 37);
+    // Resuming reads the optimizer state too; both refuse before changing anything.
+    auto model = build_model(config_, std::make_shared<Generator>(0));
+    optim::AdamW opt(model->named_parameters(), {});
+    const auto before = model->named_parameters().front().second.to_vector<double>();
+    const std::string msg = expect_error([&] { load_checkpoint(bad, *model, &opt); });
+    EXPECT_NE(msg.find("'" + dataset + "'"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("flipped.h5"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("checksum"), std::string::npos) << msg;
+    EXPECT_EQ(model->named_parameters().front().second.to_vector<double>(), before);
+  }
+}
+
+TEST_F(CheckpointErrors, EmptyOrGarbageLatestIsAnErrorNamingItAndResumeRefuses) {
+  const fs::path latest = dir_ / "checkpoints" / "latest";
+  const auto size = fs::file_size(ckpt_);
+  const auto mtime = fs::last_write_time(ckpt_);
+  for (const std::string& content : {std::string(), std::string("\n"), std::string("\x01\x7fgar bage\n"),
+                                    std::string("../config.toml\n")}) {
+    std::ofstream(latest, std::ios::binary | std::ios::trunc) << content;
+    const std::string msg = expect_error([&] { CheckpointDir((dir_ / "checkpoints").string(), 2).latest(); });
+    EXPECT_NE(msg.find(latest.string()), std::string::npos) << msg;
+    EXPECT_NE(msg.find("does not name a checkpoint"), std::string::npos) << msg;
+    // --resume auto refuses: starting from step 0 would overwrite the run's checkpoints.
+    TrainOptions o = quiet(dir_);
+    o.resume = "auto";
+    const std::string resume = expect_error([&] { train(load_config(kTiny, {"train.steps=4"}), o); });
+    EXPECT_NE(resume.find(latest.string()), std::string::npos) << resume;
+    EXPECT_EQ(fs::file_size(ckpt_), size);
+    EXPECT_EQ(fs::last_write_time(ckpt_), mtime);
+  }
+}
+
+TEST(Training, FailedWriteOfLatestLeavesNoNewCheckpoint) {
+  const fs::path dir = fresh_dir("latest_fails");
+  const RunConfig c = load_config(kTiny, {"train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5"});
+  TrainOptions first = quiet(dir);
+  first.stop_at_step = 2;
+  train(c, first);
+  const fs::path ckpts = dir / "checkpoints";
+  fs::create_directories(ckpts / "latest.tmp");  // writing latest.tmp fails
+  TrainOptions second = quiet(dir);
+  second.resume = "auto";
+  const std::string msg = expect_error([&] { train(c, second); });
+  EXPECT_NE(msg.find("latest.tmp"), std::string::npos) << msg;
+  EXPECT_FALSE(fs::exists(ckpts / "ckpt-000000004.h5")) << "a checkpoint that `latest` does not name was left";
+  EXPECT_EQ(CheckpointDir(ckpts.string(), 5).latest().value(), (ckpts / "ckpt-000000002.h5").string());
+}
+
+TEST(Training, MetricsWriteErrorStopsTheRunNamingTheFile) {
+  if (!fs::exists("/dev/full")) GTEST_SKIP() << "no /dev/full to stand for a full disk";
+  const fs::path dir = fresh_dir("metrics_full");
+  fs::create_directories(dir);
+  fs::create_symlink("/dev/full", dir / "metrics.jsonl");  // every write fails with ENOSPC
+  const std::string msg = expect_error([&] { train(load_config(kTiny, {"train.steps=3"}), quiet(dir)); });
+  EXPECT_NE(msg.find((dir / "metrics.jsonl").string()), std::string::npos) << msg;
+  EXPECT_NE(msg.find("No space left"), std::string::npos) << msg;
+}
+
+// The "step" of each line of a metrics.jsonl.
+static std::vector<int64_t> metric_steps(const fs::path& path) {
+  std::vector<int64_t> steps;
+  std::istringstream in(read_text(path));
+  for (std::string line; std::getline(in, line);) steps.push_back(std::stoll(line.substr(line.find(':') + 1)));
+  return steps;
+}
+
+TEST(Training, ResumeDropsTheMetricsOfStepsPastTheCheckpoint) {
+  const fs::path dir = fresh_dir("metrics_resume");
+  const RunConfig c = load_config(kTiny, {"train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=5"});
+  TrainOptions first = quiet(dir);
+  first.stop_at_step = 5;
+  train(c, first);
+  // As if killed after step 5 and halfway through step 6's line, before checkpoint 5 was written.
+  const fs::path ckpts = dir / "checkpoints";
+  fs::remove(ckpts / "ckpt-000000005.h5");
+  std::ofstream(ckpts / "latest", std::ios::trunc) << "ckpt-000000004.h5\n";
+  std::ofstream(dir / "metrics.jsonl", std::ios::app) << "{\"step\": 6, \"stage\": 1, \"lo";
+  TrainOptions second = quiet(dir);
+  second.resume = "auto";
+  EXPECT_EQ(train(c, second).first_step, 4);
+  EXPECT_EQ(metric_steps(dir / "metrics.jsonl"), (std::vector<int64_t>{1, 2, 3, 4, 5, 6}));
+}
+
+TEST(Training, OrphanedCheckpointTemporariesAreRemovedOnStart) {
+  const fs::path dir = fresh_dir("orphans");
+  const fs::path ckpts = dir / "checkpoints";
+  fs::create_directories(ckpts);
+  const pid_t dead = ::fork();
+  if (dead == 0) ::_exit(0);
+  ASSERT_GT(dead, 0);
+  ::waitpid(dead, nullptr, 0);
+  const fs::path orphan = ckpts / ("ckpt-000000020.h5.tmp." + std::to_string(dead));
+  const fs::path live = ckpts / ("ckpt-000000020.h5.tmp." + std::to_string(::getpid()));
+  std::ofstream(orphan) << "partial";
+  std::ofstream(live) << "partial";
+  train(load_config(kTiny, {"train.steps=2"}), quiet(dir));
+  EXPECT_FALSE(fs::exists(orphan));
+  EXPECT_TRUE(fs::exists(live));  // its writer (this process) still runs
+}
+
 TEST(Config, ErrorsNameTheKey) {
   const auto err = [](const std::string& toml) {
     return expect_error([&] { parse_config(toml, "bad.toml"); });
@@ -970,6 +1099,136 @@ TEST_F(TrainCommand, SigtermSavesAndASecondRunOnTheSameDirectoryIsRefused) {
       train(load_config(kTiny, {"train.checkpoint_every=0", "train.steps=" + std::to_string(stopped_at + 2)}), o);
   EXPECT_EQ(r.first_step, stopped_at);
   EXPECT_EQ(r.steps_done, stopped_at + 2);
+
+TEST_F(TrainCommand, EmptyOrGarbageLatestIsAClearErrorNotACrash) {
+  const fs::path dir = fresh_dir("empty_latest");
+  fs::create_directories(dir / "checkpoints");
+  const std::string latest = (dir / "checkpoints" / "latest").string();
+  for (const std::string& content : {std::string(), std::string("\x01\xfegarbage")}) {
+    std::ofstream(latest, std::ios::binary | std::ios::trunc) << content;
+    for (const std::string cmd : {"inspect", "eval", "sample"}) {
+      const fs::path log = dir / (cmd + ".log");
+      const int status = run(binary() + " " + cmd + " " + dir.string() + " > " + log.string() + " 2>&1");
+      ASSERT_TRUE(WIFEXITED(status)) << cmd << ": " << slurp(log);
+      EXPECT_EQ(WEXITSTATUS(status), 1) << cmd << ": " << slurp(log);
+      EXPECT_NE(slurp(log).find("dilatron: error: '" + latest + "' does not name a checkpoint"), std::string::npos)
+          << cmd << ": " << slurp(log);
+    }
+  }
+}
+
+TEST_F(TrainCommand, AttentionRemovesOrphanedTemporariesBesideOut) {
+  const fs::path dir = fresh_dir("attention_orphans");
+  fs::create_directories(dir);
+  {
+    h5::File f = h5::File::create((dir / "in.h5").string());
+    Generator gen(1);
+    for (const char* name : {"q", "k", "v"}) f.write(name, Tensor::randn({1, 8, 2, 4}, gen));
+  }
+  const pid_t dead = ::fork();
+  if (dead == 0) ::_exit(0);
+  ASSERT_GT(dead, 0);
+  ::waitpid(dead, nullptr, 0);
+  const fs::path orphan = dir / ("out.h5.tmp." + std::to_string(dead));
+  const fs::path other = dir / ("in.h5.tmp." + std::to_string(dead));  // not --out's: left alone
+  std::ofstream(orphan) << "partial";
+  std::ofstream(other) << "partial";
+  const fs::path log = dir / "log";
+  ASSERT_EQ(run(binary() + " attention --in " + (dir / "in.h5").string() + " --out " + (dir / "out.h5").string() +
+                " --schedule 4:1 > " + log.string() + " 2>&1"),
+            0)
+      << slurp(log);
+  EXPECT_FALSE(fs::exists(orphan));
+  EXPECT_TRUE(fs::exists(other));
+  EXPECT_NE(slurp(log).find("removed '" + orphan.string() + "'"), std::string::npos) << slurp(log);
+}
+
+TEST_F(TrainCommand, CorruptedOrInconsistentCheckpointsAreRefusedByInspectEvalAndSample) {
+  const fs::path dir = fresh_dir("refused_cli");
+  const std::string ckpt = train(load_config(kTiny, {"train.steps=2"}), quiet(dir)).last_checkpoint;
+  // A flipped byte in a moment only resume reads, and a stored config whose d_ff is not the parameters'.
+  const std::string flipped = (dir / "flipped.h5").string(), other = (dir / "other_config.h5").string();
+  fs::copy_file(ckpt, flipped);
+  const size_t at = data_offset(flipped, "optimizer/blocks.0.fc.weight/m");
+  ASSERT_NE(at, std::string::npos);
+  flip_byte(flipped, at + 5);
+  fs::copy_file(ckpt, other);
+  {
+    h5::File f = h5::File::open(other, h5::Mode::ReadWrite);
+    std::string toml = f.get_attr_string("/", "config");
+    const size_t d_ff = toml.find("d_ff = 64");
+    ASSERT_NE(d_ff, std::string::npos) << toml;
+    f.set_attr("/", "config", toml.replace(d_ff, 9, "d_ff = 96"));
+  }
+  const std::vector<std::pair<std::string, std::vector<std::string>>> cases = {
+      {flipped, {"inspect"}}, {other, {"inspect", "eval", "sample"}}};
+  for (const auto& [path, commands] : cases)
+    for (const std::string& cmd : commands) {
+      const fs::path log = dir / (cmd + ".log");
+      const int status = run(binary() + " " + cmd + " " + path + " > " + log.string() + " 2>&1");
+      const std::string out = slurp(log);
+      ASSERT_TRUE(WIFEXITED(status)) << cmd << " " << path << ": " << out;
+      EXPECT_EQ(WEXITSTATUS(status), 1) << cmd << " " << path << ": " << out;
+      EXPECT_NE(out.find(path), std::string::npos) << out;
+      EXPECT_NE(out.find(path == flipped ? "'optimizer/blocks.0.fc.weight/m'" : "blocks.0.fc.weight' has shape [64, 32]"),
+                std::string::npos)
+          << cmd << ": " << out;
+    }
+}
+
+// A small tmpfs, unmounted when the test ends.
+struct SmallFilesystem {
+  fs::path dir;
+  bool mounted = false;
+  SmallFilesystem(fs::path d, const std::string& size) : dir(std::move(d)) {
+    fs::create_directories(dir);
+    mounted = std::system(("mount -t tmpfs -o size=" + size + " tmpfs " + dir.string() + " 2>/dev/null").c_str()) == 0;
+  }
+  ~SmallFilesystem() {
+    if (!mounted) return;
+    [[maybe_unused]] const int status = std::system(("umount " + dir.string()).c_str());
+  }
+};
+
+TEST_F(TrainCommand, DiskFullIsAnErrorNotACrashAndLeavesAConsistentRun) {
+  const fs::path dir = fresh_dir("disk_full");
+  int failures = 0;
+  // From no room for the first checkpoint to room for a few (a tiny checkpoint is about 0.3 MB).
+  for (int kb = 200; kb <= 1600; kb += 100) {
+    const SmallFilesystem small(dir / std::to_string(kb), std::to_string(kb) + "k");
+    if (!small.mounted)
+      GTEST_SKIP() << "cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): the disk-full test is skipped";
+    const fs::path run_dir = small.dir / "run", log = dir / (std::to_string(kb) + ".log");
+    const int status = run(binary() + " train " + kTiny + " --out " + run_dir.string() +
+                           " --set train.steps=8 --set train.checkpoint_every=2 --set train.keep_checkpoints=3 > " +
+                           log.string() + " 2>&1");
+    const std::string out = slurp(log);
+    ASSERT_TRUE(WIFEXITED(status)) << kb << "k: " << out;
+    ASSERT_TRUE(WEXITSTATUS(status) == 0 || WEXITSTATUS(status) == 1) << kb << "k: exit " << WEXITSTATUS(status) << "\n" << out;
+    if (WEXITSTATUS(status) == 1) {
+      ++failures;
+      EXPECT_NE(out.find("dilatron: error: "), std::string::npos) << kb << "k: " << out;
+      EXPECT_NE(out.find("No space left on device"), std::string::npos) << kb << "k: " << out;
+    }
+    // Nothing half-written stays: no temporaries, no metrics line cut short, no checkpoint past `latest`.
+    ASSERT_TRUE(fs::is_directory(run_dir / "checkpoints")) << kb << "k: " << out;
+    std::vector<std::string> ckpts;
+    for (const auto& e : fs::recursive_directory_iterator(run_dir)) {
+      const std::string name = e.path().filename().string();
+      EXPECT_EQ(name.find(".tmp"), std::string::npos) << kb << "k: " << e.path();
+      if (name.starts_with("ckpt-")) ckpts.push_back(name);
+    }
+    const std::string metrics = fs::exists(run_dir / "metrics.jsonl") ? slurp(run_dir / "metrics.jsonl") : "";
+    EXPECT_TRUE(metrics.empty() || metrics.back() == '\n') << kb << "k: metrics.jsonl cut short";
+    const auto latest = CheckpointDir((run_dir / "checkpoints").string(), 1).latest();
+    if (!latest) {
+      EXPECT_TRUE(ckpts.empty()) << kb << "k: checkpoints without `latest`";
+      continue;
+    }
+    EXPECT_GT(parameters_of(*latest).size(), 0u);
+    for (const std::string& name : ckpts) EXPECT_LE(name, fs::path(*latest).filename().string()) << kb << "k";
+  }
+  EXPECT_GT(failures, 0) << "no size was small enough to fill the disk";
 }
 
 #endif  // DILATRON_CLI

@@ -50,6 +50,11 @@ void check_out_path(const std::string& in, const std::string& out) {
 
 void run_attention(const AttentionArgs& a) {
   check_out_path(a.in, a.out);
+  // What a killed run left beside --out (its atomic_write temporaries can be large).
+  const std::filesystem::path out_path(a.out);
+  for (const std::string& tmp : h5::remove_orphaned_temporaries(out_path.parent_path().string(),
+                                                                out_path.filename().string()))
+    std::fprintf(stderr, "removed '%s', left by a process that is no longer running\n", tmp.c_str());
   h5::File in = h5::File::open(a.in, h5::Mode::ReadOnly);
   for (const char* name : {"q", "k", "v"})
     DILATRON_CHECK(in.has(name), "'", a.in, "' has no dataset '", name, "' (needs q, k, v of shape [B, N, H, D])");

@@ -212,6 +212,7 @@ void run_sample(const SampleArgs& a) {
 void run_inspect(const std::string& path) {
   const std::string ckpt = resolve_checkpoint(path);
   const CheckpointSummary s = read_checkpoint_summary(ckpt);
+  verify_checkpoint(ckpt);  // checksums, and parameters against the stored config, before showing anything
   std::printf("checkpoint: %s\nversion: %s\nstep: %lld\n", ckpt.c_str(), s.version.c_str(),
               static_cast<long long>(s.state.step));
   if (s.state.stage > 0) {

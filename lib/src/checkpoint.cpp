@@ -1,15 +1,15 @@
 #include "dilatron/checkpoint.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <iterator>
+#include <string_view>
 
 #include "dilatron/autograd.h"
+#include "dilatron/fileio.h"
 #include "dilatron/hdf5.h"
 #include "dilatron/version.h"
 
@@ -54,20 +54,19 @@ TrainingState read_state(const h5::File& f) {
 // Seeds and offsets are uint64; HDF5 attributes here are int64, so store the bit pattern.
 int64_t bits(uint64_t v) { return static_cast<int64_t>(v); }
 
-void write_text_atomically(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << text;
-    out.flush();
-    DILATRON_CHECK(out.good(), "cannot write '", tmp, "'");
-  }
-  const int fd = ::open(tmp.c_str(), O_RDONLY);
-  if (fd >= 0) {
-    ::fsync(fd);
-    ::close(fd);
-  }
-  fs::rename(tmp, path);
+// "ckpt-<digits>.h5", the only names `latest` may hold (nothing outside the folder).
+bool is_checkpoint_name(const std::string& name) {
+  constexpr std::string_view prefix = "ckpt-", suffix = ".h5";
+  if (name.size() <= prefix.size() + suffix.size() || !name.starts_with(prefix) || !name.ends_with(suffix)) return false;
+  return std::all_of(name.begin() + prefix.size(), name.end() - suffix.size(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
+// What a file holds, quoted for an error message: "it is empty" or "it holds 'ab?c'" (shortened, unprintables as '?').
+std::string describe_content(const std::string& text) {
+  if (text.empty()) return "it is empty";
+  std::string shown;
+  for (const char c : text.substr(0, 60)) shown += (c >= 0x20 && c < 0x7f) ? c : '?';
+  return "it holds '" + shown + (text.size() > 60 ? "...'" : "'");
 }
 
 }  // namespace
@@ -137,6 +136,7 @@ CheckpointSummary read_checkpoint_summary(const std::string& path) {
     s.parameters.emplace_back(name, shape);
     s.num_parameters += shape_numel(shape);
   }
+  s.has_optimizer = !s.parameters.empty() && f.has(optim_key(s.parameters.front().first, "m"));
   return s;
 }
 
@@ -149,8 +149,17 @@ std::string CheckpointDir::save(const nn::Module& model, const optim::Optimizer*
   char name[64];
   std::snprintf(name, sizeof name, "ckpt-%09lld.h5", static_cast<long long>(state.step));
   const std::string path = (fs::path(dir_) / name).string();
+  std::error_code ec;
+  const bool replaces = fs::exists(path, ec);  // the same step saved again: `latest` may name it already
   save_checkpoint(path, model, opt, state, config_toml);
-  write_text_atomically((fs::path(dir_) / "latest").string(), std::string(name) + "\n");
+  try {
+    write_file_atomically((fs::path(dir_) / "latest").string(), std::string(name) + "\n");
+  } catch (...) {
+    // A new checkpoint that `latest` does not name would be skipped by --resume auto, yet kept and
+    // counted as the newest when pruning: remove it.
+    if (!replaces) fs::remove(path, ec);
+    throw;
+  }
   // Drop all but the newest keep_ (names sort by step).
   std::vector<std::string> all;
   for (const auto& e : fs::directory_iterator(dir_)) {
@@ -164,12 +173,24 @@ std::string CheckpointDir::save(const nn::Module& model, const optim::Optimizer*
 }
 
 std::optional<std::string> CheckpointDir::latest() const {
-  std::ifstream in(fs::path(dir_) / "latest");
-  std::string name;
-  if (!(in >> name)) return std::nullopt;
+  const std::string file = (fs::path(dir_) / "latest").string();
+  std::error_code ec;
+  if (!fs::exists(fs::symlink_status(file, ec))) return std::nullopt;
+  DILATRON_CHECK(fs::is_regular_file(file, ec), "'", file, "' is not a regular file (expected one line naming the "
+                 "newest checkpoint)");
+  std::ifstream in(file, std::ios::binary);
+  DILATRON_CHECK(in.is_open(), "cannot open '", file, "'");
+  const std::string content((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  DILATRON_CHECK(!in.bad(), "cannot read '", file, "'");
+  // An empty or garbled `latest` (a full disk, a hand edit) is an error: guessing would resume from
+  // the wrong step, and starting afresh would overwrite the run's checkpoints.
+  const size_t begin = content.find_first_not_of(" \t\r\n"), end = content.find_last_not_of(" \t\r\n");
+  const std::string name = begin == std::string::npos ? "" : content.substr(begin, end - begin + 1);
+  DILATRON_CHECK(is_checkpoint_name(name), "'", file, "' does not name a checkpoint: ", describe_content(content),
+                 " (expected one line like ckpt-000000100.h5; write the newest checkpoint's name into it, or remove it "
+                 "to start afresh)");
   const fs::path p = fs::path(dir_) / name;
-  DILATRON_CHECK(fs::exists(p), "'", (fs::path(dir_) / "latest").string(), "' names '", name,
-                 "', which does not exist");
+  DILATRON_CHECK(fs::exists(p), "'", file, "' names '", name, "', which does not exist");
   return p.string();
 }
 

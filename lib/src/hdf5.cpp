@@ -2,16 +2,19 @@
 // throw never leaks one (a leaked id would keep H5Fclose from really closing the file).
 #include "dilatron/hdf5.h"
 
-#include <fcntl.h>
 #include <hdf5.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <charconv>
 #include <cstring>
 #include <filesystem>
 #include <optional>
 #include <utility>
+
+#include "dilatron/fileio.h"
 
 namespace dilatron::h5 {
 
@@ -21,8 +24,14 @@ namespace {
 
 using detail::concat;
 
-// HDF5 prints its error stack to stderr by default; we report through dilatron::Error instead.
-void silence_hdf5_errors() { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }
+// Before any other HDF5 call. HDF5 prints its error stack to stderr by default; we report through
+// dilatron::Error instead. And no exit handler: after a failed H5Fclose (a full disk) HDF5 keeps the
+// half-closed file, and its handler crashed closing it again at exit. Every File is closed by its owner.
+void init_hdf5() {
+  static const bool no_atexit = [] { return H5dont_atexit() >= 0; }();
+  (void)no_atexit;
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+}
 
 // The innermost entry of HDF5's error stack, the most specific cause ("truncated file: eof = ...").
 // Must run before the next HDF5 call, which clears the stack.
@@ -169,6 +178,25 @@ Shape shape_of(hid_t space, const std::string& where) {
   return Shape(dims.begin(), dims.end());
 }
 
+// Dataset creation properties: chunked with HDF5's Fletcher32 checksum, which H5Dread verifies, so a
+// flipped byte is refused instead of read. Scalar and empty datasets cannot be chunked and stay plain.
+Id checksummed_layout(const Shape& shape, size_t elem_size, const std::string& what) {
+  Id props = checked(H5Pcreate(H5P_DATASET_CREATE), H5Pclose, what);
+  if (shape.empty() || shape_numel(shape) == 0) return props;
+  // Chunks of at most ~1 MiB (HDF5 caps them at 4 GiB), cut along the leading dimensions first.
+  constexpr hsize_t kChunkBytes = hsize_t{1} << 20;
+  std::vector<hsize_t> chunk(shape.begin(), shape.end());
+  for (size_t i = 0; i < chunk.size(); ++i) {
+    hsize_t inner = elem_size;
+    for (size_t j = i + 1; j < chunk.size(); ++j) inner *= chunk[j];
+    if (chunk[i] * inner <= kChunkBytes) break;
+    chunk[i] = std::max<hsize_t>(1, kChunkBytes / inner);
+  }
+  check(H5Pset_chunk(props, static_cast<int>(chunk.size()), chunk.data()), what);
+  check(H5Pset_fletcher32(props), what);
+  return props;
+}
+
 // ---------------------------------------------------------------- objects
 
 // Whether every component of name exists as a link, walking down from the root: H5Lexists fails,
@@ -303,29 +331,23 @@ T single_value(const std::vector<T>& values, const std::string& where) {
   return values[0];
 }
 
-// fsync()s a file, or a directory after a rename in it, so the change survives a crash.
-void fsync_path(const std::string& path, bool directory) {
-  const int fd = ::open(path.c_str(), directory ? O_RDONLY | O_DIRECTORY : O_RDONLY);
-  DILATRON_CHECK(fd >= 0, "cannot open '", path, "' to fsync it: ", std::strerror(errno));
-  const int status = ::fsync(fd);
-  const int err = errno;
-  ::close(fd);
-  DILATRON_CHECK(status == 0, "cannot fsync '", path, "': ", std::strerror(err));
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------- File
 
 File File::create(const std::string& path) {
-  silence_hdf5_errors();
-  const hid_t id = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+  init_hdf5();
+  const std::string what = concat("cannot create '", path, "'");
+  // The 1.8 format checksums the superblock and object headers (attributes included); h5py reads it.
+  const Id access = checked(H5Pcreate(H5P_FILE_ACCESS), H5Pclose, what);
+  check(H5Pset_libver_bounds(access, H5F_LIBVER_V18, H5F_LIBVER_V18), what);
+  const hid_t id = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, access);
   if (id < 0) throw_hdf5("cannot create '", path, "'");
   return File(path, id);
 }
 
 File File::open(const std::string& path, Mode mode) {
-  silence_hdf5_errors();
+  init_hdf5();
   // Other stat() failures (a parent without permission, say) are left for HDF5 to explain.
   std::error_code ec;
   const std::filesystem::file_type kind = std::filesystem::status(path, ec).type();
@@ -386,8 +408,9 @@ void File::write(const std::string& name, const Tensor& t) {
   check(H5Pset_create_intermediate_group(link_props, 1), what);
   const Id file_type = hdf5_type(t.dtype(), /*in_file=*/true);
   const Id space = dataspace(t.shape());
+  const Id create_props = checksummed_layout(t.shape(), dtype_size(t.dtype()), what);
   const Id dset =
-      checked(H5Dcreate2(file, name.c_str(), file_type, space, link_props, H5P_DEFAULT, H5P_DEFAULT), H5Dclose, what);
+      checked(H5Dcreate2(file, name.c_str(), file_type, space, link_props, create_props, H5P_DEFAULT), H5Dclose, what);
   if (host.numel() > 0) {
     const Id mem_type = hdf5_type(t.dtype(), /*in_file=*/false);
     check(H5Dwrite(dset, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, host.raw_data()), what);
@@ -538,6 +561,29 @@ void atomic_write(const std::string& path, const std::function<void(File&)>& fil
   }
   const std::filesystem::path dir = std::filesystem::path(path).parent_path();
   fsync_path(dir.empty() ? "." : dir.string(), /*directory=*/true);
+}
+
+std::vector<std::string> remove_orphaned_temporaries(const std::string& dir, const std::string& name) {
+  namespace fs = std::filesystem;
+  std::vector<std::string> removed;
+  std::error_code ec;
+  for (fs::directory_iterator it(dir.empty() ? "." : dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string n = it->path().filename().string();
+    const size_t at = n.rfind(".tmp.");
+    if (at == std::string::npos) continue;
+    const std::string target = n.substr(0, at);
+    if (name.empty() ? !target.ends_with(".h5") : target != name) continue;
+    const char* first = n.data() + at + 5;
+    const char* last = n.data() + n.size();
+    pid_t pid = 0;
+    const auto [ptr, err] = std::from_chars(first, last, pid);
+    if (err != std::errc() || ptr != last || first == last || pid <= 0) continue;
+    // Only when its writer is gone: a running process (even another user's, EPERM) may still rename it.
+    if (::kill(pid, 0) == 0 || errno != ESRCH) continue;
+    std::error_code ignored;
+    if (it->is_regular_file(ignored) && fs::remove(it->path(), ignored)) removed.push_back(it->path().string());
+  }
+  return removed;
 }
 
 }  // namespace dilatron::h5

@@ -14,11 +14,15 @@
 #include <filesystem>
 #include <fstream>
 #include <optional>
+#include <iterator>
 #include <sstream>
+#include <string_view>
 
 #include "dilatron/attention.h"
 #include "dilatron/autograd.h"
 #include "dilatron/checkpoint.h"
+#include "dilatron/fileio.h"
+#include "dilatron/hdf5.h"
 #include "dilatron/ops.h"
 #include "dilatron/optim.h"
 
@@ -89,9 +93,40 @@ double tokens_in_steps(const std::vector<StageConfig>& stages, int64_t from, int
   return tokens;
 }
 
-void append_line(const std::string& path, const std::string& line) {
-  std::ofstream out(path, std::ios::app);
-  out << line << "\n";
+// A metrics line. A failed write (a full disk) stops the run with an error naming the file.
+void append_line(const std::string& path, const std::string& line) { append_to_file(path, line + "\n"); }
+
+// After a resume the steps past the checkpoint run again: their lines from before (a kill, a crash) go,
+// and so does a line cut short, so each step is logged once. metrics.jsonl is rewritten atomically.
+void drop_metrics_after(const std::string& path, int64_t step) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return;  // none yet
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  DILATRON_CHECK(!in.bad(), "cannot read '", path, "'");
+  constexpr std::string_view prefix = "{\"step\": ";  // how every line starts
+  std::string kept;
+  int64_t dropped = 0;
+  for (size_t start = 0; start < text.size();) {
+    const size_t end = text.find('\n', start);
+    if (end == std::string::npos) {  // cut short
+      ++dropped;
+      break;
+    }
+    const std::string_view line(text.data() + start, end - start);
+    int64_t line_step = 0;
+    const bool ours = line.starts_with(prefix) &&
+                      std::from_chars(line.data() + prefix.size(), line.data() + line.size(), line_step).ec == std::errc();
+    if (ours && line_step > step) {
+      ++dropped;
+    } else {
+      kept.append(line).append("\n");
+    }
+    start = end + 1;
+  }
+  if (dropped == 0) return;
+  write_file_atomically(path, kept);
+  std::fprintf(stderr, "%s: dropped %lld lines past step %lld (those steps run again)\n", path.c_str(),
+               static_cast<long long>(dropped), static_cast<long long>(step));
 }
 
 std::string passkey_json(int64_t step, size_t stage, const PasskeyReport& r) {
@@ -223,6 +258,15 @@ std::unique_ptr<TransformerLM> build_model(const RunConfig& config, std::shared_
   return std::make_unique<TransformerLM>(config.model, config.train.seed, std::move(dropout_gen), model_options(config));
 }
 
+void verify_checkpoint(const std::string& path) {
+  const CheckpointSummary s = read_checkpoint_summary(path);
+  RunConfig c = parse_config(s.config_toml, path + " (stored config)");
+  c.train.device = "cpu";
+  auto model = build_model(c, std::make_shared<Generator>(0));
+  optim::AdamW opt(model->named_parameters());
+  load_checkpoint(path, *model, s.has_optimizer ? &opt : nullptr);
+}
+
 TrainResult train(const RunConfig& c, const TrainOptions& o) {
   const std::string metrics_path = (fs::path(o.out_dir) / "metrics.jsonl").string();
   // Stream ids keep data and dropout apart from the parameter init stream (seed itself).
@@ -262,6 +306,7 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
                    resume_path, "' was saved in stage ", st.stage, " at step ", st.step, ", but ", c.source,
                    " puts step ", st.step, " in stage ", stage_number(st.step), " (were train.stages changed?)");
     std::fprintf(stderr, "resumed from %s at step %lld\n", resume_path.c_str(), static_cast<long long>(st.step));
+    drop_metrics_after(metrics_path, st.step);
   }
   fs::create_directories(o.out_dir);
   if (!lock) lock.emplace(o.out_dir);
@@ -270,6 +315,8 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
     cfg << c.toml;
   }
   CheckpointDir ckpts(ckpt_dir, c.train.keep_checkpoints);
+  for (const std::string& tmp : h5::remove_orphaned_temporaries(ckpts.dir()))
+    std::fprintf(stderr, "removed '%s', left by a process that is no longer running\n", tmp.c_str());
 
   TrainResult res;
   res.first_step = st.step;

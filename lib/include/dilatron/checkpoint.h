@@ -40,6 +40,7 @@ struct CheckpointSummary {
   TrainingState state;
   std::vector<std::pair<std::string, Shape>> parameters;  // in file order
   int64_t num_parameters = 0;
+  bool has_optimizer = false;  // optimizer moments stored (not a weights-only checkpoint)
 };
 CheckpointSummary read_checkpoint_summary(const std::string& path);
 

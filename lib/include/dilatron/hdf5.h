@@ -4,6 +4,8 @@
 //   f.set_attr("/", "step", 1200);
 //   Tensor q = h5::File::open("in.h5").read("q");
 // Every failure throws dilatron::Error naming the file, the dataset or attribute, and the cause.
+// Datasets (but scalar and empty ones) are written with HDF5's Fletcher32 checksum, verified on every
+// read: a corrupted byte is an error naming the file and dataset. Files without it still read.
 #pragma once
 
 #include <concepts>
@@ -92,5 +94,9 @@ class File {
 // and renamed over path (then the directory is fsync()ed). If anything throws, the temporary file is
 // removed and an existing file at path is left as it was.
 void atomic_write(const std::string& path, const std::function<void(File&)>& fill);
+
+// Removes the temporaries a killed atomic_write left in dir: <name>.tmp.<pid>, or every *.h5.tmp.<pid>
+// when name is empty, whose process is no longer running. Returns the paths removed.
+std::vector<std::string> remove_orphaned_temporaries(const std::string& dir, const std::string& name = "");
 
 }  // namespace dilatron::h5

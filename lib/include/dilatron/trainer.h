@@ -78,4 +78,9 @@ double evaluate_text_loss(TransformerLM& model, const data::TextDataset& text, i
 // Builds the model a config describes (parameters from the config's seed).
 std::unique_ptr<TransformerLM> build_model(const RunConfig& config, std::shared_ptr<Generator> dropout_gen);
 
+// Reads every dataset of a checkpoint (so each checksum is verified) into the model its stored config
+// describes, on the CPU: a corrupted checkpoint, or one whose parameters do not match its config, is an
+// Error naming the file and the dataset or parameter. Changes nothing.
+void verify_checkpoint(const std::string& path);
+
 }  // namespace dilatron
