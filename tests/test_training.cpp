@@ -1099,6 +1099,7 @@ TEST_F(TrainCommand, SigtermSavesAndASecondRunOnTheSameDirectoryIsRefused) {
       train(load_config(kTiny, {"train.checkpoint_every=0", "train.steps=" + std::to_string(stopped_at + 2)}), o);
   EXPECT_EQ(r.first_step, stopped_at);
   EXPECT_EQ(r.steps_done, stopped_at + 2);
+}
 
 TEST_F(TrainCommand, EmptyOrGarbageLatestIsAClearErrorNotACrash) {
   const fs::path dir = fresh_dir("empty_latest");

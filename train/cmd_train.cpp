@@ -86,7 +86,7 @@ struct Loaded {
 std::string resolve_checkpoint(const std::string& path) {
   namespace fs = std::filesystem;
   if (!fs::is_directory(path)) return path;
-  for (const fs::path dir : {fs::path(path) / "checkpoints", fs::path(path)})
+  for (const fs::path& dir : {fs::path(path) / "checkpoints", fs::path(path)})
     if (fs::exists(dir / "latest")) return *CheckpointDir(dir.string(), 1).latest();
   throw Error("'" + path + "' is a directory without checkpoints (expected a run directory or a .h5 file)");
 }

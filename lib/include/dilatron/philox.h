@@ -5,11 +5,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define DILATRON_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define DILATRON_HOST_DEVICE inline
-#endif
+#include "dilatron/host_device.h"
 
 namespace dilatron {
 

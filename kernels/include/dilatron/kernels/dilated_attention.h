@@ -6,11 +6,7 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__CUDACC__)
-#define DILATRON_HOST_DEVICE __host__ __device__
-#else
-#define DILATRON_HOST_DEVICE
-#endif
+#include "dilatron/host_device.h"
 
 namespace dilatron::kernels {
 
@@ -53,25 +49,25 @@ struct GridSpan {
 };
 
 // (N - 1) / w + 1 rather than (N + w - 1) / w, which overflows for w near INT64_MAX.
-DILATRON_HOST_DEVICE inline int64_t num_segments(int64_t w, int64_t N) { return N > 0 ? (N - 1) / w + 1 : 0; }
+DILATRON_HOST_DEVICE int64_t num_segments(int64_t w, int64_t N) { return N > 0 ? (N - 1) / w + 1 : 0; }
 
 // Positions start + u with u >= o, u = o (mod r), u < len.
-DILATRON_HOST_DEVICE inline GridSpan residue_span(int64_t start, int64_t len, int64_t r, int64_t o) {
+DILATRON_HOST_DEVICE GridSpan residue_span(int64_t start, int64_t len, int64_t r, int64_t o) {
   return {start + o, r, len > o ? (len - o - 1) / r + 1 : 0};
 }
 
-DILATRON_HOST_DEVICE inline int64_t subproblems(BranchKind kind, int64_t r) {
+DILATRON_HOST_DEVICE int64_t subproblems(BranchKind kind, int64_t r) {
   return kind == BranchKind::key_dilated ? r : 1;
 }
 
 // The keys of (branch (w, r), head h) in segment s.
-DILATRON_HOST_DEVICE inline GridSpan key_grid(int64_t w, int64_t r, int64_t h, int64_t s, int64_t N) {
+DILATRON_HOST_DEVICE GridSpan key_grid(int64_t w, int64_t r, int64_t h, int64_t s, int64_t N) {
   const int64_t start = s * w, len = N - start < w ? N - start : w;
   return residue_span(start, len, r, h % r);
 }
 
 // The queries of sub-problem `sub` (< subproblems(kind, r)) of (branch, head h) in segment s.
-DILATRON_HOST_DEVICE inline GridSpan query_grid(int64_t w, int64_t r, BranchKind kind, bool causal, int64_t h,
+DILATRON_HOST_DEVICE GridSpan query_grid(int64_t w, int64_t r, BranchKind kind, bool causal, int64_t h,
                                                 int64_t s, int64_t sub, int64_t N) {
   if (kind == BranchKind::dilated) return key_grid(w, r, h, s, N);
   const int64_t start = s * w, len = N - start < w ? N - start : w, o = h % r;
