@@ -35,15 +35,9 @@ void fsync_path(const std::string& path, bool directory) {
   DILATRON_CHECK(status == 0, "cannot fsync '", path, "': ", std::strerror(err));
 }
 
-void write_file_atomically(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
+void replace_atomically(const std::string& path, const std::string& tmp, const std::function<void()>& write) {
   try {
-    const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    DILATRON_CHECK(fd >= 0, "cannot create '", tmp, "': ", std::strerror(errno));
-    int err = write_all(fd, text);
-    if (err == 0 && ::fsync(fd) != 0) err = errno;
-    if (::close(fd) != 0 && err == 0) err = errno;
-    DILATRON_CHECK(err == 0, "cannot write '", tmp, "': ", std::strerror(err));
+    write();
     std::error_code ec;
     std::filesystem::rename(tmp, path, ec);
     DILATRON_CHECK(!ec, "cannot rename '", tmp, "' to '", path, "': ", ec.message());
@@ -54,6 +48,18 @@ void write_file_atomically(const std::string& path, const std::string& text) {
   }
   const std::filesystem::path dir = std::filesystem::path(path).parent_path();
   fsync_path(dir.empty() ? "." : dir.string(), /*directory=*/true);
+}
+
+void write_file_atomically(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  replace_atomically(path, tmp, [&] {
+    const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    DILATRON_CHECK(fd >= 0, "cannot create '", tmp, "': ", std::strerror(errno));
+    int err = write_all(fd, text);
+    if (err == 0 && ::fsync(fd) != 0) err = errno;
+    if (::close(fd) != 0 && err == 0) err = errno;
+    DILATRON_CHECK(err == 0, "cannot write '", tmp, "': ", std::strerror(err));
+  });
 }
 
 void append_to_file(const std::string& path, const std::string& text) {

@@ -546,21 +546,12 @@ void File::close() {
 
 void atomic_write(const std::string& path, const std::function<void(File&)>& fill) {
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  try {
+  replace_atomically(path, tmp, [&] {
     File file = File::create(tmp);
     fill(file);
     file.close();
     fsync_path(tmp, /*directory=*/false);
-    std::error_code ec;
-    std::filesystem::rename(tmp, path, ec);
-    DILATRON_CHECK(!ec, "cannot rename '", tmp, "' to '", path, "': ", ec.message());
-  } catch (...) {
-    std::error_code ignored;
-    std::filesystem::remove(tmp, ignored);
-    throw;
-  }
-  const std::filesystem::path dir = std::filesystem::path(path).parent_path();
-  fsync_path(dir.empty() ? "." : dir.string(), /*directory=*/true);
+  });
 }
 
 std::vector<std::string> remove_orphaned_temporaries(const std::string& dir, const std::string& name) {
