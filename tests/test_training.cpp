@@ -99,27 +99,40 @@ TEST(Training, SameSeedGivesBitIdenticalRuns) {
   EXPECT_EQ(parameters_of(a.last_checkpoint), parameters_of(b.last_checkpoint));
 }
 
+namespace {
+
+// A run of c in dir stopped at step `stop`, then resumed with --resume auto; joined = the losses of both parts.
+struct SplitRun {
+  TrainResult part1, part2;
+  std::vector<double> joined;
+};
+SplitRun split_and_resume(const RunConfig& c, const fs::path& dir, int64_t stop) {
+  SplitRun r;
+  TrainOptions first = quiet(dir);
+  first.stop_at_step = stop;
+  r.part1 = train(c, first);
+  TrainOptions second = quiet(dir);
+  second.resume = "auto";
+  r.part2 = train(c, second);
+  r.joined = r.part1.losses;
+  r.joined.insert(r.joined.end(), r.part2.losses.begin(), r.part2.losses.end());
+  return r;
+}
+
+}  // namespace
+
 TEST(Training, ResumeIsExact) {
   // Dropout on, so the dropout stream's position must be restored as well as the data stream's.
   const RunConfig c = load_config(kTiny, {"train.steps=8", "train.checkpoint_every=3", "model.dropout=0.1",
                                           "model.attn_dropout=0.1"});
   const TrainResult straight = train(c, quiet(fresh_dir("straight")));
 
-  const fs::path dir = fresh_dir("split");
-  TrainOptions first = quiet(dir);
-  first.stop_at_step = 4;
-  const TrainResult part1 = train(c, first);
-  EXPECT_TRUE(part1.interrupted);
-  EXPECT_EQ(part1.steps_done, 4);
-  TrainOptions second = quiet(dir);
-  second.resume = "auto";
-  const TrainResult part2 = train(c, second);
-  EXPECT_EQ(part2.first_step, 4);
-
-  std::vector<double> joined = part1.losses;
-  joined.insert(joined.end(), part2.losses.begin(), part2.losses.end());
-  EXPECT_EQ(joined, straight.losses);  // bit-identical doubles
-  EXPECT_EQ(parameters_of(part2.last_checkpoint), parameters_of(straight.last_checkpoint));
+  const SplitRun r = split_and_resume(c, fresh_dir("split"), 4);
+  EXPECT_TRUE(r.part1.interrupted);
+  EXPECT_EQ(r.part1.steps_done, 4);
+  EXPECT_EQ(r.part2.first_step, 4);
+  EXPECT_EQ(r.joined, straight.losses);  // bit-identical doubles
+  EXPECT_EQ(parameters_of(r.part2.last_checkpoint), parameters_of(straight.last_checkpoint));
 }
 
 TEST(Training, CurriculumStagesShowInMetricsAndCheckpoints) {
@@ -158,20 +171,12 @@ TEST(Training, CurriculumResumeIsExactInAndBetweenStages) {
   ASSERT_EQ(straight.losses.size(), 7u);
   for (const int64_t stop : {2, 3, 5}) {
     SCOPED_TRACE("stopped at step " + std::to_string(stop));
-    const fs::path dir = fresh_dir("stages_split_" + std::to_string(stop));
-    TrainOptions first = quiet(dir);
-    first.stop_at_step = stop;
-    const TrainResult part1 = train(c, first);
-    ASSERT_TRUE(part1.interrupted);
-    EXPECT_EQ(read_checkpoint_summary(part1.last_checkpoint).state.stage, stop <= 3 ? 1 : 2);
-    TrainOptions second = quiet(dir);
-    second.resume = "auto";
-    const TrainResult part2 = train(c, second);
-    EXPECT_EQ(part2.first_step, stop);
-    std::vector<double> joined = part1.losses;
-    joined.insert(joined.end(), part2.losses.begin(), part2.losses.end());
-    EXPECT_EQ(joined, straight.losses);  // bit-identical doubles
-    EXPECT_EQ(parameters_of(part2.last_checkpoint), parameters_of(straight.last_checkpoint));
+    const SplitRun r = split_and_resume(c, fresh_dir("stages_split_" + std::to_string(stop)), stop);
+    ASSERT_TRUE(r.part1.interrupted);
+    EXPECT_EQ(read_checkpoint_summary(r.part1.last_checkpoint).state.stage, stop <= 3 ? 1 : 2);
+    EXPECT_EQ(r.part2.first_step, stop);
+    EXPECT_EQ(r.joined, straight.losses);  // bit-identical doubles
+    EXPECT_EQ(parameters_of(r.part2.last_checkpoint), parameters_of(straight.last_checkpoint));
   }
 }
 
