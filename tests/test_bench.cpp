@@ -18,7 +18,10 @@
 #include <vector>
 
 #include "dilatron/attention.h"
+#include "dilatron/autograd.h"
 #include "dilatron/config.h"
+#include "dilatron/ops.h"
+#include "dilatron/profiler.h"
 #include "dilatron/random.h"
 #include "dilatron/trainer.h"
 
@@ -59,6 +62,55 @@ TEST(BenchFlops, TheIssueShapeCountedByHand) {
 TEST(BenchFlops, RejectsBadArguments) {
   EXPECT_THROW(attention_flops(parse_schedule("4:1"), -1, 2, 8, 16, true), Error);
   EXPECT_THROW(attention_flops({}, 1, 2, 8, 16, true), Error);  // visited_pairs validates the schedule
+}
+
+// ---------------------------------------------------------------- the profiler
+
+// An op whose forward and backward call other ops: the profile owes all of it to the outer op.
+struct TwiceThenAdd : autograd::Function<TwiceThenAdd> {
+  static const char* name() { return "twice_then_add"; }
+  static Tensor forward(autograd::Context&, const Tensor& x) { return add(mul(x, 2.0), x); }
+  static std::vector<Tensor> backward(autograd::Context&, const std::vector<Tensor>& g) { return {mul(g[0], 3.0)}; }
+};
+
+const profiler::Entry* find_entry(const std::vector<profiler::Entry>& entries, const std::string& name) {
+  for (const auto& e : entries)
+    if (e.name == name) return &e;
+  return nullptr;
+}
+
+TEST(Profiler, CountsOutermostOpsForwardAndBackward) {
+  profiler::reset();
+  profiler::set_enabled(true);
+  Tensor x = Tensor::ones({64, 64}).requires_grad_();
+  Tensor y = matmul(TwiceThenAdd::apply(x), x);
+  {
+    profiler::Scope scope("outside");
+    y = matmul(y, x);  // inside a named scope: the scope's
+  }
+  sum(y).backward();
+  profiler::set_enabled(false);
+  const auto entries = profiler::entries();
+  profiler::reset();
+
+  const auto calls = [&](const std::string& name) {
+    const profiler::Entry* e = find_entry(entries, name);
+    return e ? e->calls : 0;
+  };
+  EXPECT_EQ(calls("twice_then_add"), 1);
+  EXPECT_EQ(calls("twice_then_add backward"), 1);
+  EXPECT_EQ(calls("matmul"), 1);
+  EXPECT_EQ(calls("outside"), 1);
+  EXPECT_EQ(calls("matmul backward"), 2);
+  EXPECT_EQ(calls("sum"), 1);
+  EXPECT_EQ(calls("mul"), 0);  // only inside twice_then_add's forward and backward
+  EXPECT_EQ(calls("add"), 0);
+  for (size_t i = 1; i < entries.size(); ++i) EXPECT_GE(entries[i - 1].seconds, entries[i].seconds);
+  for (const auto& e : entries) EXPECT_GE(e.seconds, 0.0) << e.name;
+
+  // Off: nothing is recorded.
+  sum(matmul(x, x)).backward();
+  EXPECT_TRUE(profiler::entries().empty());
 }
 
 // ---------------------------------------------------------------- the command
@@ -175,6 +227,31 @@ TEST_F(BenchCommand, TrainReportsTheTrainersTokensPerSecond) {
   EXPECT_NEAR(field(lines[0], "median_step_s") * tps, static_cast<double>(cfg.data.batch_size * cfg.model.seq_len),
               1e-3 * cfg.data.batch_size * cfg.model.seq_len);
   EXPECT_TRUE(std::isfinite(field(lines[0], "last_loss"))) << lines[0];
+}
+
+TEST_F(BenchCommand, TrainProfileBreaksTheStepIntoOps) {
+  const std::string tiny = std::string(DILATRON_SOURCE_DIR) + "/configs/tiny.toml";
+  const auto lines = bench("train " + tiny + " --steps 4 --warmup 1 --profile");
+  ASSERT_EQ(lines.size(), 1u) << log_;
+  // | name | calls per step | ms per step | % of step |
+  std::map<std::string, std::pair<double, double>> rows;
+  std::smatch m;
+  const std::regex row(R"(\| ([^|]+) \| ([0-9]+) \| ([0-9.]+) \| ([0-9.]+) \|)");
+  for (auto it = log_.cbegin(); std::regex_search(it, log_.cend(), m, row); it = m[0].second)
+    rows[m[1]] = {std::stod(m[2]), std::stod(m[3])};
+  const RunConfig cfg = load_config(tiny);
+  for (const std::string op : {"dilated_attention", "dilated_attention backward"})
+    EXPECT_EQ(rows[op].first, static_cast<double>(cfg.model.n_layers)) << op << "\n" << log_;
+  EXPECT_EQ(rows["optimizer"].first, 1.0) << log_;
+  EXPECT_EQ(rows["data"].first, 1.0) << log_;
+  ASSERT_TRUE(rows.count("**step**")) << log_;
+  double ops = 0.0;
+  for (const auto& [name, r] : rows)
+    if (name != "**step**") ops += r.second;
+  // The rows (the framework's own time included) add up to the step, to the table's rounding.
+  EXPECT_NEAR(ops, rows["**step**"].second, 0.01 * static_cast<double>(rows.size()) + 1e-3 * rows["**step**"].second)
+      << log_;
+  EXPECT_GT(rows["**step**"].second, 0.0) << log_;
 }
 
 #endif  // DILATRON_CLI

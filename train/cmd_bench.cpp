@@ -35,6 +35,8 @@
 #include "commands.h"
 #include "dilatron/attention.h"
 #include "dilatron/autograd.h"
+#include "dilatron/kernels/backend.h"
+#include "dilatron/profiler.h"
 #include "dilatron/random.h"
 #include "dilatron/storage.h"
 #include "dilatron/trainer.h"
@@ -552,7 +554,24 @@ struct TrainBenchArgs {
   std::string config, json;
   std::vector<std::string> set;
   int64_t steps = 20, warmup = 2;
+  bool profile = false;
 };
+
+// Where the profiled steps' time went, by op (forward and backward apart) and the time outside every
+// op, data and optimizer scope: the framework's own (graph bookkeeping, allocation, the loss read).
+void print_train_profile(const std::vector<profiler::Entry>& entries, double step_seconds, int64_t steps) {
+  double in_scopes = 0.0;
+  for (const profiler::Entry& e : entries) in_scopes += e.seconds;
+  const double per_step = 1e3 / static_cast<double>(steps);
+  std::printf("\n| op | calls per step | ms per step | %% of step |\n| --- | ---: | ---: | ---: |\n");
+  const auto row = [&](const std::string& name, double calls, double seconds) {
+    std::printf("| %s | %.0f | %.2f | %.1f |\n", name.c_str(), calls, seconds * per_step, 100.0 * seconds / step_seconds);
+  };
+  for (const profiler::Entry& e : entries)
+    row(e.name, static_cast<double>(e.calls) / static_cast<double>(steps), e.seconds);
+  row("(framework: outside every op)", 0, std::max(0.0, step_seconds - in_scopes));
+  row("**step**", 0, step_seconds);
+}
 
 // The trainer's own loop (train()) over `steps` steps into a scratch run directory (removed after),
 // evaluation and periodic checkpoints off; tokens/s from its metrics.jsonl, the median over the
@@ -581,7 +600,15 @@ void run_train_bench(const TrainBenchArgs& a) {
   std::fprintf(stderr, "bench train: %s, %lld steps of %lld x %lld tokens in %s\n", a.config.c_str(),
                static_cast<long long>(a.steps), static_cast<long long>(cfg.data.batch_size),
                static_cast<long long>(cfg.model.seq_len), out.c_str());
+  if (a.profile) {
+    o.profile_from_step = a.warmup;
+    profiler::reset();
+    if (Device::parse(cfg.train.device).type == DeviceType::CUDA)
+      profiler::set_synchronize([] { kernels::backend(Device::cuda()).synchronize(); });
+  }
   const TrainResult r = train(cfg, o);
+  profiler::set_enabled(false);
+  profiler::set_synchronize(nullptr);
 
   std::vector<double> tok_s;
   std::ifstream in(out / "metrics.jsonl");
@@ -617,6 +644,11 @@ void run_train_bench(const TrainBenchArgs& a) {
       .add("first_loss", r.losses.front())
       .add("last_loss", r.losses.back())
       .append_to(a.json);
+  if (a.profile) {
+    double step_seconds = 0.0;  // the profiled steps' own times, as metrics.jsonl has them
+    for (const double t : steady) step_seconds += static_cast<double>(tokens_per_step) / t;
+    print_train_profile(profiler::entries(), step_seconds, a.steps - a.warmup);
+  }
 }
 
 }  // namespace
@@ -660,6 +692,8 @@ void add_bench_command(CLI::App& app) {
   train->add_option("--warmup", tr->warmup, "first steps left out of the median");
   train->add_option("--set", tr->set, "override a config key: section.key=value (repeatable)");
   train->add_option("--json", tr->json, "append the result as a JSON line to this file");
+  train->add_flag("--profile", tr->profile, "also break the steps after the warm-up into ops (forward, backward), "
+                  "data, optimizer and framework time");
   train->callback([tr] { run_train_bench(*tr); });
 }
 

@@ -8,6 +8,7 @@ namespace dilatron::kernels {
 class CpuBackend final : public Backend {
  public:
   Device device() const override { return Device::cpu(); }
+  void synchronize() override {}
 
   // memory.cpp
   void copy(Tensor& out, const Tensor& in) override;

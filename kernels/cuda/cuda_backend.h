@@ -15,6 +15,7 @@ class CudaBackend final : public Backend {
   Device device() const override { return Device::cuda(index_); }
 
   // memory.cu
+  void synchronize() override;
   void copy(Tensor& out, const Tensor& in) override;
   void fill(Tensor& out, double value) override;
   void fill_uniform(Tensor& out, uint64_t seed, uint64_t offset, double low, double high) override;

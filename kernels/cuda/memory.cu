@@ -130,6 +130,11 @@ void CudaBackend::copy(Tensor& out, const Tensor& in) {
   }
 }
 
+void CudaBackend::synchronize() {
+  DeviceGuard guard(index_);
+  CUDA_CHECK(cudaStreamSynchronize(kStream));
+}
+
 void CudaBackend::fill(Tensor& out, double value) {
   DILATRON_CHECK(out.is_contiguous(), "fill: out must be contiguous, got strides ", shape_str(out.strides()));
   DeviceGuard guard(index_);

@@ -1,5 +1,6 @@
 #include "dilatron/autograd.h"
 
+#include <optional>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -183,6 +184,8 @@ void backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& grads
     if (any) {
       DILATRON_CHECK(!node->released, "trying to backward through the graph a second time (through ", node->name(),
                      "): it was freed by the first backward (pass retain_graph=true to keep it)");
+      std::optional<profiler::Scope> scope;
+      if (profiler::enabled()) scope.emplace(node->name(), /*backward=*/!dynamic_cast<AccumulateGrad*>(node.get()));
       gin = node->apply(std::move(gout));
       DILATRON_CHECK(gin.size() == node->next_edges.size() || node->next_edges.empty(), "autograd: op ",
                      node->name(), " returned ", gin.size(), " gradients for ", node->next_edges.size(), " inputs");
@@ -198,7 +201,12 @@ void backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& grads
         auto& slot = pending[e.fn.get()];
         slot.resize(e.fn->num_outputs);
         Tensor& acc = slot[e.input_nr];
-        acc = acc.defined() ? add(acc, gin[k]) : gin[k];
+        if (acc.defined()) {
+          profiler::Scope scope("gradient sum");  // a tensor used more than once
+          acc = add(acc, gin[k]);
+        } else {
+          acc = gin[k];
+        }
       }
       if (--deps[e.fn.get()] == 0) ready.push_back(e.fn);
     }

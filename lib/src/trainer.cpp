@@ -25,6 +25,7 @@
 #include "dilatron/hdf5.h"
 #include "dilatron/ops.h"
 #include "dilatron/optim.h"
+#include "dilatron/profiler.h"
 
 namespace dilatron {
 namespace fs = std::filesystem;
@@ -361,15 +362,25 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
     }
     const StageConfig& sc = stages[stage];
     const int64_t tokens_per_step = sc.batch_size * sc.seq_len;
+    if (o.profile_from_step >= 0 && st.step == o.profile_from_step) profiler::set_enabled(true);
     const auto ts = Clock::now();
     const double lr = schedule.lr_at(st.step);
     opt.set_lr(lr);
-    const data::Batch batch = batches.next(data_gen, stage);
-    Tensor loss = model->loss(batch.tokens.to(Device::parse(c.train.device)), batch.weights);
+    data::Batch batch;
+    {
+      profiler::Scope scope("data");
+      batch = batches.next(data_gen, stage);
+      batch.tokens = batch.tokens.to(Device::parse(c.train.device));
+    }
+    Tensor loss = model->loss(batch.tokens, batch.weights);
     loss.backward();
-    const double gnorm = c.train.grad_clip > 0 ? optim::clip_grad_norm_(model->parameters(), c.train.grad_clip) : 0.0;
-    opt.step();
-    opt.zero_grad();
+    double gnorm = 0.0;
+    {
+      profiler::Scope scope("optimizer");
+      if (c.train.grad_clip > 0) gnorm = optim::clip_grad_norm_(model->parameters(), c.train.grad_clip);
+      opt.step();
+      opt.zero_grad();
+    }
     ++st.step;
     st.tokens_seen += tokens_per_step;
     const double l = loss.item();

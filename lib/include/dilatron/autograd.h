@@ -29,6 +29,7 @@
 #include <utility>
 #include <vector>
 
+#include "dilatron/profiler.h"
 #include "dilatron/tensor.h"
 
 namespace dilatron::autograd {
@@ -129,6 +130,7 @@ struct Function {
 
   template <typename... Args>
   static auto apply(const Args&... args) {
+    profiler::Scope scope(Derived::name());
     std::vector<Tensor> inputs;
     detail::collect_tensors(inputs, args...);
     auto node = std::make_shared<detail::FunctionNode>();

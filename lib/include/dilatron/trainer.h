@@ -19,6 +19,7 @@ struct TrainOptions {
   const std::atomic<bool>* stop = nullptr;    // set (by SIGINT, SIGTERM) to checkpoint and return early
   int64_t stop_at_step = -1;                  // >= 0: checkpoint and return early on reaching this step
   bool progress = true;                       // the live progress line on stderr
+  int64_t profile_from_step = -1;             // >= 0: profile the steps after this one (dilatron/profiler.h)
 };
 
 struct TrainResult {

@@ -34,6 +34,8 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual Device device() const = 0;
+  // Waits until the device has finished all work issued so far (a no-op where work is synchronous).
+  virtual void synchronize() = 0;
 
   // ---- memory ----
   // Copy between any two tensors of the same shape, any dtypes, host<->device where one side is on
