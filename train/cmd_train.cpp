@@ -75,14 +75,8 @@ void run_train(const TrainArgs& a) {
   }
 }
 
-// The model a checkpoint was trained as, with its weights.
-struct Loaded {
-  RunConfig config;
-  std::unique_ptr<TransformerLM> model;
-  std::string path;  // the checkpoint file
-  int64_t step = 0;
-};
-// A checkpoint file, or a run directory (its newest checkpoint).
+}  // namespace
+
 std::string resolve_checkpoint(const std::string& path) {
   namespace fs = std::filesystem;
   if (!fs::is_directory(path)) return path;
@@ -100,6 +94,8 @@ Loaded load_model(const std::string& path) {
   l.model->eval();
   return l;
 }
+
+namespace {
 
 struct EvalArgs {
   std::string ckpt, task, text, json;
@@ -162,6 +158,7 @@ struct SampleArgs {
   int64_t tokens = 200, top_k = 0;
   double temperature = 1.0;
   uint64_t seed = 0;
+  bool no_cache = false;
 };
 
 void run_sample(const SampleArgs& a) {
@@ -172,15 +169,21 @@ void run_sample(const SampleArgs& a) {
   std::vector<int64_t> ids = data::encode(a.prompt);
   ids.insert(ids.begin(), data::kBos);
   Generator gen(a.seed);
-  const int64_t ctx = l.config.model.seq_len;
   const Device device = l.model->tok->weight.device();
+  const auto as_tensor = [&](std::vector<int64_t>::const_iterator first) {
+    return Tensor::from_vector(std::vector<int64_t>(first, ids.cend()), {1, ids.cend() - first}).to(device);
+  };
+  // Positions run on past seq_len (the schedule's segments repeat). With the cache, the prompt is
+  // one flash forward and each new token one decode step over the cached keys; without it, every
+  // token recomputes the whole sequence.
+  KVCache cache;
+  size_t fed = 0;  // tokens the cache holds
   std::fputs(a.prompt.c_str(), stdout);
   for (int64_t i = 0; i < a.tokens; ++i) {
-    const int64_t start = std::max<int64_t>(0, static_cast<int64_t>(ids.size()) - ctx);
-    const std::vector<int64_t> window(ids.begin() + start, ids.end());
-    Tensor logits = l.model->forward(Tensor::from_vector(window, {1, static_cast<int64_t>(window.size())}).to(device));
-    std::vector<double> row =
-        narrow(logits, 1, static_cast<int64_t>(window.size()) - 1, 1).to_vector<double>();
+    Tensor logits = a.no_cache ? l.model->forward(as_tensor(ids.cbegin()))
+                               : l.model->forward(as_tensor(ids.cbegin() + static_cast<std::ptrdiff_t>(fed)), cache);
+    fed = ids.size();
+    std::vector<double> row = narrow(logits, 1, logits.size(1) - 1, 1).to_vector<double>();
     int64_t next = 0;
     if (a.temperature == 0.0) {
       next = std::max_element(row.begin(), row.end()) - row.begin();
@@ -261,6 +264,7 @@ void add_train_commands(CLI::App& app) {
   sample->add_option("--temperature", s->temperature, "0 for greedy");
   sample->add_option("--top-k", s->top_k, "sample among the k most likely bytes (0: all)");
   sample->add_option("--seed", s->seed, "sampling seed");
+  sample->add_flag("--no-cache", s->no_cache, "recompute the whole sequence for every token (no KV cache; for comparison)");
   sample->callback([s] { run_sample(*s); });
 
   auto ckpt = std::make_shared<std::string>();

@@ -3,6 +3,12 @@
 
 #include <CLI/CLI.hpp>
 
+#include <memory>
+#include <string>
+
+#include "dilatron/config.h"
+#include "dilatron/model.h"
+
 namespace dilatron::cli {
 
 void add_attention_command(CLI::App& app);
@@ -10,5 +16,16 @@ void add_bench_command(CLI::App& app);     // bench peak, attention, scaling, tr
 void add_gradcheck_command(CLI::App& app);
 void add_train_commands(CLI::App& app);    // train, eval, sample, inspect
 void add_plot_command(CLI::App& app);
+
+// The model a checkpoint was trained as, with its weights, in eval mode (cmd_train.cpp).
+struct Loaded {
+  RunConfig config;
+  std::unique_ptr<TransformerLM> model;
+  std::string path;  // the checkpoint file
+  int64_t step = 0;
+};
+// A checkpoint file, or a run directory (its newest checkpoint).
+std::string resolve_checkpoint(const std::string& path);
+Loaded load_model(const std::string& path);
 
 }  // namespace dilatron::cli

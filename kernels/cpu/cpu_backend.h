@@ -52,6 +52,10 @@ class CpuBackend final : public Backend {
   // rotary.cpp
   void rotary(Tensor& out, const Tensor& x, const Tensor& cos, const Tensor& sin) override;
 
+  // dilated_attention_decode.cpp
+  void dilated_attention_decode(Tensor& o, const Tensor& q, const std::vector<Tensor>& k_caches,
+                                const std::vector<Tensor>& v_caches, const Tensor& bias, const AttentionParams& params,
+                                int64_t t) override;
   // dilated_attention.cpp
   void dilated_attention_forward(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                                  const Tensor& bias, const AttentionParams& params) override;

@@ -56,6 +56,10 @@ class CudaBackend final : public Backend {
   // rotary.cu
   void rotary(Tensor& out, const Tensor& x, const Tensor& cos, const Tensor& sin) override;
 
+  // dilated_attention_decode.cu
+  void dilated_attention_decode(Tensor& o, const Tensor& q, const std::vector<Tensor>& k_caches,
+                                const std::vector<Tensor>& v_caches, const Tensor& bias, const AttentionParams& params,
+                                int64_t t) override;
   // dilated_attention.cu
   void dilated_attention_forward(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                                  const Tensor& bias, const AttentionParams& params) override;

@@ -7,6 +7,7 @@
 
 #include "dilatron/autograd.h"
 #include "dilatron/kernels/backend.h"
+#include "dilatron/ops.h"
 
 namespace dilatron {
 
@@ -66,6 +67,26 @@ struct DilatedAttentionFunction : autograd::Function<DilatedAttentionFunction> {
   }
 };
 
+// The scale and, with a bias table [H, num_buckets], its checks and the bucket of every distance
+// below n.
+void resolve_scale_and_bias(AttentionParams& params, const DilatedAttentionOptions& opts, const Tensor& q, int64_t D,
+                            int64_t n, const Tensor& bias) {
+  params.scale = opts.scale.value_or(1.0 / std::sqrt(static_cast<double>(D)));
+  DILATRON_CHECK(std::isfinite(params.scale), "dilated_attention: scale must be finite, got ", params.scale,
+                 opts.scale ? "" : " (the default 1/sqrt(D) with D = 0)");
+  if (!bias.defined()) return;
+  const int64_t H = q.size(2);
+  DILATRON_CHECK(bias.dim() == 2 && bias.size(0) == H && bias.size(1) == opts.bias_num_buckets,
+                 "dilated_attention: bias must be [H, num_buckets] = [", H, ", ", opts.bias_num_buckets, "], got ",
+                 shape_str(bias.shape()));
+  DILATRON_CHECK(bias.dtype() == q.dtype(), "dilated_attention: bias dtype ", dtype_name(bias.dtype()),
+                 " differs from q's ", dtype_name(q.dtype()));
+  DILATRON_CHECK(bias.device() == q.device(), "dilated_attention: bias device ", bias.device().str(),
+                 " differs from q's ", q.device().str());
+  params.bucket_of_distance = relative_position_buckets(n, opts.causal, opts.bias_num_buckets, opts.bias_max_distance);
+  params.bucket_base = n - 1;
+}
+
 // Checks everything the contract rejects and resolves the kernel parameters.
 AttentionParams make_params(const Tensor& q, const Tensor& k, const Tensor& v, const DilatedAttentionOptions& opts,
                             const Tensor& bias) {
@@ -84,31 +105,16 @@ AttentionParams make_params(const Tensor& q, const Tensor& k, const Tensor& v, c
   DILATRON_CHECK(B * H < (int64_t{1} << 28), "dilated_attention: B*H = ", B, "*", H, " = ", B * H,
                  " must be < 2^28 (the dropout stream id (b*H + h)*16 + i is 32-bit)");
   DILATRON_CHECK(N < (int64_t{1} << 31), "dilated_attention: sequence length N = ", N, " must be < 2^31");
-  const double scale = opts.scale.value_or(1.0 / std::sqrt(static_cast<double>(D)));
-  DILATRON_CHECK(std::isfinite(scale), "dilated_attention: scale must be finite, got ", scale,
-                 opts.scale ? "" : " (the default 1/sqrt(D) with D = 0)");
   DILATRON_CHECK(opts.dropout >= 0.0 && opts.dropout < 1.0, "dilated_attention: dropout p must be in [0, 1), got ",
                  opts.dropout);
 
   AttentionParams params;
   params.schedule = bounded_schedule(opts.schedule, H, N);
   params.causal = opts.causal;
-  params.scale = scale;
   params.dropout_p = opts.dropout;
   params.seed = opts.seed;
   params.offset = opts.offset;
-  if (bias.defined()) {
-    DILATRON_CHECK(bias.dim() == 2 && bias.size(0) == H && bias.size(1) == opts.bias_num_buckets,
-                   "dilated_attention: bias must be [H, num_buckets] = [", H, ", ", opts.bias_num_buckets, "], got ",
-                   shape_str(bias.shape()));
-    DILATRON_CHECK(bias.dtype() == q.dtype(), "dilated_attention: bias dtype ", dtype_name(bias.dtype()),
-                   " differs from q's ", dtype_name(q.dtype()));
-    DILATRON_CHECK(bias.device() == q.device(), "dilated_attention: bias device ", bias.device().str(),
-                   " differs from q's ", q.device().str());
-    params.bucket_of_distance =
-        relative_position_buckets(N, opts.causal, opts.bias_num_buckets, opts.bias_max_distance);
-    params.bucket_base = N - 1;
-  }
+  resolve_scale_and_bias(params, opts, q, D, N, bias);
   return params;
 }
 
@@ -266,6 +272,105 @@ std::vector<int32_t> relative_position_buckets(int64_t N, bool causal, int64_t n
     if (m > 0) table[static_cast<size_t>(N - 1 - m)] = static_cast<int32_t>(causal ? 0 : nb + b);  // n = -m
   }
   return table;
+}
+
+// ---------------------------------------------------------------- incremental decoding
+
+namespace {
+// A branch's buffers start small and double up to ceil(w / r) keys per head, so a huge segment
+// costs only what the context fills.
+constexpr int64_t kFirstCacheCapacity = 64;
+
+int64_t full_capacity(const AttentionBranch& b) { return (b.segment - 1) / b.dilation + 1; }
+}  // namespace
+
+AttentionCache::AttentionCache(std::vector<AttentionBranch> schedule, int64_t B, int64_t H, int64_t D,
+                               TensorOptions options)
+    : schedule_(std::move(schedule)) {
+  validate_schedule(schedule_);
+  DILATRON_CHECK(B >= 1 && H >= 1 && D >= 1, "AttentionCache: B, H, D must be >= 1, got ", B, ", ", H, ", ", D);
+  for (const AttentionBranch& b : schedule_) {
+    const Shape shape{B, H, std::min(full_capacity(b), kFirstCacheCapacity), D};
+    keys_.push_back(Tensor::zeros(shape, options));
+    values_.push_back(Tensor::zeros(shape, options));
+  }
+}
+
+int64_t AttentionCache::bytes() const {
+  int64_t n = 0;
+  for (size_t i = 0; i < keys_.size(); ++i)
+    n += (keys_[i].numel() + values_[i].numel()) * static_cast<int64_t>(dtype_size(keys_[i].dtype()));
+  return n;
+}
+
+void AttentionCache::append(const Tensor& k_in, const Tensor& v_in) {
+  DILATRON_CHECK(!keys_.empty(), "AttentionCache::append: the cache was default-constructed (no schedule)");
+  const Tensor& k0 = keys_[0];
+  const int64_t B = k0.size(0), H = k0.size(1), D = k0.size(3);
+  DILATRON_CHECK(k_in.dim() == 4 && k_in.size(0) == B && k_in.size(2) == H && k_in.size(3) == D &&
+                     v_in.shape() == k_in.shape(),
+                 "AttentionCache::append: expected k and v [", B, ", T, ", H, ", ", D, "], got ", shape_str(k_in.shape()),
+                 " and ", shape_str(v_in.shape()));
+  const Tensor k = k_in.to(k0.dtype()).to(k0.device()).contiguous(), v = v_in.to(k0.dtype()).to(k0.device()).contiguous();
+  const int64_t T = k.size(1), first = length_, last = length_ + T - 1;
+  for (size_t i = 0; i < schedule_.size() && T > 0; ++i) {
+    const int64_t w = schedule_[i].segment, r = schedule_[i].dilation;
+    // Only the latest segment's keys stay reachable; the older ones of this call never enter.
+    const int64_t seg_start = last / w * w, from = std::max(first, seg_start);
+    const int64_t needed = (last - seg_start) / r + 1;  // grid slots up to `last`, offset 0 (the most)
+    if (needed > keys_[i].size(2)) {
+      const int64_t capacity = std::min(full_capacity(schedule_[i]), std::max(needed, 2 * keys_[i].size(2)));
+      for (Tensor* t : {&keys_[i], &values_[i]}) {
+        Tensor grown = Tensor::zeros({B, H, capacity, D}, t->options());
+        if (first > seg_start) narrow(grown, 2, 0, t->size(2)).copy_(*t);  // the segment's earlier keys
+        *t = grown;
+      }
+    }
+    const int64_t capacity = keys_[i].size(2);
+    // Heads h = o, o + r, ... share the grid of offset o: one strided copy per offset.
+    for (int64_t o = 0; o < std::min(r, H); ++o) {
+      const kernels::GridSpan span = kernels::residue_span(seg_start, last - seg_start + 1, r, o);
+      const int64_t c0 = from <= span.first ? 0 : (from - span.first + r - 1) / r;  // first new grid slot
+      if (c0 >= span.count) continue;
+      const int64_t count = span.count - c0, heads = (H - o - 1) / r + 1;
+      const Shape shape{B, count, heads, D};
+      const Shape src_strides{T * H * D, r * H * D, r * D, 1}, dst_strides{H * capacity * D, D, r * capacity * D, 1};
+      const int64_t src_offset = (span.position(c0) - first) * H * D + o * D, dst_offset = o * capacity * D + c0 * D;
+      make_view(keys_[i], shape, dst_strides, keys_[i].offset() + dst_offset)
+          .copy_(make_view(k, shape, src_strides, k.offset() + src_offset));
+      make_view(values_[i], shape, dst_strides, values_[i].offset() + dst_offset)
+          .copy_(make_view(v, shape, src_strides, v.offset() + src_offset));
+    }
+  }
+  length_ += T;
+}
+
+Tensor dilated_attention_decode(const Tensor& q, const AttentionCache& cache, const DilatedAttentionOptions& opts,
+                                const Tensor& bias) {
+  DILATRON_CHECK(opts.causal, "dilated_attention_decode: decoding is causal (opts.causal must be true)");
+  DILATRON_CHECK(cache.length() >= 1, "dilated_attention_decode: the cache is empty (append the query's key first)");
+  DILATRON_CHECK(opts.schedule == cache.schedule(), "dilated_attention_decode: the schedule ",
+                 format_schedule(opts.schedule), " differs from the cache's ", format_schedule(cache.schedule()));
+  const Tensor& k0 = cache.keys()[0];
+  const int64_t B = k0.size(0), H = k0.size(1), D = k0.size(3);
+  DILATRON_CHECK(q.dim() == 4 && q.size(0) == B && q.size(1) == 1 && q.size(2) == H && q.size(3) == D,
+                 "dilated_attention_decode: q must be [", B, ", 1, ", H, ", ", D, "], got ", shape_str(q.shape()));
+  DILATRON_CHECK(q.dtype() == k0.dtype() && q.device() == k0.device(), "dilated_attention_decode: q is ",
+                 dtype_name(q.dtype()), " on ", q.device().str(), ", the cache ", dtype_name(k0.dtype()), " on ",
+                 k0.device().str());
+  AttentionParams params;
+  params.schedule = cache.schedule();
+  params.causal = true;
+  int64_t longest = 1;
+  for (const AttentionBranch& b : params.schedule) longest = std::max(longest, b.segment);
+  // Distances stay inside a segment; the table is only as long as the cache can reach.
+  resolve_scale_and_bias(params, opts, q, D, std::min(longest, cache.length()), bias);
+  autograd::NoGradGuard no_grad;
+  const Tensor qc = reshape(q, {B, H, D}).contiguous();
+  Tensor o = Tensor::empty({B, H, D}, q.options());
+  kernels::backend_of(q).dilated_attention_decode(o, qc, cache.keys(), cache.values(), bias, params,
+                                                  cache.length() - 1);
+  return reshape(o, {B, 1, H, D});
 }
 
 }  // namespace dilatron

@@ -2,6 +2,7 @@
 
 #include <cfloat>
 #include <cmath>
+#include <limits>
 
 #include "dilatron/autograd.h"
 #include "dilatron/ops.h"
@@ -28,31 +29,34 @@ RotaryEmbedding::RotaryEmbedding(std::string kind, int64_t head_dim, double scal
   DILATRON_CHECK(head_dim % 2 == 0, "rotary/xpos needs an even head dimension, got ", head_dim);
 }
 
-const RotaryEmbedding::Tables& RotaryEmbedding::tables(int64_t n, DType dtype, Device device) const {
-  const auto key = std::make_tuple(n, dtype, device.type, device.index);
-  auto it = cache_.find(key);
-  if (it != cache_.end()) return it->second;
+namespace {
+// XPOS's smallest zeta, (0.4 d) / (1.4 d), of the lowest-frequency pair: the fastest-changing scale.
+constexpr double kXposSmallestZeta = 0.4 / 1.4;
+}  // namespace
+
+RotaryEmbedding::Tables RotaryEmbedding::make_tables(int64_t first, int64_t n, int64_t centre, DType dtype,
+                                                     Device device) const {
   const int64_t half = head_dim_ / 2;
   const auto size = static_cast<size_t>(n * half);
   std::vector<double> cq(size), sq(size), ck(size), sk(size);
   const double d = static_cast<double>(head_dim_);
-  const int64_t c0 = static_cast<int64_t>(std::floor(-static_cast<double>(n) / 2.0));
-  for (int64_t t = 0; t < n; ++t) {
+  for (int64_t row = 0; row < n; ++row) {
+    const int64_t t = first + row;
     for (int64_t i = 0; i < half; ++i) {
       const double theta = std::pow(10000.0, -2.0 * static_cast<double>(i) / d);
       const double angle = static_cast<double>(t) * theta;
       double scale = 1.0;
       if (kind_ == "xpos") {
         const double zeta = (2.0 * static_cast<double>(i) + 0.4 * d) / (1.4 * d);
-        scale = std::pow(zeta, static_cast<double>(t + c0) / scale_base_);
+        scale = std::pow(zeta, static_cast<double>(t - centre) / scale_base_);
         // Keys use 1/scale: both must stay normal float32 numbers.
         DILATRON_CHECK(scale > FLT_MIN && scale < FLT_MAX && 1.0 / scale > FLT_MIN && 1.0 / scale < FLT_MAX,
-                       "xpos: sequence length ", n, " with scale_base ", scale_base_,
-                       " puts the position scale (", scale, " at position ", t,
-                       ") outside float32's range; use a larger model.xpos_scale_base or positional = \"rotary\" "
-                       "(no scale)");
+                       "xpos: position ", t, " of ", first + n, " with scale_base ", scale_base_,
+                       " puts the position scale (", scale, ") outside float32's range (XPOS reaches ",
+                       max_decode_positions(), " positions at this scale_base); use a larger model.xpos_scale_base "
+                       "or positional = \"rotary\" (no scale)");
       }
-      const auto k = static_cast<size_t>(t * half + i);
+      const auto k = static_cast<size_t>(row * half + i);
       cq[k] = scale * std::cos(angle);
       sq[k] = scale * std::sin(angle);
       ck[k] = std::cos(angle) / scale;
@@ -61,16 +65,42 @@ const RotaryEmbedding::Tables& RotaryEmbedding::tables(int64_t n, DType dtype, D
   }
   const Shape shape{n, half};
   const TensorOptions opts = TensorOptions(dtype).with_device(device);
-  Tables tb{Tensor::from_vector(cq, shape, opts), Tensor::from_vector(sq, shape, opts),
-            Tensor::from_vector(ck, shape, opts), Tensor::from_vector(sk, shape, opts)};
-  return cache_.emplace(key, std::move(tb)).first->second;
+  return {Tensor::from_vector(cq, shape, opts), Tensor::from_vector(sq, shape, opts),
+          Tensor::from_vector(ck, shape, opts), Tensor::from_vector(sk, shape, opts)};
+}
+
+int64_t RotaryEmbedding::max_decode_positions() const {
+  if (kind_ != "xpos") return std::numeric_limits<int64_t>::max();
+  // |t - centre| / scale_base * |ln zeta| must stay below -ln FLT_MIN (the tighter of the two limits):
+  // |t - centre| <= half, the largest integer below that bound, for t in [0, 2 * half].
+  const double bound = -std::log(static_cast<double>(FLT_MIN)) * scale_base_ / -std::log(kXposSmallestZeta);
+  const auto half = static_cast<int64_t>(std::ceil(bound)) - 1;
+  return 2 * half + 1;
+}
+
+const RotaryEmbedding::Tables& RotaryEmbedding::tables(int64_t n, DType dtype, Device device) const {
+  const auto key = std::make_tuple(n, dtype, device.type, device.index);
+  auto it = cache_.find(key);
+  if (it != cache_.end()) return it->second;
+  const auto c0 = static_cast<int64_t>(std::floor(-static_cast<double>(n) / 2.0));  // centre -c0: the middle
+  return cache_.emplace(key, make_tables(0, n, -c0, dtype, device)).first->second;
+}
+
+Tensor RotaryEmbedding::rotate(const Tensor& x, bool is_key, const Tables& tb) const {
+  DILATRON_CHECK(x.dim() == 4 && x.size(3) == head_dim_, "rotary/xpos: expected [B, N, H, ", head_dim_, "], got ",
+                 shape_str(x.shape()));
+  return is_key ? rotary(x, tb.cos_k, tb.sin_k) : rotary(x, tb.cos_q, tb.sin_q);
 }
 
 Tensor RotaryEmbedding::apply(const Tensor& x, bool is_key) const {
-  DILATRON_CHECK(x.dim() == 4 && x.size(3) == head_dim_, "rotary/xpos: expected [B, N, H, ", head_dim_, "], got ",
-                 shape_str(x.shape()));
-  const Tables& tb = tables(x.size(1), x.dtype(), x.device());
-  return is_key ? rotary(x, tb.cos_k, tb.sin_k) : rotary(x, tb.cos_q, tb.sin_q);
+  DILATRON_CHECK(x.dim() == 4, "rotary/xpos: expected [B, N, H, ", head_dim_, "], got ", shape_str(x.shape()));
+  return rotate(x, is_key, tables(x.size(1), x.dtype(), x.device()));
+}
+
+Tensor RotaryEmbedding::apply_at(const Tensor& x, bool is_key, int64_t first) const {
+  DILATRON_CHECK(x.dim() == 4, "rotary/xpos: expected [B, N, H, ", head_dim_, "], got ", shape_str(x.shape()));
+  const int64_t centre = kind_ == "xpos" ? max_decode_positions() / 2 : 0;  // half
+  return rotate(x, is_key, make_tables(first, x.size(1), centre, x.dtype(), x.device()));
 }
 
 // ---------------------------------------------------------------- modules
@@ -106,7 +136,7 @@ void DilatedSelfAttention::set_schedule(const Schedule& schedule) {
   attn_.schedule = schedule;
 }
 
-Tensor DilatedSelfAttention::forward(const Tensor& x) {
+Tensor DilatedSelfAttention::forward(const Tensor& x, AttentionCache* cache) {
   const int64_t b = x.size(0), n = x.size(1), d = x.size(2);
   // q, k, v are strided views of the fused projection (rotary reads them in place); split's backward
   // writes their three gradients into one [B, N, 3, H, D] tensor in a single pass.
@@ -114,6 +144,8 @@ Tensor DilatedSelfAttention::forward(const Tensor& x) {
   Tensor q = reshape(parts[0], {b, n, n_heads_, head_dim_});
   Tensor k = reshape(parts[1], {b, n, n_heads_, head_dim_});
   Tensor v = reshape(parts[2], {b, n, n_heads_, head_dim_});
+  if (cache && cache->length() > 0) return proj->forward(reshape(decode(q, k, v, *cache), {b, n, d}));
+  if (cache) cache->append(rotary_ ? rotary_->apply_at(k, true, 0) : k, v);  // prefill
   if (rotary_) {
     q = rotary_->apply(q, false);
     k = rotary_->apply(k, true);
@@ -129,6 +161,21 @@ Tensor DilatedSelfAttention::forward(const Tensor& x) {
   return proj->forward(reshape(o, {b, n, d}));
 }
 
+Tensor DilatedSelfAttention::decode(const Tensor& q, const Tensor& k, const Tensor& v, AttentionCache& cache) const {
+  std::vector<Tensor> outputs;
+  for (int64_t i = 0; i < q.size(1); ++i) {
+    const int64_t t = cache.length();
+    const Tensor qt = narrow(q, 1, i, 1), kt = narrow(k, 1, i, 1);
+    cache.append(rotary_ ? rotary_->apply_at(kt, true, t) : kt, narrow(v, 1, i, 1));
+    outputs.push_back(dilated_attention_decode(rotary_ ? rotary_->apply_at(qt, false, t) : qt, cache, attn_, rel_bias));
+  }
+  return outputs.size() == 1 ? outputs[0] : cat(outputs, 1);
+}
+
+AttentionCache DilatedSelfAttention::make_cache(int64_t batch) const {
+  return AttentionCache(attn_.schedule, batch, n_heads_, head_dim_, qkv->weight.options());
+}
+
 TransformerBlock::TransformerBlock(const ModelConfig& c, const Schedule& schedule, Generator& init,
                                    std::shared_ptr<Generator> dropout_gen, TensorOptions opts) {
   ln1 = register_module("ln1", std::make_shared<nn::LayerNorm>(c.d_model, 1e-5, true, opts));
@@ -141,8 +188,8 @@ TransformerBlock::TransformerBlock(const ModelConfig& c, const Schedule& schedul
   drop = register_module("drop", std::make_shared<nn::Dropout>(c.dropout, dropout_gen));
 }
 
-Tensor TransformerBlock::forward(const Tensor& x) {
-  Tensor h = add(x, drop->forward(attn->forward(ln1->forward(x))));
+Tensor TransformerBlock::forward(const Tensor& x, AttentionCache* cache) {
+  Tensor h = add(x, drop->forward(attn->forward(ln1->forward(x), cache)));
   return add(h, drop->forward(fc_out->forward(gelu(fc->forward(ln2->forward(h))))));
 }
 
@@ -176,12 +223,35 @@ void TransformerLM::set_attention_schedules(const std::vector<Schedule>& schedul
   config_.layer_schedules = schedules;
 }
 
-Tensor TransformerLM::forward(const Tensor& tokens) {
+Tensor TransformerLM::embed(const Tensor& tokens) {
   DILATRON_CHECK(tokens.dim() == 2 && tokens.dtype() == DType::Int64, "TransformerLM: tokens must be int64 [B, T], got ",
                  dtype_name(tokens.dtype()), " ", shape_str(tokens.shape()));
-  Tensor x = drop->forward(tok->forward(tokens.contiguous()));
-  x = ln_f->forward(layers->forward(x));
-  return head ? head->forward(x) : matmul(x, transpose(tok->weight, 0, 1));
+  return drop->forward(tok->forward(tokens.contiguous()));
+}
+
+Tensor TransformerLM::logits(const Tensor& x) {
+  const Tensor y = ln_f->forward(x);
+  return head ? head->forward(y) : matmul(y, transpose(tok->weight, 0, 1));
+}
+
+Tensor TransformerLM::forward(const Tensor& tokens) { return logits(layers->forward(embed(tokens))); }
+
+Tensor TransformerLM::forward(const Tensor& tokens, KVCache& cache) {
+  DILATRON_CHECK(!is_training(), "TransformerLM: decoding with a cache needs eval mode (call eval() first)");
+  autograd::NoGradGuard no_grad;
+  if (cache.layers.empty())
+    for (const auto& block : blocks) cache.layers.push_back(block->attn->make_cache(tokens.size(0)));
+  DILATRON_CHECK(cache.layers.size() == blocks.size(), "TransformerLM: a cache of ", cache.layers.size(),
+                 " layers for ", blocks.size());
+  Tensor x = embed(tokens);
+  for (size_t l = 0; l < blocks.size(); ++l) x = blocks[l]->forward(x, &cache.layers[l]);
+  return logits(x);
+}
+
+int64_t KVCache::bytes() const {
+  int64_t n = 0;
+  for (const AttentionCache& c : layers) n += c.bytes();
+  return n;
 }
 
 Tensor TransformerLM::loss(const Tensor& batch, const Tensor& weights) {

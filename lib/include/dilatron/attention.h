@@ -85,4 +85,36 @@ AttentionFlops attention_flops(const std::vector<AttentionBranch>& schedule, int
 // (its last bucket could never be used).
 std::vector<int32_t> relative_position_buckets(int64_t N, bool causal, int64_t num_buckets, int64_t max_distance);
 
+// ---- incremental decoding ----
+
+// What later queries of one causal attention layer can still reach: per branch i and head h, the
+// keys and values on the grid of (i, h) in the segment of the latest position, at most
+// ceil(w_i / r_i) of them, so the memory is bounded by the schedule, not by the context length.
+class AttentionCache {
+ public:
+  AttentionCache() = default;
+  // For keys and values [B, T, H, D] of these options (dtype, device).
+  AttentionCache(std::vector<AttentionBranch> schedule, int64_t B, int64_t H, int64_t D, TensorOptions options);
+  int64_t length() const { return length_; }  // positions appended so far
+  int64_t bytes() const;                      // of the keys and values held
+  // Keys and values [B, T, H, D] of positions length() .. length() + T - 1, keys as the scores see
+  // them (position encoding applied).
+  void append(const Tensor& k, const Tensor& v);
+
+  const std::vector<AttentionBranch>& schedule() const { return schedule_; }
+  const std::vector<Tensor>& keys() const { return keys_; }      // per branch [B, H, capacity, D]
+  const std::vector<Tensor>& values() const { return values_; }  // the same
+
+ private:
+  std::vector<AttentionBranch> schedule_;
+  std::vector<Tensor> keys_, values_;
+  int64_t length_ = 0;
+};
+
+// The causal output for the query q [B, 1, H, D] at position cache.length() - 1 (its key and value
+// already appended): the contract's o at that position for opts (causal; dropout off), computed from
+// the cache alone. Inference only (no gradient).
+Tensor dilated_attention_decode(const Tensor& q, const AttentionCache& cache, const DilatedAttentionOptions& opts,
+                                const Tensor& bias = Tensor());
+
 }  // namespace dilatron

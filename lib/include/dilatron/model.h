@@ -50,12 +50,20 @@ class RotaryEmbedding {
   RotaryEmbedding(std::string kind, int64_t head_dim, double scale_base);
   // Throws when XPOS scales for length n leave float32's normal range, naming n and the alternatives.
   Tensor apply(const Tensor& x, bool is_key) const;
+  // The same for positions first .. first + N - 1 of a sequence that keeps growing (decoding): XPOS
+  // scales about one fixed centre, so positions below max_decode_positions() are encoded alike
+  // whatever the length so far. Scores (q.k) equal apply's, whose centre is the length's middle.
+  Tensor apply_at(const Tensor& x, bool is_key, int64_t first) const;
+  int64_t max_decode_positions() const;  // XPOS: the longest length apply accepts; rotary: unbounded
 
  private:
   struct Tables {
     Tensor cos_q, sin_q, cos_k, sin_k;  // [N, D/2], scale folded in
   };
   const Tables& tables(int64_t n, DType dtype, Device device) const;
+  // Rows for positions first .. first + n - 1, XPOS scales zeta^((t - centre) / scale_base).
+  Tables make_tables(int64_t first, int64_t n, int64_t centre, DType dtype, Device device) const;
+  Tensor rotate(const Tensor& x, bool is_key, const Tables& tb) const;
 
   std::string kind_;
   int64_t head_dim_;
@@ -69,7 +77,10 @@ class DilatedSelfAttention : public nn::Module {
  public:
   DilatedSelfAttention(const ModelConfig& c, const Schedule& schedule, Generator& init,
                        std::shared_ptr<Generator> dropout_gen, TensorOptions opts);
-  Tensor forward(const Tensor& x);  // [B, N, d_model]
+  // x [B, N, d_model]. With a cache (inference): an empty one is filled from x, the prompt, through
+  // the flash forward (prefill); otherwise x holds the next positions, each decoded from the cache.
+  Tensor forward(const Tensor& x, AttentionCache* cache = nullptr);
+  AttentionCache make_cache(int64_t batch) const;
   void set_schedule(const Schedule& schedule);  // validated; parameters do not depend on it
   const Schedule& schedule() const { return attn_.schedule; }
 
@@ -77,6 +88,9 @@ class DilatedSelfAttention : public nn::Module {
   Tensor rel_bias;  // [H, buckets] when enabled
 
  private:
+  // q, k, v [B, N, H, D] before position encoding, of the N positions after the cache's.
+  Tensor decode(const Tensor& q, const Tensor& k, const Tensor& v, AttentionCache& cache) const;
+
   int64_t n_heads_, head_dim_;
   DilatedAttentionOptions attn_;
   std::shared_ptr<RotaryEmbedding> rotary_;
@@ -87,12 +101,19 @@ class TransformerBlock : public nn::Module {
  public:
   TransformerBlock(const ModelConfig& c, const Schedule& schedule, Generator& init,
                    std::shared_ptr<Generator> dropout_gen, TensorOptions opts);
-  Tensor forward(const Tensor& x);
+  Tensor forward(const Tensor& x, AttentionCache* cache = nullptr);
 
   std::shared_ptr<nn::LayerNorm> ln1, ln2;
   std::shared_ptr<DilatedSelfAttention> attn;
   std::shared_ptr<nn::Linear> fc, fc_out;
   std::shared_ptr<nn::Dropout> drop;
+};
+
+// One generation's attention caches, one per layer (TransformerLM::forward with a cache).
+struct KVCache {
+  std::vector<AttentionCache> layers;
+  int64_t length() const { return layers.empty() ? 0 : layers.front().length(); }
+  int64_t bytes() const;
 };
 
 class TransformerLM : public nn::Module {
@@ -102,6 +123,10 @@ class TransformerLM : public nn::Module {
                 TensorOptions opts = {});
   // tokens Int64 [B, T] -> logits [B, T, vocab].
   Tensor forward(const Tensor& tokens);
+  // Incremental decoding: tokens [B, T] continue the sequence the cache holds (an empty cache: they
+  // start it), logits [B, T, vocab] equal to forward's on the whole sequence, at a cost per token
+  // bounded by the schedules (dilatron/attention.h, AttentionCache). Inference only (no gradient).
+  Tensor forward(const Tensor& tokens, KVCache& cache);
   // batch Int64 [B, T + 1]: mean next-token cross-entropy of columns 1..T given 0..T-1. weights:
   // undefined, or [B, T] loss weights of those targets (any floating dtype): then the weighted mean.
   Tensor loss(const Tensor& batch, const Tensor& weights = Tensor());
@@ -118,6 +143,9 @@ class TransformerLM : public nn::Module {
   std::shared_ptr<nn::Dropout> drop;
 
  private:
+  Tensor embed(const Tensor& tokens);  // checked tokens -> [B, T, d_model]
+  Tensor logits(const Tensor& x);      // final LayerNorm and the output head
+
   ModelConfig config_;
 };
 

@@ -111,6 +111,13 @@ class Backend {
                                           const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
                                           const Tensor& lse, const Tensor& bias, const AttentionParams& params) = 0;
 
+  // Decoding, one query per (b, h) at position t: q and o [B, H, D]; k_caches[i] and v_caches[i]
+  // [B, H, capacity_i, D] hold branch i's keys decode_key_span(...) at indices 0, 1, ... Causal, no
+  // dropout; params.bucket_of_distance covers the distances 0 .. largest segment - 1.
+  virtual void dilated_attention_decode(Tensor& o, const Tensor& q, const std::vector<Tensor>& k_caches,
+                                        const std::vector<Tensor>& v_caches, const Tensor& bias,
+                                        const AttentionParams& params, int64_t t) = 0;
+
   // ---- optimizers (in place, contiguous) ----
   virtual void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWParams& hp) = 0;
   // Sum of squares of every element, accumulated in double (global gradient norm).

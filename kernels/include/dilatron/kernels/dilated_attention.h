@@ -74,4 +74,14 @@ DILATRON_HOST_DEVICE GridSpan query_grid(int64_t w, int64_t r, BranchKind kind, 
   return residue_span(start, len, r, causal && sub < o ? sub + r : sub);
 }
 
+// Decoding: the keys query t can reach in branch (w, r, kind) of head h, all in t's segment and at
+// or before t. Their positions are span.position(c); a decode cache holds them at index c. Empty
+// for a dilated branch when t is not on the grid.
+DILATRON_HOST_DEVICE GridSpan decode_key_span(int64_t w, int64_t r, BranchKind kind, int64_t h, int64_t t) {
+  const int64_t start = t / w * w, o = h % r;
+  const bool on_grid = t - start >= o && (t - start - o) % r == 0;
+  if (kind == BranchKind::dilated && !on_grid) return {start + o, r, 0};
+  return residue_span(start, t - start + 1, r, o);
+}
+
 }  // namespace dilatron::kernels
