@@ -17,11 +17,12 @@
 #include <tuple>
 #include <vector>
 
-#include "cuda/cuda_backend.h"
-#include "cuda/cuda_utils.cuh"
+#include <curand.h>
+
 #include "dilatron/attention.h"
 #include "dilatron/autograd.h"
 #include "dilatron/kernels/backend.h"
+#include "dilatron/kernels/cuda.h"
 #include "dilatron/ops.h"
 #include "dilatron/philox.h"
 #include "dilatron/random.h"
@@ -153,10 +154,10 @@ TEST(CudaPhilox, DeviceCurandGeneratorMatchesPhiloxHeader) {
   constexpr size_t kWords = 4096;
   Tensor words = Tensor::empty({kWords / 2}, TensorOptions(DType::Int64).with_device(kGpu));  // 4096 uint32
   curandGenerator_t gen = nullptr;
-  CURAND_CHECK(curandCreateGenerator(&gen, CURAND_RNG_PSEUDO_PHILOX4_32_10));
-  CURAND_CHECK(curandSetPseudoRandomGeneratorSeed(gen, seed));
-  CURAND_CHECK(curandGenerate(gen, static_cast<unsigned int*>(words.raw_data()), kWords));
-  CURAND_CHECK(curandDestroyGenerator(gen));
+  ASSERT_EQ(curandCreateGenerator(&gen, CURAND_RNG_PSEUDO_PHILOX4_32_10), CURAND_STATUS_SUCCESS);
+  ASSERT_EQ(curandSetPseudoRandomGeneratorSeed(gen, seed), CURAND_STATUS_SUCCESS);
+  ASSERT_EQ(curandGenerate(gen, static_cast<unsigned int*>(words.raw_data()), kWords), CURAND_STATUS_SUCCESS);
+  ASSERT_EQ(curandDestroyGenerator(gen), CURAND_STATUS_SUCCESS);
   const std::vector<int64_t> host = words.to_vector<int64_t>();
   const auto* got = reinterpret_cast<const uint32_t*>(host.data());
   for (size_t i = 0; i < kWords; ++i) {

@@ -139,6 +139,14 @@ void check_on_device(const char* op, const char* what, const Tensor& t, int devi
 
 }  // namespace dilatron::kernels::cuda
 
+namespace dilatron::kernels {
+// The launch helpers every CUDA kernel file uses, by their short names.
+using cuda::DeviceGuard;
+using cuda::grid_for;
+using cuda::kBlockThreads;
+using cuda::kStream;
+}  // namespace dilatron::kernels
+
 #if defined(__CUDACC__)
 #include <cub/block/block_reduce.cuh>
 

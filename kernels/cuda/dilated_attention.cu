@@ -37,16 +37,14 @@
 #include <type_traits>
 #include <utility>
 
-#include "cpu/cpu_utils.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/cuda_utils.cuh"
+#include "dilatron/kernels/cuda.h"
 #include "dilatron/philox.h"
+#include "dtype_dispatch.h"
 
 namespace dilatron::kernels {
 namespace {
-
-using cuda::DeviceGuard;
-using cuda::kStream;
 
 constexpr int kTile = 64;              // query rows and key rows per tile
 constexpr int kThreads = 256;          // 16 x 16 threads over a 64 x 64 tile
