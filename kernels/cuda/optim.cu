@@ -31,7 +31,8 @@ struct Square {
 
 void CudaBackend::adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWParams& hp) {
   check_adamw(param, grad, m, v, hp);
-  for (const Tensor* t : {&param, &grad, &m, &v}) cuda::check_on_device("adamw_step", "param/grad/m/v", *t, index_);
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&param, &grad, &m, &v})
+    cuda::check_on_device("adamw_step", "param/grad/m/v", *t, index_);
   const int64_t n = param.numel();
   if (n == 0) return;
   DeviceGuard guard(index_);
