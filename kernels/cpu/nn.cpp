@@ -21,6 +21,14 @@ namespace {
 // Rows per parallel task: about 16k elements, enough to amortise the fork.
 int64_t row_grain(int64_t K) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(K, 1)); }
 
+// f(m) for every row m < M of [M, K] data, rows in parallel.
+template <typename F>
+void for_each_row(int64_t M, int64_t K, F&& f) {
+  parallel_for(M, row_grain(K), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) f(m);
+  });
+}
+
 // y[k] = e^(x[k] - shift) over a row (y may be x), in float by exp_float (cpu_utils.h) four at a
 // time. Float64, the gradcheck dtype, keeps libm.
 inline void exp_shifted(double* y, const double* x, double shift, int64_t n) {
@@ -82,14 +90,12 @@ void CpuBackend::softmax_last(Tensor& out, const Tensor& in) {
     using T = decltype(tag);
     const T* x = in.data<T>();
     T* y = out.data<T>();
-    parallel_for(M, row_grain(K), [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        const T* xr = x + m * K;
-        T* yr = y + m * K;
-        const double s = row_max_sumexp(xr, yr, K).second;
-        const T inv = static_cast<T>(1.0 / s);
-        for (int64_t k = 0; k < K; ++k) yr[k] *= inv;
-      }
+    for_each_row(M, K, [&](int64_t m) {
+      const T* xr = x + m * K;
+      T* yr = y + m * K;
+      const double s = row_max_sumexp(xr, yr, K).second;
+      const T inv = static_cast<T>(1.0 / s);
+      for (int64_t k = 0; k < K; ++k) yr[k] *= inv;
     });
   });
 }
@@ -99,17 +105,13 @@ void CpuBackend::softmax_backward_last(Tensor& dx, const Tensor& y, const Tensor
   const auto [M, K] = check_softmax_backward("softmax_backward_last", dx, y, dy);
   dispatch_float(y.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    const T* yp = y.data<T>();
-    const T* dyp = dy.data<T>();
+    const T *yp = y.data<T>(), *dyp = dy.data<T>();
     T* dxp = dx.data<T>();
-    parallel_for(M, row_grain(K), [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        const T* yr = yp + m * K;
-        const T* dyr = dyp + m * K;
-        T* dxr = dxp + m * K;
-        const T d = static_cast<T>(row_sum(K, [&](int64_t k) { return static_cast<double>(dyr[k]) * yr[k]; }));
-        for (int64_t k = 0; k < K; ++k) dxr[k] = yr[k] * (dyr[k] - d);
-      }
+    for_each_row(M, K, [&](int64_t m) {
+      const T *yr = yp + m * K, *dyr = dyp + m * K;
+      T* dxr = dxp + m * K;
+      const T d = static_cast<T>(row_sum(K, [&](int64_t k) { return static_cast<double>(dyr[k]) * yr[k]; }));
+      for (int64_t k = 0; k < K; ++k) dxr[k] = yr[k] * (dyr[k] - d);
     });
   });
 }
@@ -120,15 +122,13 @@ void CpuBackend::log_softmax_last(Tensor& out, const Tensor& in) {
     using T = decltype(tag);
     const T* x = in.data<T>();
     T* y = out.data<T>();
-    parallel_for(M, row_grain(K), [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        const T* xr = x + m * K;
-        T* yr = y + m * K;
-        const auto [mx, s] = row_max_sumexp(xr, yr, K);
-        // (x - max) - log(s) rather than x - lse: no rounding of a large lse in float32.
-        const T log_s = static_cast<T>(std::log(s));
-        for (int64_t k = 0; k < K; ++k) yr[k] = (xr[k] - mx) - log_s;
-      }
+    for_each_row(M, K, [&](int64_t m) {
+      const T* xr = x + m * K;
+      T* yr = y + m * K;
+      const auto [mx, s] = row_max_sumexp(xr, yr, K);
+      // (x - max) - log(s) rather than x - lse: no rounding of a large lse in float32.
+      const T log_s = static_cast<T>(std::log(s));
+      for (int64_t k = 0; k < K; ++k) yr[k] = (xr[k] - mx) - log_s;
     });
   });
 }
@@ -138,18 +138,14 @@ void CpuBackend::log_softmax_backward_last(Tensor& dx, const Tensor& y, const Te
   const auto [M, K] = check_softmax_backward("log_softmax_backward_last", dx, y, dy);
   dispatch_float(y.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    const T* yp = y.data<T>();
-    const T* dyp = dy.data<T>();
+    const T *yp = y.data<T>(), *dyp = dy.data<T>();
     T* dxp = dx.data<T>();
-    parallel_for(M, row_grain(K), [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        const T* yr = yp + m * K;
-        const T* dyr = dyp + m * K;
-        T* dxr = dxp + m * K;
-        const T sum = static_cast<T>(row_sum(K, [&](int64_t k) { return static_cast<double>(dyr[k]); }));
-        exp_shifted(dxr, yr, T(0), K);
-        for (int64_t k = 0; k < K; ++k) dxr[k] = dyr[k] - dxr[k] * sum;
-      }
+    for_each_row(M, K, [&](int64_t m) {
+      const T *yr = yp + m * K, *dyr = dyp + m * K;
+      T* dxr = dxp + m * K;
+      const T sum = static_cast<T>(row_sum(K, [&](int64_t k) { return static_cast<double>(dyr[k]); }));
+      exp_shifted(dxr, yr, T(0), K);
+      for (int64_t k = 0; k < K; ++k) dxr[k] = dyr[k] - dxr[k] * sum;
     });
   });
 }

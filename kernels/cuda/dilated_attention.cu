@@ -218,6 +218,15 @@ __device__ void load_bias_strip(T* strip, int* bucket_strip, const KernelParams<
   }
 }
 
+// S[ra + 16i][cb + 16j] = s[i][j]: this thread's 4 x 4 block into a 64 x 64 score tile.
+template <typename T>
+__device__ __forceinline__ void store_block(T (*S)[kTile + kPad], const T (&s)[4][4], int ra, int cb) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) S[ra + kGroup * i][cb + kGroup * j] = s[i][j];
+}
+
 // s[i][j] = <A[ra + 16i], B[cb + 16j]>: this thread's 4 x 4 block of a 64 x 64 product over D.
 template <typename T, int D>
 __device__ __forceinline__ void tile_dot(T (&s)[4][4], const T (*A)[D + kPad], const T (*Bm)[D + kPad], int ra,
@@ -584,10 +593,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_kernel(const K
       __syncthreads();
       tile_accumulate_transposed<T, D>(dv, sh.S, sh.dO, ra, cb);
       __syncthreads();  // done with Pd; S now takes dS
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) sh.S[ra + kGroup * i][cb + kGroup * j] = ds[i][j];
+      store_block(sh.S, ds, ra, cb);
       __syncthreads();
       tile_accumulate_transposed<T, D>(dk, sh.S, sh.Q, ra, cb);
       if (accumulate_dq) {
@@ -661,10 +667,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(cons
     __syncthreads();
     T ds[4][4];
     score_gradients<T, D>(ds, nullptr, p, s, sk, qt, kt, sh, ra, cb);
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) sh.S[ra + kGroup * i][cb + kGroup * j] = ds[i][j];
+    store_block(sh.S, ds, ra, cb);
     __syncthreads();
     tile_accumulate<T, D>(dq, sh.S, sh.K, ra, cb);
   }
