@@ -1,5 +1,5 @@
 // Built when CUDA is not compiled in: every CUDA entry point says so.
-#include "cuda_device.h"
+#include "dilatron/kernels/cuda.h"
 
 namespace dilatron::kernels {
 
@@ -14,6 +14,9 @@ static Error not_built() {
 Backend& backend(int) { throw not_built(); }
 void* device_alloc(size_t, int) { throw not_built(); }
 void device_free(void*, int) {}
+CacheStats cache_stats(int) { return {}; }
+void empty_cache() {}
+bool deterministic_attention() { return false; }
 }  // namespace cuda
 
 }  // namespace dilatron::kernels

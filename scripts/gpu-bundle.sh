@@ -18,12 +18,12 @@ if [ ! -f "$build/CMakeCache.txt" ]; then
   cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DDILATRON_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DDILATRON_NATIVE=OFF -DDILATRON_BUILD_TESTS=ON -DDILATRON_BUILD_BENCH=ON -DDILATRON_BUILD_TOOLS=ON
 fi
-cmake --build "$build" -j "$(nproc)" --target dilatron_tests bench_attention_cuda dilatron_cli
+cmake --build "$build" -j "$(nproc)" --target dilatron_tests dilatron_cli
 
 stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/bundle/bin" "$stage/bundle/lib"
-bins=("$build/tests/dilatron_tests" "$build/bench/bench_attention_cuda" "$build/dilatron")
+bins=("$build/tests/dilatron_tests" "$build/dilatron")
 cp "${bins[@]}" "$stage/bundle/bin/"
 # Libraries resolved here, minus those the GPU machine must supply itself.
 skip='^(linux-vdso|ld-linux|libc\.so|libm\.so|libdl\.so|libpthread\.so|librt\.so|libresolv\.so|libutil\.so|libcuda\.so|libcublas|libcublasLt|libcurand)'

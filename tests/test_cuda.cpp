@@ -12,21 +12,25 @@
 #include <cstdlib>
 #include <functional>
 #include <limits>
-#include <ostream>
 #include <string>
 #include <tuple>
 #include <vector>
 
-#include "cuda/cuda_backend.h"
-#include "cuda/cuda_utils.cuh"
+#include <curand.h>
+
+#include "attention_cases.h"
 #include "dilatron/attention.h"
 #include "dilatron/autograd.h"
 #include "dilatron/kernels/backend.h"
+#include "dilatron/kernels/cuda.h"
 #include "dilatron/ops.h"
 #include "dilatron/philox.h"
 #include "dilatron/random.h"
+#include "test_helpers.h"
 
 using namespace dilatron;
+using dilatron::test::AttentionCase;
+using dilatron::test::error_message;
 
 namespace {
 
@@ -104,17 +108,6 @@ Tensor positive(const Shape& shape, uint64_t seed) {
   return Tensor::uniform(shape, 0.2, 3.0, gen, TensorOptions(DType::Float64));
 }
 
-template <typename F>
-std::string error_message(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected dilatron::Error";
-  return "";
-}
-
 // ---------------------------------------------------------------- device and allocator
 
 TEST(CudaDevice, MissingDeviceIsAnErrorNamingIt) {
@@ -153,10 +146,10 @@ TEST(CudaPhilox, DeviceCurandGeneratorMatchesPhiloxHeader) {
   constexpr size_t kWords = 4096;
   Tensor words = Tensor::empty({kWords / 2}, TensorOptions(DType::Int64).with_device(kGpu));  // 4096 uint32
   curandGenerator_t gen = nullptr;
-  CURAND_CHECK(curandCreateGenerator(&gen, CURAND_RNG_PSEUDO_PHILOX4_32_10));
-  CURAND_CHECK(curandSetPseudoRandomGeneratorSeed(gen, seed));
-  CURAND_CHECK(curandGenerate(gen, static_cast<unsigned int*>(words.raw_data()), kWords));
-  CURAND_CHECK(curandDestroyGenerator(gen));
+  ASSERT_EQ(curandCreateGenerator(&gen, CURAND_RNG_PSEUDO_PHILOX4_32_10), CURAND_STATUS_SUCCESS);
+  ASSERT_EQ(curandSetPseudoRandomGeneratorSeed(gen, seed), CURAND_STATUS_SUCCESS);
+  ASSERT_EQ(curandGenerate(gen, static_cast<unsigned int*>(words.raw_data()), kWords), CURAND_STATUS_SUCCESS);
+  ASSERT_EQ(curandDestroyGenerator(gen), CURAND_STATUS_SUCCESS);
   const std::vector<int64_t> host = words.to_vector<int64_t>();
   const auto* got = reinterpret_cast<const uint32_t*>(host.data());
   for (size_t i = 0; i < kWords; ++i) {
@@ -445,42 +438,6 @@ TEST(CudaOptim, AdamWStepAndSumSquares) {
 
 // ---------------------------------------------------------------- dilated attention
 
-struct AttentionCase {
-  std::string name;
-  int64_t B, N, H, D;
-  std::string schedule;
-  bool causal;
-  double dropout;
-  bool bias;
-  bool quick;  // part of the short list run under compute-sanitizer (DILATRON_CUDA_TEST_QUICK=1)
-};
-// gtest (and so ctest's test list) prints a parameter with this instead of its bytes.
-void PrintTo(const AttentionCase& c, std::ostream* os) { *os << c.name; }
-
-// Causal or not; 1 to 4 branches; ragged N = 97 and 1025 (w not dividing N, w > N); r above and
-// below H (queries on no grid included); D = 16, 32, 64, 128 and the padded 8 and 48; dropout 0
-// and 0.3; bias on and off.
-const std::vector<AttentionCase> kAttentionCases = {
-    {"dense_97", 1, 97, 3, 32, "97:1", false, 0.0, false, true},
-    {"two_branches_causal_bias", 2, 97, 3, 64, "32:1,64:2", true, 0.0, true, true},
-    {"r_above_h_dropout_bias", 1, 97, 5, 16, "16:1,48:4,97:8", false, 0.3, true, true},
-    {"uncovered_queries", 2, 97, 2, 32, "64:4", false, 0.0, false, true},
-    {"four_branches_causal_1025", 1, 1025, 2, 64, "256:1,512:2,1024:4,1025:16", true, 0.0, false, false},
-    {"d128_causal_dropout_bias_1025", 1, 1025, 4, 128, "1025:1,512:2", true, 0.3, true, false},
-    {"ragged_segments_bias_1025", 2, 1025, 4, 32, "100:1,300:3,1025:5", false, 0.0, true, false},
-    {"w_above_n_causal_dropout_1025", 1, 1025, 8, 64, "2048:1", true, 0.3, false, false},
-    {"r_below_h_1025", 1, 1025, 8, 16, "1025:2,200:3,50:1", false, 0.3, false, false},
-    {"four_branches_everything_1025", 1, 1025, 3, 64, "64:1,128:2,256:4,1025:8", true, 0.3, true, false},
-    // head dims without their own kernel, zero-padded to the next one
-    {"d8_padded_causal_dropout_bias", 2, 97, 4, 8, "32:1,97:4", true, 0.3, true, true},
-    {"d48_padded_ragged_1025", 1, 1025, 3, 48, "100:1,1025:3", false, 0.0, false, false},
-    // key-dilated branches (every query, keys on the grid), alone and merged with dilated ones
-    {"key_dilated_causal_dropout_bias", 2, 97, 3, 32, "97:4k", true, 0.3, true, true},
-    {"key_dilated_uncovered", 2, 97, 2, 64, "64:3k", false, 0.0, false, true},
-    {"key_dilated_mixed_causal_dropout_bias_1025", 1, 1025, 8, 64, "256:1,1024:8k,1025:4", true, 0.3, true, false},
-    {"key_dilated_ragged_bias_1025", 1, 1025, 3, 16, "300:5k,100:1", false, 0.0, true, false},
-};
-
 bool quick_mode() {
   const char* v = std::getenv("DILATRON_CUDA_TEST_QUICK");
   return v != nullptr && v[0] != '\0' && std::string(v) != "0";
@@ -541,8 +498,19 @@ TEST_P(CudaAttention, MatchesCpuFloat64) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Cuda, CudaAttention, ::testing::ValuesIn(kAttentionCases),
-                         [](const ::testing::TestParamInfo<AttentionCase>& info) { return info.param.name; });
+// The small cases straight against the float64 oracle (attention_reference.h), as the CPU suite
+// does: float32 to the contract's 1e-5 (dbias relative to its table's scale), float64 to 1e-10.
+TEST_P(CudaAttention, MatchesFloat64Oracle) {
+  REQUIRE_CUDA();
+  const AttentionCase& c = GetParam();
+  if (quick_mode()) GTEST_SKIP() << "DILATRON_CUDA_TEST_QUICK: the CPU-parity test covers the kernels";
+  if (c.N > 100) GTEST_SKIP() << "N = " << c.N << ": the float64 oracle runs on the small (N <= 100) cases only";
+  const test::OracleRun run = test::oracle_run(c);
+  test::expect_matches_oracle(c, run, DType::Float32, kGpu, 1e-5, true);
+  if (c.D <= 64) test::expect_matches_oracle(c, run, DType::Float64, kGpu, 1e-10, true);  // float64 on CUDA: D <= 64
+}
+
+INSTANTIATE_TEST_SUITE_P(Cuda, CudaAttention, ::testing::ValuesIn(test::kAttentionCases), test::case_name);
 
 TEST(CudaAttentionDropout, MaskIsBitIdenticalToTheCpu) {
   REQUIRE_CUDA();

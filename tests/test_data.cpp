@@ -13,23 +13,13 @@
 
 #include "dilatron/data.h"
 #include "dilatron/error.h"
+#include "test_helpers.h"
 
 using namespace dilatron;
+using dilatron::test::error_message;
 using namespace dilatron::data;
 
 namespace {
-
-// Runs f, which must throw dilatron::Error, and returns the message.
-template <typename F>
-std::string error_message(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected dilatron::Error";
-  return "";
-}
 
 // A file in the temp directory, unique per test and process, removed at the end of the test.
 class TempFile {

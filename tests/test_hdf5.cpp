@@ -14,8 +14,10 @@
 
 #include "dilatron/hdf5.h"
 #include "dilatron/random.h"
+#include "test_helpers.h"
 
 using namespace dilatron;
+using dilatron::test::error_message;
 namespace fs = std::filesystem;
 
 namespace {
@@ -42,18 +44,6 @@ class H5Attr : public H5Dir {};
 class H5Errors : public H5Dir {};
 class H5Atomic : public H5Dir {};
 class H5Py : public H5Dir {};
-
-// The message of the dilatron::Error that f throws ("" and a test failure when it throws none).
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected a dilatron::Error";
-  return "";
-}
 
 void expect_bit_equal(const Tensor& got, const Tensor& want) {
   ASSERT_EQ(got.dtype(), want.dtype());
@@ -171,7 +161,7 @@ TEST_F(H5Names, HierarchicalNamesCreateGroupsAndListInNameOrder) {
   EXPECT_FALSE(f.has("nowhere/at/all"));
   EXPECT_FALSE(f.has("loss/below_a_dataset"));
   EXPECT_EQ(f.info("model/embed/weight").shape, Shape({4, 2}));
-  EXPECT_NE(error_of([&] { f.list("loss"); }).find("has no group 'loss'"), std::string::npos);
+  EXPECT_NE(error_message([&] { f.list("loss"); }).find("has no group 'loss'"), std::string::npos);
 }
 
 // ---------------------------------------------------------------- attributes
@@ -215,28 +205,28 @@ TEST_F(H5Attr, WrongTypeOrMissingAttributeNamesTheAttribute) {
   f.set_attr("w", "ratio", 0.5);
   f.set_attr("w", "dims", std::vector<int64_t>{1, 2});
   const std::string where = "attribute 'name' of 'w' in '" + file("t.h5") + "'";
-  EXPECT_EQ(error_of([&] { f.get_attr_int("w", "name"); }), where + " is string, not an integer");
-  EXPECT_EQ(error_of([&] { f.get_attr_double("w", "name"); }), where + " is string, not a number");
-  EXPECT_NE(error_of([&] { f.get_attr_int("w", "ratio"); }).find("'ratio' of 'w'"), std::string::npos);
-  EXPECT_NE(error_of([&] { f.get_attr_string("w", "ratio"); }).find("is float64, not a string"), std::string::npos);
-  EXPECT_NE(error_of([&] { f.get_attr_int("w", "dims"); }).find("holds 2 values, not one"), std::string::npos);
-  EXPECT_EQ(error_of([&] { f.get_attr_int("w", "step"); }),
+  EXPECT_EQ(error_message([&] { f.get_attr_int("w", "name"); }), where + " is string, not an integer");
+  EXPECT_EQ(error_message([&] { f.get_attr_double("w", "name"); }), where + " is string, not a number");
+  EXPECT_NE(error_message([&] { f.get_attr_int("w", "ratio"); }).find("'ratio' of 'w'"), std::string::npos);
+  EXPECT_NE(error_message([&] { f.get_attr_string("w", "ratio"); }).find("is float64, not a string"), std::string::npos);
+  EXPECT_NE(error_message([&] { f.get_attr_int("w", "dims"); }).find("holds 2 values, not one"), std::string::npos);
+  EXPECT_EQ(error_message([&] { f.get_attr_int("w", "step"); }),
             "'w' in '" + file("t.h5") + "' has no attribute 'step' (attributes: dims, name, ratio)");
-  EXPECT_EQ(error_of([&] { f.set_attr("missing", "step", 1); }),
+  EXPECT_EQ(error_message([&] { f.set_attr("missing", "step", 1); }),
             "'" + file("t.h5") + "' has no group or dataset 'missing' (looking for attribute 'step')");
-  EXPECT_NE(error_of([&] { f.set_attr("w", "bad", std::string("a\0b", 3)); }).find("NUL"), std::string::npos);
+  EXPECT_NE(error_message([&] { f.set_attr("w", "bad", std::string("a\0b", 3)); }).find("NUL"), std::string::npos);
 }
 
 // ---------------------------------------------------------------- errors
 
 TEST_F(H5Errors, MissingFile) {
-  EXPECT_EQ(error_of([&] { h5::File::open(file("x.h5")); }), "cannot open '" + file("x.h5") + "': no such file");
+  EXPECT_EQ(error_message([&] { h5::File::open(file("x.h5")); }), "cannot open '" + file("x.h5") + "': no such file");
 }
 
 TEST_F(H5Errors, NotAnHdf5File) {
   std::ofstream(file("x.txt")) << "q,k,v\n1,2,3\n";
-  EXPECT_EQ(error_of([&] { h5::File::open(file("x.txt")); }), "'" + file("x.txt") + "' is not an HDF5 file");
-  EXPECT_EQ(error_of([&] { h5::File::open(dir_.string()); }), "cannot open '" + dir_.string() + "': it is a directory");
+  EXPECT_EQ(error_message([&] { h5::File::open(file("x.txt")); }), "'" + file("x.txt") + "' is not an HDF5 file");
+  EXPECT_EQ(error_message([&] { h5::File::open(dir_.string()); }), "cannot open '" + dir_.string() + "': it is a directory");
 }
 
 TEST_F(H5Errors, MissingDatasetListsWhatIsThere) {
@@ -246,10 +236,10 @@ TEST_F(H5Errors, MissingDatasetListsWhatIsThere) {
     f.write("v", Tensor::zeros({2}));
   }
   const h5::File f = h5::File::open(file("in.h5"));
-  EXPECT_EQ(error_of([&] { f.read("q"); }), "'" + file("in.h5") + "' has no dataset 'q' (datasets: k, v)");
-  EXPECT_EQ(error_of([&] { f.info("k/q"); }), "'" + file("in.h5") + "' has no dataset 'k/q' (datasets: k, v)");
+  EXPECT_EQ(error_message([&] { f.read("q"); }), "'" + file("in.h5") + "' has no dataset 'q' (datasets: k, v)");
+  EXPECT_EQ(error_message([&] { f.info("k/q"); }), "'" + file("in.h5") + "' has no dataset 'k/q' (datasets: k, v)");
   const h5::File empty = h5::File::create(file("empty.h5"));
-  EXPECT_EQ(error_of([&] { empty.read("q"); }),
+  EXPECT_EQ(error_message([&] { empty.read("q"); }),
             "'" + file("empty.h5") + "' has no dataset 'q' (the file has no datasets)");
 }
 
@@ -261,7 +251,7 @@ TEST_F(H5Errors, TruncatedFileThrowsNamingTheFile) {
     f.set_attr("/", "step", 1);
   }
   fs::resize_file(file("t.h5"), fs::file_size(file("t.h5")) / 2);
-  const std::string msg = error_of([&] { h5::File::open(file("t.h5")).read("q"); });
+  const std::string msg = error_message([&] { h5::File::open(file("t.h5")).read("q"); });
   EXPECT_NE(msg.find("'" + file("t.h5") + "'"), std::string::npos) << msg;
 }
 
@@ -269,19 +259,19 @@ TEST_F(H5Errors, WritesToReadOnlyOrClosedFilesAndOverGroupsAreRefused) {
   {
     h5::File f = h5::File::create(file("t.h5"));
     f.write("g/w", Tensor::zeros({2}));
-    EXPECT_EQ(error_of([&] { f.write("g", Tensor::zeros({2})); }),
+    EXPECT_EQ(error_message([&] { f.write("g", Tensor::zeros({2})); }),
               "cannot write dataset 'g' to '" + file("t.h5") + "': a group of that name exists");
-    EXPECT_EQ(error_of([&] { f.write("g/w/below", Tensor::zeros({2})); }),
+    EXPECT_EQ(error_message([&] { f.write("g/w/below", Tensor::zeros({2})); }),
               "cannot write dataset 'g/w/below' to '" + file("t.h5") + "': 'g/w' is a dataset, not a group");
     f.close();
-    EXPECT_EQ(error_of([&] { f.read("g/w"); }), "'" + file("t.h5") + "' is closed");
+    EXPECT_EQ(error_message([&] { f.read("g/w"); }), "'" + file("t.h5") + "' is closed");
   }
   h5::File f = h5::File::open(file("t.h5"));
-  EXPECT_EQ(error_of([&] { f.write("x", Tensor::zeros({2})); }),
+  EXPECT_EQ(error_message([&] { f.write("x", Tensor::zeros({2})); }),
             "cannot write dataset 'x' to '" + file("t.h5") + "': the file is open read-only");
-  EXPECT_NE(error_of([&] { f.set_attr("/", "step", 1); }).find("read-only"), std::string::npos);
+  EXPECT_NE(error_message([&] { f.set_attr("/", "step", 1); }).find("read-only"), std::string::npos);
   const std::string nowhere = file("no/such/dir/t.h5");
-  EXPECT_NE(error_of([&] { h5::File::create(nowhere); }).find("cannot create '" + nowhere + "'"), std::string::npos);
+  EXPECT_NE(error_message([&] { h5::File::create(nowhere); }).find("cannot create '" + nowhere + "'"), std::string::npos);
 }
 
 // Where `bytes` first occurs in the file, or npos.
@@ -318,7 +308,7 @@ TEST_F(H5Errors, FlippedDataBytesAreRefusedNamingTheDataset) {
     fs::copy_file(clean, path, fs::copy_options::overwrite_existing);
     flip_byte(path, at + i);
     const h5::File f = h5::File::open(path);
-    const std::string msg = error_of([&] { f.read("model/w"); });
+    const std::string msg = error_message([&] { f.read("model/w"); });
     ASSERT_NE(msg.find("'model/w'"), std::string::npos) << "byte " << i << ": " << msg;
     ASSERT_NE(msg.find(path), std::string::npos) << msg;
     ASSERT_NE(msg.find("Fletcher32"), std::string::npos) << msg;
@@ -419,11 +409,11 @@ TEST_F(H5Py, ReadsWhatWeWriteAndWeReadWhatItWrites) {
   EXPECT_EQ(f.info("flags").dtype, "bool");
   EXPECT_EQ(f.info("words").dtype, "string");
 
-  EXPECT_EQ(error_of([&] { f.read("u64"); }),
+  EXPECT_EQ(error_message([&] { f.read("u64"); }),
             "dataset 'u64' in '" + file("theirs.h5") +
                 "' has type uint64, which does not read as a tensor "
                 "(supported: float16/32/64, integers up to int64, bool)");
-  EXPECT_NE(error_of([&] { f.read("words"); }).find("dataset 'words' in '" + file("theirs.h5") + "' has type string"),
+  EXPECT_NE(error_message([&] { f.read("words"); }).find("dataset 'words' in '" + file("theirs.h5") + "' has type string"),
             std::string::npos);
 
   EXPECT_EQ(f.get_attr_string("/", "note"), "written by h5py \u00e9");

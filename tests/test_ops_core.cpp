@@ -12,8 +12,10 @@
 #include "dilatron/kernels/backend.h"
 #include "dilatron/ops.h"
 #include "dilatron/random.h"
+#include "test_helpers.h"
 
 using namespace dilatron;
+using dilatron::test::error_message;
 
 namespace {
 
@@ -36,16 +38,6 @@ Tensor uniform(const Shape& shape, uint64_t seed, double low, double high,
 void expect_gradcheck(const Fn& f, const std::vector<Tensor>& inputs, const std::string& what) {
   const GradcheckResult r = gradcheck(f, inputs);
   EXPECT_TRUE(r.ok) << what << ": " << r.message << " (max abs error " << r.max_abs_error << ")";
-}
-
-// Runs f and returns the Error's message, or "" when nothing was thrown.
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
 }
 
 // Row-major index -> index into a tensor of `shape` broadcast to `out_shape`.
@@ -253,22 +245,22 @@ TEST(OpsCoreElementwise, Float32GeluIsRelativelyAccurateIntoTheNegativeTail) {
 
 TEST(OpsCoreElementwise, ErrorsNameShapesAndValues) {
   const Tensor a = Tensor::zeros({3, 4}), b = Tensor::zeros({5});
-  std::string msg = error_of([&] { add(a, b); });
+  std::string msg = error_message([&] { add(a, b); });
   EXPECT_NE(msg.find("[3, 4]"), std::string::npos) << msg;
   EXPECT_NE(msg.find("[5]"), std::string::npos) << msg;
-  msg = error_of([&] { broadcast_shapes({2, 3}, {4, 1, 2}); });
+  msg = error_message([&] { broadcast_shapes({2, 3}, {4, 1, 2}); });
   EXPECT_NE(msg.find("[2, 3]"), std::string::npos) << msg;
   EXPECT_NE(msg.find("[4, 1, 2]"), std::string::npos) << msg;
   EXPECT_EQ(broadcast_shapes({3, 1, 5}, {4, 1}), (Shape{3, 4, 5}));
-  msg = error_of([&] { gelu(a, "erf"); });
+  msg = error_message([&] { gelu(a, "erf"); });
   EXPECT_NE(msg.find("\"erf\""), std::string::npos) << msg;
-  msg = error_of([&] { mul(a, Tensor::zeros({3, 4}, kF64)); });
+  msg = error_message([&] { mul(a, Tensor::zeros({3, 4}, kF64)); });
   EXPECT_NE(msg.find("float64"), std::string::npos) << msg;
-  msg = error_of([&] { exp(Tensor::from_vector<int64_t>({1}, {1})); });
+  msg = error_message([&] { exp(Tensor::from_vector<int64_t>({1}, {1})); });
   EXPECT_NE(msg.find("exp"), std::string::npos) << msg;
-  msg = error_of([&] { masked_fill(a, Tensor::zeros({2, 4}).to(DType::Bool), 0.0); });
+  msg = error_message([&] { masked_fill(a, Tensor::zeros({2, 4}).to(DType::Bool), 0.0); });
   EXPECT_NE(msg.find("[2, 4]"), std::string::npos) << msg;
-  EXPECT_NE(error_of([&] { where(a, a, a); }).find("bool"), std::string::npos);
+  EXPECT_NE(error_message([&] { where(a, a, a); }).find("bool"), std::string::npos);
 }
 
 // ---------------------------------------------------------------- shape
@@ -304,29 +296,29 @@ TEST(OpsCoreShape, ViewsShareStorageAndReshapeInfers) {
 
 TEST(OpsCoreShape, ViewImpossibleAndBadDimsError) {
   const Tensor t = transpose(Tensor::zeros({3, 4}), 0, 1);
-  std::string msg = error_of([&] { view(t, {12}); });
+  std::string msg = error_message([&] { view(t, {12}); });
   EXPECT_NE(msg.find("[4, 3]"), std::string::npos) << msg;  // the shape
   EXPECT_NE(msg.find("[1, 4]"), std::string::npos) << msg;  // the strides
   EXPECT_NE(msg.find("reshape"), std::string::npos) << msg;
-  msg = error_of([&] { reshape(t, {5, -1}); });
+  msg = error_message([&] { reshape(t, {5, -1}); });
   EXPECT_NE(msg.find("[5, -1]"), std::string::npos) << msg;
-  msg = error_of([&] { transpose(t, 0, 2); });
+  msg = error_message([&] { transpose(t, 0, 2); });
   EXPECT_NE(msg.find("dim 2"), std::string::npos) << msg;
   EXPECT_NE(msg.find("rank 2"), std::string::npos) << msg;
-  msg = error_of([&] { wrap_dim(-4, 3); });
+  msg = error_message([&] { wrap_dim(-4, 3); });
   EXPECT_NE(msg.find("-4"), std::string::npos) << msg;
   EXPECT_EQ(wrap_dim(-1, 3), 2);
-  msg = error_of([&] { narrow(t, 1, 2, 2); });
+  msg = error_message([&] { narrow(t, 1, 2, 2); });
   EXPECT_NE(msg.find("dim 1"), std::string::npos) << msg;
-  msg = error_of([&] { permute(t, {0, 0}); });
+  msg = error_message([&] { permute(t, {0, 0}); });
   EXPECT_NE(msg.find("[0, 0]"), std::string::npos) << msg;
-  msg = error_of([&] { expand(Tensor::zeros({3, 2}), {3, 4}); });
+  msg = error_message([&] { expand(Tensor::zeros({3, 2}), {3, 4}); });
   EXPECT_NE(msg.find("[3, 2]"), std::string::npos) << msg;
   EXPECT_NE(msg.find("[3, 4]"), std::string::npos) << msg;
-  msg = error_of([&] { cat({Tensor::zeros({2, 3}), Tensor::zeros({3, 3})}, 1); });
+  msg = error_message([&] { cat({Tensor::zeros({2, 3}), Tensor::zeros({3, 3})}, 1); });
   EXPECT_NE(msg.find("[2, 3]"), std::string::npos) << msg;
   EXPECT_NE(msg.find("[3, 3]"), std::string::npos) << msg;
-  msg = error_of([&] { split(Tensor::zeros({2, 5}), std::vector<int64_t>{2, 2}, 1); });
+  msg = error_message([&] { split(Tensor::zeros({2, 5}), std::vector<int64_t>{2, 2}, 1); });
   EXPECT_NE(msg.find("[2, 2]"), std::string::npos) << msg;
 }
 
@@ -463,10 +455,10 @@ TEST(OpsCoreReduce, SumMatchesNaiveLoopsForEveryDimSet) {
   // Non-contiguous input with a trailing reduced dim.
   const Tensor t = transpose(x, 0, 3);
   EXPECT_NEAR(sum(t, {3}).at({1, 2, 3}), x.at({0, 2, 3, 1}) + x.at({1, 2, 3, 1}) + x.at({2, 2, 3, 1}), 1e-14);
-  const std::string msg = error_of([&] { sum(x, {1, -3}); });
+  const std::string msg = error_message([&] { sum(x, {1, -3}); });
   EXPECT_NE(msg.find("dim -3"), std::string::npos) << msg;
-  EXPECT_NE(error_of([&] { sum(x, {4}); }).find("dim 4"), std::string::npos);
-  EXPECT_NE(error_of([&] { sum_to(x, {4, 5}); }).find("[4, 5]"), std::string::npos);
+  EXPECT_NE(error_message([&] { sum(x, {4}); }).find("dim 4"), std::string::npos);
+  EXPECT_NE(error_message([&] { sum_to(x, {4, 5}); }).find("[4, 5]"), std::string::npos);
 }
 
 TEST(OpsCoreReduce, MaxValuesAndIndices) {
@@ -486,7 +478,7 @@ TEST(OpsCoreReduce, MaxValuesAndIndices) {
   EXPECT_FALSE(max(r).requires_grad());
   const Tensor with_nan = Tensor::from_vector<double>({1, std::nan(""), 3}, {3});
   EXPECT_TRUE(std::isnan(max(with_nan).item()));
-  EXPECT_NE(error_of([&] { max(Tensor::zeros({2, 0}), 1); }).find("[2, 0]"), std::string::npos);
+  EXPECT_NE(error_message([&] { max(Tensor::zeros({2, 0}), 1); }).find("[2, 0]"), std::string::npos);
 }
 
 TEST(OpsCoreReduce, LargeFloat32SumsAreAccurateAndDeterministic) {
@@ -575,13 +567,13 @@ TEST(OpsCoreMatmul, Float32MatchesFloat64AndShapeErrors) {
   const std::vector<double> ref = matmul(a, b).to_vector<double>();
   const std::vector<double> got = matmul(a.to(DType::Float32), b.to(DType::Float32)).to_vector<double>();
   for (size_t i = 0; i < ref.size(); ++i) EXPECT_NEAR(got[i], ref[i], 1e-4);
-  const std::string msg = error_of([&] { matmul(Tensor::zeros({2, 3}), Tensor::zeros({4, 5})); });
+  const std::string msg = error_message([&] { matmul(Tensor::zeros({2, 3}), Tensor::zeros({4, 5})); });
   EXPECT_NE(msg.find("[2, 3]"), std::string::npos) << msg;
   EXPECT_NE(msg.find("[4, 5]"), std::string::npos) << msg;
-  const std::string batch_msg = error_of([&] { matmul(Tensor::zeros({2, 3, 4}), Tensor::zeros({3, 4, 5})); });
+  const std::string batch_msg = error_message([&] { matmul(Tensor::zeros({2, 3, 4}), Tensor::zeros({3, 4, 5})); });
   EXPECT_NE(batch_msg.find("[2, 3, 4]"), std::string::npos) << batch_msg;
   EXPECT_NE(batch_msg.find("[3, 4, 5]"), std::string::npos) << batch_msg;
-  EXPECT_NE(error_of([&] { matmul(Tensor::zeros({2}), Tensor::zeros({2}, kF64)); }).find("float64"), std::string::npos);
+  EXPECT_NE(error_message([&] { matmul(Tensor::zeros({2}), Tensor::zeros({2}, kF64)); }).find("float64"), std::string::npos);
 }
 
 // OpenBLAS's own threading makes results depend on the thread count; the CPU gemm must not.
@@ -633,7 +625,7 @@ TEST(OpsCoreMatmul, GemmKernelAlphaBetaBroadcastAndEdges) {
 TEST(OpsCoreAutograd, BackwardFromNonScalarNeedsAGradient) {
   const Tensor x = randn({2, 3}, 211);
   const Tensor y = mul(x, 2.0);
-  const std::string msg = error_of([&] { y.backward(); });
+  const std::string msg = error_message([&] { y.backward(); });
   EXPECT_NE(msg.find("[2, 3]"), std::string::npos) << msg;
   y.backward(Tensor::ones({2, 3}, kF64));
   EXPECT_EQ(x.grad().to_vector<double>(), std::vector<double>(6, 2.0));
@@ -643,7 +635,7 @@ TEST(OpsCoreAutograd, SecondBackwardThroughAFreedGraphErrors) {
   const Tensor x = randn({3}, 221);
   const Tensor loss = sum(mul(exp(x), x));
   loss.backward();
-  const std::string msg = error_of([&] { loss.backward(); });
+  const std::string msg = error_message([&] { loss.backward(); });
   EXPECT_NE(msg.find("second time"), std::string::npos) << msg;
   // With retain_graph the second pass works and accumulates.
   const Tensor y = randn({3}, 222);

@@ -14,8 +14,10 @@
 #include "dilatron/ops.h"
 #include "dilatron/philox.h"
 #include "dilatron/random.h"
+#include "test_helpers.h"
 
 using namespace dilatron;
+using dilatron::test::error_message;
 
 namespace {
 
@@ -27,17 +29,6 @@ void expect_gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& f
 }
 
 Tensor int64_tensor(const std::vector<int64_t>& v, const Shape& shape) { return Tensor::from_vector(v, shape); }
-
-// The error message of f(), or "" when it does not throw.
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 // Naive softmax of every row of a contiguous [M, K] buffer, in double.
 std::vector<double> naive_softmax_rows(const std::vector<double>& x, int64_t K) {
@@ -243,16 +234,16 @@ TEST(NnOpsCrossEntropy, WeightedLossIsTheWeightedMean) {
 TEST(NnOpsCrossEntropy, WeightErrorsNameTheProblem) {
   const Tensor logits = Tensor::zeros({2, 3, 5}, DType::Float64);
   const Tensor targets = int64_tensor({0, 1, 2, 3, 4, 0}, {2, 3});
-  std::string msg = error_of([&] { cross_entropy(logits, targets, -100, "mean", Tensor::ones({6}, DType::Float64)); });
+  std::string msg = error_message([&] { cross_entropy(logits, targets, -100, "mean", Tensor::ones({6}, DType::Float64)); });
   EXPECT_NE(msg.find("[2, 3]"), std::string::npos) << msg;
   EXPECT_NE(msg.find("[6]"), std::string::npos) << msg;
-  msg = error_of([&] { cross_entropy(logits, targets, -100, "mean", Tensor::ones({2, 3}, DType::Float32)); });
+  msg = error_message([&] { cross_entropy(logits, targets, -100, "mean", Tensor::ones({2, 3}, DType::Float32)); });
   EXPECT_NE(msg.find("float32"), std::string::npos) << msg;
-  msg = error_of([&] {
+  msg = error_message([&] {
     cross_entropy(logits, targets, -100, "mean", Tensor::from_vector<double>({1, 1, 1, 1, -2, 1}, {2, 3}));
   });
   EXPECT_NE(msg.find("weight -2 at position 4"), std::string::npos) << msg;
-  msg = error_of([&] { cross_entropy(logits, targets, -100, "mean", Tensor::ones({2, 3}, kF64)); });
+  msg = error_message([&] { cross_entropy(logits, targets, -100, "mean", Tensor::ones({2, 3}, kF64)); });
   EXPECT_NE(msg.find("no gradient"), std::string::npos) << msg;
 }
 
@@ -275,13 +266,13 @@ TEST(NnOpsCrossEntropy, Float32LargeVocabularyIsAccurate) {
 
 TEST(NnOpsCrossEntropy, ErrorsNameTheOffendingTarget) {
   Tensor logits = Tensor::zeros({2, 3, 5});
-  const std::string msg = error_of([&] { cross_entropy(logits, int64_tensor({0, 1, 2, 3, 7, 4}, {2, 3})); });
+  const std::string msg = error_message([&] { cross_entropy(logits, int64_tensor({0, 1, 2, 3, 7, 4}, {2, 3})); });
   EXPECT_NE(msg.find("target 7"), std::string::npos) << msg;
   EXPECT_NE(msg.find("position 4"), std::string::npos) << msg;
-  EXPECT_NE(error_of([&] { cross_entropy(logits, int64_tensor({0, -1, 0, 0, 0, 0}, {2, 3})); }).find("target -1"),
+  EXPECT_NE(error_message([&] { cross_entropy(logits, int64_tensor({0, -1, 0, 0, 0, 0}, {2, 3})); }).find("target -1"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { cross_entropy(logits, int64_tensor({0, 0}, {2})); }).find("[2, 3, 5]"), std::string::npos);
-  EXPECT_NE(error_of([&] { cross_entropy(logits, int64_tensor({0, 0, 0, 0, 0, 0}, {2, 3}), -100, "avg"); })
+  EXPECT_NE(error_message([&] { cross_entropy(logits, int64_tensor({0, 0}, {2})); }).find("[2, 3, 5]"), std::string::npos);
+  EXPECT_NE(error_message([&] { cross_entropy(logits, int64_tensor({0, 0, 0, 0, 0, 0}, {2, 3}), -100, "avg"); })
                 .find("avg"),
             std::string::npos);
 }
@@ -396,11 +387,11 @@ TEST(NnOpsEmbedding, BackwardIsBitwiseIndependentOfThreadCount) {
 
 TEST(NnOpsEmbedding, ErrorsNameTheOffendingIndex) {
   Tensor w = Tensor::zeros({4, 2});
-  const std::string msg = error_of([&] { embedding(w, int64_tensor({0, 3, 4}, {3})); });
+  const std::string msg = error_message([&] { embedding(w, int64_tensor({0, 3, 4}, {3})); });
   EXPECT_NE(msg.find("index 4"), std::string::npos) << msg;
   EXPECT_NE(msg.find("position 2"), std::string::npos) << msg;
-  EXPECT_NE(error_of([&] { embedding(w, int64_tensor({-2}, {1})); }).find("index -2"), std::string::npos);
-  EXPECT_NE(error_of([&] { embedding(w, Tensor::zeros({3})); }).find("int64"), std::string::npos);
+  EXPECT_NE(error_message([&] { embedding(w, int64_tensor({-2}, {1})); }).find("index -2"), std::string::npos);
+  EXPECT_NE(error_message([&] { embedding(w, Tensor::zeros({3})); }).find("int64"), std::string::npos);
 }
 
 // ---------------------------------------------------------------- dropout
@@ -446,7 +437,7 @@ TEST(NnOpsDropout, IdentityWhenEvaluatingOrPZero) {
   Tensor x = Tensor::ones({5});
   EXPECT_TRUE(dropout(x, 0.5, false, 1, 1).same(x));
   EXPECT_TRUE(dropout(x, 0.0, true, 1, 1).same(x));
-  EXPECT_NE(error_of([&] { dropout(x, 1.0, true, 1, 1); }).find("p must be in [0, 1)"), std::string::npos);
+  EXPECT_NE(error_message([&] { dropout(x, 1.0, true, 1, 1); }).find("p must be in [0, 1)"), std::string::npos);
 }
 
 TEST(NnOpsDropout, Gradcheck) {
@@ -504,11 +495,11 @@ TEST(NnOpsRotary, ErrorsNameTheTablesAndShapes) {
   Generator gen(23);
   const Tensor x = Tensor::randn({2, 5, 3, 4}, gen, DType::Float64);
   const Tensor table = Tensor::randn({5, 2}, gen, DType::Float64);
-  std::string msg = error_of([&] { rotary(x, Tensor::randn({4, 2}, gen, DType::Float64), table); });
+  std::string msg = error_message([&] { rotary(x, Tensor::randn({4, 2}, gen, DType::Float64), table); });
   EXPECT_NE(msg.find("[5, 2]"), std::string::npos) << msg;
   EXPECT_NE(msg.find("[4, 2]"), std::string::npos) << msg;
-  msg = error_of([&] { rotary(Tensor::randn({2, 5, 3, 3}, gen, DType::Float64), table, table); });
+  msg = error_message([&] { rotary(Tensor::randn({2, 5, 3, 3}, gen, DType::Float64), table, table); });
   EXPECT_NE(msg.find("D even"), std::string::npos) << msg;
-  msg = error_of([&] { rotary(x, table.detach().requires_grad_(), table); });
+  msg = error_message([&] { rotary(x, table.detach().requires_grad_(), table); });
   EXPECT_NE(msg.find("no gradient"), std::string::npos) << msg;
 }

@@ -1,4 +1,5 @@
-// Helpers shared by the CPU kernels: dtype dispatch, strided elementwise loops, OpenMP parallel loops.
+// Helpers shared by the CPU kernels: strided elementwise loops, exp_float, OpenMP parallel loops
+// (dtype dispatch: dtype_dispatch.h, shared with the CUDA backend).
 #pragma once
 
 #include <omp.h>
@@ -12,29 +13,9 @@
 #include <vector>
 
 #include "dilatron/tensor.h"
+#include "dtype_dispatch.h"
 
 namespace dilatron::kernels {
-
-// Calls f(T{}) with T the C++ type of a float dtype; errors for others.
-template <typename F>
-void dispatch_float(DType t, F&& f) {
-  switch (t) {
-    case DType::Float32: f(float{}); return;
-    case DType::Float64: f(double{}); return;
-    default: throw Error(detail::concat("expected a float32 or float64 tensor, got ", dtype_name(t)));
-  }
-}
-
-// Calls f(T{}) for any dtype (Bool as bool).
-template <typename F>
-void dispatch_all(DType t, F&& f) {
-  switch (t) {
-    case DType::Float32: f(float{}); return;
-    case DType::Float64: f(double{}); return;
-    case DType::Int64: f(int64_t{}); return;
-    case DType::Bool: f(bool{}); return;
-  }
-}
 
 // N strided operands walked together over one shape. Dims are merged wherever every operand is
 // contiguous across them and size-1 dims dropped, so a bias add [B, T, C] + [C] walks [B*T, C] with

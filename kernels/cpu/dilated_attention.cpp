@@ -72,34 +72,35 @@ GridSpan queries_of(const AttentionBranch& br, bool causal, int64_t h, int64_t s
 }
 int64_t subproblems_of(const AttentionBranch& br) { return subproblems(br.kind, br.dilation); }
 int64_t segments_of(const AttentionBranch& br, int64_t N) { return num_segments(br.segment, N); }
+int64_t max_points_of(const AttentionBranch& br, int64_t N) { return max_grid_points(br.segment, br.dilation, N); }
 
-// The problem's sizes and options, in the kernel's type.
+// AttentionParams and the tensors' sizes, in the kernel's type.
 template <typename T>
-struct Problem {
+struct KernelParams {
   int64_t B, N, H, D;
   T scale;
   bool causal;
   bool dropout;
-  uint32_t threshold, key0, key1, offset;
-  T keep_scale;            // 1 / (1 - p)
-  const T* bias;           // [H, num_buckets], or null
+  uint64_t seed;
+  uint32_t offset, threshold;
+  T keep_scale;             // 1 / (1 - p)
+  const T* bias;            // [H, num_buckets], or null
   int64_t num_buckets;
-  const int32_t* bucket;   // bucket[t - j] for |t - j| < N
+  const int32_t* buckets;   // AttentionParams::bucket_of_distance
+  int64_t bucket_base;
 
-  Problem(const Tensor& q, const Tensor& bias_table, const AttentionParams& p)
+  KernelParams(const Tensor& q, const Tensor& bias_table, const AttentionParams& p)
       : B(q.size(0)), N(q.size(1)), H(q.size(2)), D(q.size(3)), scale(static_cast<T>(p.scale)), causal(p.causal),
-        dropout(p.dropout_p > 0.0), threshold(dropout_threshold(p.dropout_p)),
-        key0(static_cast<uint32_t>(p.seed)), key1(static_cast<uint32_t>(p.seed >> 32)), offset(p.offset),
+        dropout(p.dropout_p > 0.0), seed(p.seed), offset(p.offset), threshold(dropout_threshold(p.dropout_p)),
         keep_scale(static_cast<T>(1.0 / (1.0 - p.dropout_p))),
         bias(bias_table.defined() ? bias_table.data<T>() : nullptr),
         num_buckets(bias_table.defined() ? bias_table.size(1) : 0),
-        bucket(bias_table.defined() ? p.bucket_of_distance.data() + p.bucket_base : nullptr) {}
+        buckets(bias_table.defined() ? p.bucket_of_distance.data() : nullptr), bucket_base(p.bucket_base) {}
 
   int64_t row(int64_t b, int64_t t, int64_t h) const { return ((b * N + t) * H + h) * D; }
   // Offset between consecutive grid rows of a branch with dilation r.
   int64_t grid_step(int64_t r) const { return r * H * D; }
-  // The third Philox counter word of (b, h, branch i).
-  uint32_t stream(int64_t b, int64_t h, size_t i) const { return static_cast<uint32_t>((b * H + h) * 16 + i); }
+  int32_t bucket(int64_t t, int64_t j) const { return bias_bucket(buckets, bucket_base, t - j); }
 };
 
 // The contract's dropout bits m(t, i, j) along one query row: one Philox block holds the words of
@@ -107,21 +108,22 @@ struct Problem {
 class DropoutRow {
  public:
   template <typename T>
-  DropoutRow(const Problem<T>& p, int64_t t, uint32_t stream)
-      : key0_(p.key0), key1_(p.key1), t_(static_cast<uint32_t>(t)), stream_(stream), offset_(p.offset),
-        threshold_(p.threshold) {}
+  DropoutRow(const KernelParams<T>& p, int64_t t, uint32_t stream)
+      : seed_(p.seed), t_(t), stream_(stream), offset_(p.offset), threshold_(p.threshold) {}
   bool keep(int64_t j) {
-    const auto block = static_cast<uint32_t>(j >> 2);
+    const int64_t block = j >> 2;
     if (block != block_) {
-      words_ = philox4x32_10(Philox4{{block, t_, stream_, offset_}}, key0_, key1_);
+      words_ = dropout_block(seed_, offset_, stream_, t_, block);
       block_ = block;
     }
-    return words_.x[j & 3] >= threshold_;
+    return dropout_keeps(dropout_word(words_, j), threshold_);
   }
 
  private:
-  uint32_t key0_, key1_, t_, stream_, offset_, threshold_;
-  uint32_t block_ = std::numeric_limits<uint32_t>::max();  // no block: j < 2^31, so j >> 2 < 2^29
+  uint64_t seed_;
+  int64_t t_;
+  uint32_t stream_, offset_, threshold_;
+  int64_t block_ = -1;  // no block yet
   Philox4 words_{};
 };
 
@@ -344,7 +346,7 @@ int64_t forward_scratch(int64_t D) { return kTile * kTile + 4 * kTile * D; }
 // v_seg, where given, hold the segment's K and V rows contiguously (grid point c at c * D), else
 // each key tile is packed from the strided rows.
 template <typename T>
-void forward_tile(const Problem<T>& P, const T* q, const T* k, const T* v, T* o, T* lse, int64_t b, int64_t h,
+void forward_tile(const KernelParams<T>& P, const T* q, const T* k, const T* v, T* o, T* lse, int64_t b, int64_t h,
                   size_t i, const GridSpan& gq, const GridSpan& gk, int64_t q0, T* scratch, const T* k_seg,
                   const T* v_seg) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
@@ -355,7 +357,7 @@ void forward_tile(const Problem<T>& P, const T* q, const T* k, const T* v, T* o,
   T* o_tile = o + base + q0 * step;
   T* lse_bh = lse + (b * P.H + h) * P.N;
   const T* bias_h = P.bias ? P.bias + h * P.num_buckets : nullptr;
-  const uint32_t stream = P.stream(b, h, i);
+  const uint32_t stream = dropout_stream(b * P.H + h, static_cast<int64_t>(i));
   T* St = scratch;              // [key c][query a], row length kTile
   T* Qt = St + kTile * kTile;   // [d][query a]
   T* Kp = Qt + D * kTile;       // [key c][d]
@@ -393,7 +395,7 @@ void forward_tile(const Problem<T>& P, const T* q, const T* k, const T* v, T* o,
       for (int64_t a = a0; a < nqv; ++a) row[a] *= P.scale;
       if (bias_h) {
         const int64_t j = gk.position(k0 + c);
-        for (int64_t a = a0; a < nq; ++a) row[a] += bias_h[P.bucket[gq.position(q0 + a) - j]];
+        for (int64_t a = a0; a < nq; ++a) row[a] += bias_h[P.bucket(gq.position(q0 + a), j)];
       }
       std::fill(row, row + a0, kNegInf);
     }
@@ -441,7 +443,7 @@ void forward_tile(const Problem<T>& P, const T* q, const T* k, const T* v, T* o,
 template <typename T>
 void forward(Tensor& o_t, Tensor& lse_t, const Tensor& q_t, const Tensor& k_t, const Tensor& v_t,
              const Tensor& bias_t, const AttentionParams& params) {
-  const Problem<T> P(q_t, bias_t, params);
+  const KernelParams<T> P(q_t, bias_t, params);
   const T *q = q_t.data<T>(), *k = k_t.data<T>(), *v = v_t.data<T>();
   T* o = o_t.data<T>();
   T* lse = lse_t.data<T>();
@@ -450,12 +452,12 @@ void forward(Tensor& o_t, Tensor& lse_t, const Tensor& q_t, const Tensor& k_t, c
   std::fill(lse, lse + BH * P.N, -std::numeric_limits<T>::infinity());
 
   // Work items of branch i: (b*H + h, segment, sub-problem, query tile), a segment's last
-  // (costliest) query tiles first. Head 0's first segment has the most grid points (of either grid).
-  auto tiles_of = [&](const AttentionBranch& br) { return (keys_of(br, 0, 0, P.N).count + kTile - 1) / kTile; };
+  // (costliest) query tiles first.
+  auto tiles_of = [&](const AttentionBranch& br) { return (max_points_of(br, P.N) + kTile - 1) / kTile; };
   int64_t max_items = 0, seg_rows = 0;
   for (const auto& br : params.schedule) {
     max_items = std::max(max_items, tiles_of(br) * BH * segments_of(br, P.N) * subproblems_of(br));
-    seg_rows = std::max(seg_rows, keys_of(br, 0, 0, P.N).count);
+    seg_rows = std::max(seg_rows, max_points_of(br, P.N));
   }
   const int threads = worker_count(max_items);
   // Each thread keeps a contiguous copy of its current segment's K and V rows (strided rows r*H*D
@@ -509,7 +511,7 @@ int64_t backward_scratch(int64_t D) { return 2 * kTile * kTile + 7 * kTile * D; 
 // tile, S = Q K^T and dP = dO V^T are products with the packed transposes, then dv += P^T dO,
 // dk += dS^T Q (in the scratch) and dq += dS K (in place).
 template <typename T>
-void backward_segment(const Problem<T>& P, const T* q, const T* k, const T* v, const T* dout, const T* lse,
+void backward_segment(const KernelParams<T>& P, const T* q, const T* k, const T* v, const T* dout, const T* lse,
                       const T* Dt, T* dq, T* dk, T* dv, int64_t b, int64_t h, size_t i, const GridSpan& gq,
                       const GridSpan& gk, T* scratch, T* seg, double* dbias) {
   const int64_t step = P.grid_step(gq.stride), base = P.row(b, gq.first, h), key_base = P.row(b, gk.first, h);
@@ -517,7 +519,7 @@ void backward_segment(const Problem<T>& P, const T* q, const T* k, const T* v, c
   const T* lse_bh = lse + (b * P.H + h) * P.N;
   const T* Dt_bh = Dt + (b * P.H + h) * P.N;
   const T* bias_h = P.bias ? P.bias + h * P.num_buckets : nullptr;
-  const uint32_t stream = P.stream(b, h, i);
+  const uint32_t stream = dropout_stream(b * P.H + h, static_cast<int64_t>(i));
   T* S = scratch;               // [query a][key c], row length kTile
   T* dP = S + kTile * kTile;    // [query a][key c]
   T* Kt = dP + kTile * kTile;   // [d][key c]
@@ -573,7 +575,7 @@ void backward_segment(const Problem<T>& P, const T* q, const T* k, const T* v, c
         T* s = S + a * kTile;
         T* dp = dP + a * kTile;
         if (bias_h) {
-          for (int64_t c = 0; c < valid; ++c) s[c] = s[c] * P.scale + bias_h[P.bucket[t - gk.position(k0 + c)]];
+          for (int64_t c = 0; c < valid; ++c) s[c] = s[c] * P.scale + bias_h[P.bucket(t, gk.position(k0 + c))];
         } else {
 #pragma omp simd
           for (int64_t c = 0; c < cv; ++c) s[c] *= P.scale;
@@ -587,7 +589,7 @@ void backward_segment(const Problem<T>& P, const T* q, const T* k, const T* v, c
             const T p = s[c];
             const T kept = P.dropout ? (bits.keep(j) ? P.keep_scale : T(0)) : T(1);
             const T ds = p * (dp[c] * kept - D_t);
-            if (dbias) dbias[P.bucket[t - j]] += ds;
+            if (dbias) dbias[P.bucket(t, j)] += ds;
             s[c] = p * kept;       // weight of do[t] in dv[j]
             dp[c] = P.scale * ds;  // weight of k[j] in dq[t] and of q[t] in dk[j]
           }
@@ -623,7 +625,7 @@ template <typename T>
 void backward(Tensor& dq_t, Tensor& dk_t, Tensor& dv_t, Tensor& dbias_t, const Tensor& dout_t, const Tensor& q_t,
               const Tensor& k_t, const Tensor& v_t, const Tensor& o_t, const Tensor& lse_t, const Tensor& bias_t,
               const AttentionParams& params) {
-  const Problem<T> P(q_t, bias_t, params);
+  const KernelParams<T> P(q_t, bias_t, params);
   const T *q = q_t.data<T>(), *k = k_t.data<T>(), *v = v_t.data<T>(), *dout = dout_t.data<T>(),
           *o = o_t.data<T>(), *lse = lse_t.data<T>();
   T *dq = dq_t.data<T>(), *dk = dk_t.data<T>(), *dv = dv_t.data<T>();
@@ -653,7 +655,7 @@ void backward(Tensor& dq_t, Tensor& dk_t, Tensor& dv_t, Tensor& dbias_t, const T
   // Per thread, a contiguous copy of the current segment's q, do and dq rows where all threads'
   // copies together stay within 1/16 of q's size (as in the forward), else per-tile packing.
   int64_t seg_rows = 0;
-  for (const auto& br : params.schedule) seg_rows = std::max(seg_rows, keys_of(br, 0, 0, P.N).count);
+  for (const auto& br : params.schedule) seg_rows = std::max(seg_rows, max_points_of(br, P.N));
   if (threads * seg_rows * 3 * D > rows * D / 16) seg_rows = 0;
   const int64_t per_thread = backward_scratch(D) + 3 * seg_rows * D;
   ScratchBuffer<T> scratch(static_cast<size_t>(threads * per_thread));

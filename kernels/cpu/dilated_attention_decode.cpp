@@ -47,7 +47,8 @@ void decode(Tensor& o, const Tensor& q, const std::vector<Tensor>& k_caches, con
           T s = 0;
           for (int64_t d = 0; d < D; ++d) s += qrow[d] * kd[c * D + d];
           s *= scale;
-          if (bias_d) s += bias_d[h * num_buckets + p.bucket_of_distance[t - span.position(c) + p.bucket_base]];
+          if (bias_d)
+            s += bias_d[h * num_buckets + bias_bucket(p.bucket_of_distance.data(), p.bucket_base, t - span.position(c))];
           // Online softmax: rescale what was summed when the maximum grows.
           const T m_new = std::max(m, s);
           const T correction = exp_of(m - m_new), e = exp_of(s - m_new);

@@ -6,66 +6,50 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "backend_checks.h"
 #include "cpu/cpu_backend.h"
 #include "cpu/cpu_utils.h"
+#include "gelu.h"
 
 namespace dilatron::kernels {
 namespace {
 
 constexpr int64_t kGrain = 1 << 14;
 
-// Phi(x), the standard normal CDF: exact gelu is x * Phi(x). In double from erf; in float as
-// erfc(-x / sqrt2) / 2 by Numerical Recipes' erfcc (a Chebyshev fit with relative error under
-// 1.2e-7 everywhere) on exp_float (cpu_utils.h; forced inline, as are the gelu functions on it and
-// their lambdas below: a call left in a loop keeps it scalar): it vectorises, and unlike 1 + erf
-// it keeps its relative accuracy in the negative tail, where gelu's outputs are tiny.
-template <typename T>
-[[gnu::always_inline]] inline T normal_cdf(T x) {
-  if constexpr (std::is_same_v<T, float>) {
-    const float z = std::abs(x) * float(M_SQRT1_2);
-    const float t = 1.0f / (1.0f + 0.5f * z);
-    // erfcc's exponent is poly(t) - z^2; poly by Horner from the highest power of t.
-    float poly = 0.17087277f;
-    poly = poly * t - 0.82215223f;
-    poly = poly * t + 1.48851587f;
-    poly = poly * t - 1.13520398f;
-    poly = poly * t + 0.27886807f;
-    poly = poly * t - 0.18628806f;
-    poly = poly * t + 0.09678418f;
-    poly = poly * t + 0.37409196f;
-    poly = poly * t + 1.00002368f;
-    poly = poly * t - 1.26551223f;
-    const float lower_tail = 0.5f * t * exp_float(poly - z * z);  // Phi(-|x|)
-    return x < 0.0f ? lower_tail : 1.0f - lower_tail;
-  } else {
-    return T(0.5) * (T(1) + std::erf(x * T(M_SQRT1_2)));
+// The CPU's GELU math (kernels/gelu.h): in float, Phi(x) = erfc(-x / sqrt2) / 2 by Numerical Recipes'
+// erfcc (a Chebyshev fit with relative error under 1.2e-7 everywhere) and e^x by exp_float
+// (cpu_utils.h), both forced inline, as are the gelu functions and their lambdas below (a call left
+// in a loop keeps it scalar): they vectorise, and unlike 1 + erf, erfcc keeps its relative accuracy
+// in the negative tail, where gelu's outputs are tiny. In double, libm's.
+struct CpuGeluMath {
+  template <typename T>
+  [[gnu::always_inline]] static T exp(T x) {
+    if constexpr (std::is_same_v<T, float>) return exp_float(x);
+    else return std::exp(x);
   }
-}
-// d/dx of x * Phi(x) = Phi(x) + x * phi(x).
-template <typename T>
-[[gnu::always_inline]] inline T gelu_exact_grad(T x) {
-  const T half_x2 = T(-0.5) * x * x;
-  T e;
-  if constexpr (std::is_same_v<T, float>) e = exp_float(half_x2);
-  else e = std::exp(half_x2);
-  return normal_cdf(x) + x * e * T(0.5 * M_2_SQRTPI * M_SQRT1_2);
-}
-constexpr double kGeluBeta = M_SQRT2 * M_2_SQRTPI * 0.5;  // sqrt(2 / pi)
-constexpr double kGeluKappa = 0.044715;
-// PyTorch's approximate="tanh" gelu is 0.5 x (1 + tanh(u)) = x * sigmoid(2u): this is the sigmoid,
-// one exp instead of a (much slower) tanh, and no cancellation for negative u.
-template <typename T>
-T gelu_tanh_sigmoid(T x) {
-  const T u = T(kGeluBeta) * (x + T(kGeluKappa) * x * x * x);
-  return T(1) / (T(1) + std::exp(T(-2) * u));
-}
-// d/dx [0.5 x (1 + tanh u)] = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) u', with 0.5 (1 + tanh u) = s
-// and 1 - tanh^2 u = 4 s (1 - s).
-template <typename T>
-T gelu_tanh_grad(T x) {
-  const T s = gelu_tanh_sigmoid(x);
-  return s + T(2) * x * s * (T(1) - s) * T(kGeluBeta) * (T(1) + T(3 * kGeluKappa) * x * x);
-}
+  template <typename T>
+  [[gnu::always_inline]] static T normal_cdf(T x) {
+    if constexpr (std::is_same_v<T, float>) {
+      const float z = std::abs(x) * float(M_SQRT1_2);
+      const float t = 1.0f / (1.0f + 0.5f * z);
+      // erfcc's exponent is poly(t) - z^2; poly by Horner from the highest power of t.
+      float poly = 0.17087277f;
+      poly = poly * t - 0.82215223f;
+      poly = poly * t + 1.48851587f;
+      poly = poly * t - 1.13520398f;
+      poly = poly * t + 0.27886807f;
+      poly = poly * t - 0.18628806f;
+      poly = poly * t + 0.09678418f;
+      poly = poly * t + 0.37409196f;
+      poly = poly * t + 1.00002368f;
+      poly = poly * t - 1.26551223f;
+      const float lower_tail = 0.5f * t * exp_float(poly - z * z);  // Phi(-|x|)
+      return x < 0.0f ? lower_tail : 1.0f - lower_tail;
+    } else {
+      return LibmMath::normal_cdf(x);
+    }
+  }
+};
 
 // Calls run(f) with f the scalar function of op on T (op dispatched once, outside the loops).
 template <typename T, typename Run>
@@ -78,23 +62,14 @@ void with_unary_op(UnaryOp op, Run&& run) {
     case UnaryOp::Sqrt: return run([](T x) { return std::sqrt(x); });
     case UnaryOp::Rsqrt: return run([](T x) { return T(1) / std::sqrt(x); });
     case UnaryOp::Relu: return run([](T x) { return x < T(0) ? T(0) : x; });  // NaN passes through
-    case UnaryOp::Gelu: return run([](T x) __attribute__((always_inline)) { return x * normal_cdf(x); });
-    case UnaryOp::GeluTanh: return run([](T x) { return x * gelu_tanh_sigmoid(x); });
+    case UnaryOp::Gelu: return run([](T x) __attribute__((always_inline)) { return gelu<T, CpuGeluMath>(x); });
+    case UnaryOp::GeluTanh: return run([](T x) { return gelu_tanh(x); });
     case UnaryOp::Abs: return run([](T x) { return std::abs(x); });
     case UnaryOp::Square: return run([](T x) { return x * x; });
     case UnaryOp::Reciprocal: return run([](T x) { return T(1) / x; });
     case UnaryOp::Sigmoid: return run([](T x) { return T(1) / (T(1) + std::exp(-x)); });
   }
   throw Error(detail::concat("unary: unknown op ", static_cast<int>(op)));
-}
-
-bool is_comparison(BinaryOp op) {
-  switch (op) {
-    case BinaryOp::Eq: case BinaryOp::Ne: case BinaryOp::Lt: case BinaryOp::Le: case BinaryOp::Gt: case BinaryOp::Ge:
-      return true;
-    default:
-      return false;
-  }
 }
 
 // Arithmetic ops (out has the inputs' float dtype).
@@ -111,7 +86,7 @@ void with_arith_op(BinaryOp op, Run&& run) {
     case BinaryOp::Pow: return run([](T a, T b) { return std::pow(a, b); });
     case BinaryOp::ReluBackward: return run([](T g, T x) { return x > T(0) ? g : T(0); });
     case BinaryOp::GeluBackward:
-      return run([](T g, T x) __attribute__((always_inline)) { return g * gelu_exact_grad(x); });
+      return run([](T g, T x) __attribute__((always_inline)) { return g * gelu_grad<T, CpuGeluMath>(x); });
     case BinaryOp::GeluTanhBackward: return run([](T g, T x) { return g * gelu_tanh_grad(x); });
     default: break;
   }

@@ -2,8 +2,8 @@
 #include <cblas.h>
 
 #include <algorithm>
-#include <climits>
 
+#include "backend_checks.h"
 #include "cpu/cpu_backend.h"
 #include "cpu/cpu_utils.h"
 
@@ -38,41 +38,13 @@ int64_t row_tiles(int64_t m, double macs) {
   return std::min<int64_t>(m, 4 * ((m + 2047) / 2048));
 }
 
-struct Operand {
-  int64_t batch_stride;  // 0 when broadcast
-  int ld;                // row stride of the stored matrix
-};
-
-// Checks one stored operand [batch or 1, rows, cols] with row-major matrices.
-Operand check_operand(const char* name, const Tensor& t, int64_t batch, int64_t rows, int64_t cols) {
-  DILATRON_CHECK(t.dim() == 3 && (t.shape()[0] == batch || t.shape()[0] == 1) && t.shape()[1] == rows &&
-                     t.shape()[2] == cols,
-                 "gemm: ", name, " has shape ", shape_str(t.shape()), ", expected [", batch, " or 1, ", rows, ", ",
-                 cols, "]");
-  const Shape& s = t.strides();
-  DILATRON_CHECK((rows <= 1 || s[1] == cols) && (cols <= 1 || s[2] == 1), "gemm: ", name,
-                 " matrices must be contiguous, got shape ", shape_str(t.shape()), " strides ", shape_str(s));
-  DILATRON_CHECK(rows <= INT_MAX && cols <= INT_MAX, "gemm: ", name, " shape ", shape_str(t.shape()),
-                 " exceeds the BLAS index range");
-  return {t.shape()[0] == 1 ? 0 : s[0], static_cast<int>(std::max<int64_t>(cols, 1))};
-}
-
 }  // namespace
 
 void CpuBackend::gemm(Tensor& out, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, double alpha,
                       double beta) {
-  DILATRON_CHECK(out.dim() == 3 && out.is_contiguous(), "gemm: out must be a contiguous 3-D tensor, got shape ",
-                 shape_str(out.shape()));
-  DILATRON_CHECK(a.dtype() == out.dtype() && b.dtype() == out.dtype(), "gemm: dtypes ", dtype_name(a.dtype()), " @ ",
-                 dtype_name(b.dtype()), " -> ", dtype_name(out.dtype()));
-  DILATRON_CHECK(a.dim() == 3 && b.dim() == 3, "gemm: expected 3-D operands, got ", shape_str(a.shape()), " and ",
-                 shape_str(b.shape()));
-  const int64_t batch = out.shape()[0], m = out.shape()[1], n = out.shape()[2];
-  const int64_t k = trans_a ? a.shape()[1] : a.shape()[2];
-  const Operand oa = trans_a ? check_operand("a", a, batch, k, m) : check_operand("a", a, batch, m, k);
-  const Operand ob = trans_b ? check_operand("b", b, batch, n, k) : check_operand("b", b, batch, k, n);
-  DILATRON_CHECK(m <= INT_MAX && n <= INT_MAX, "gemm: out shape ", shape_str(out.shape()),
-                 " exceeds the BLAS index range");
+  const GemmShape g = check_gemm(out, a, b, trans_a, trans_b, "BLAS");
+  const int64_t batch = g.batch, m = g.m, n = g.n, k = g.k;
+  const GemmOperand oa = g.a, ob = g.b;
   if (batch == 0 || m == 0 || n == 0) return;
 
   dispatch_float(out.dtype(), [&](auto tag) {

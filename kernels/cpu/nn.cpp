@@ -8,9 +8,9 @@
 #include <bit>
 #include <cmath>
 #include <cstring>
-#include <initializer_list>
 #include <utility>
 
+#include "backend_checks.h"
 #include "cpu/cpu_backend.h"
 #include "cpu/cpu_utils.h"
 #include "dilatron/philox.h"
@@ -21,50 +21,12 @@ namespace {
 // Rows per parallel task: about 16k elements, enough to amortise the fork.
 int64_t row_grain(int64_t K) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(K, 1)); }
 
-void check_contiguous(const char* op, const char* what, const Tensor& t) {
-  DILATRON_CHECK(t.is_contiguous(), op, ": ", what, " must be contiguous, got shape ", shape_str(t.shape()),
-                 " with strides ", shape_str(t.strides()));
-}
-
-// The [M, K] geometry of a contiguous tensor with last dim K (M = 0 when it is empty).
-struct Rows {
-  int64_t M, K;
-};
-Rows rows_of(const char* op, const char* what, const Tensor& t) {
-  check_contiguous(op, what, t);
-  DILATRON_CHECK(t.dim() >= 1, op, ": ", what, " needs at least one dim, got a scalar");
-  const int64_t K = t.size(-1);
-  return {K == 0 ? 0 : t.numel() / K, K};
-}
-
-void check_same_shape(const char* op, const char* a_name, const Tensor& a, const char* b_name, const Tensor& b) {
-  DILATRON_CHECK(a.shape() == b.shape(), op, ": ", a_name, " shape ", shape_str(a.shape()), " != ", b_name,
-                 " shape ", shape_str(b.shape()));
-  DILATRON_CHECK(a.dtype() == b.dtype(), op, ": ", a_name, " is ", dtype_name(a.dtype()), " but ", b_name, " is ",
-                 dtype_name(b.dtype()));
-}
-
-void check_int64_vector(const char* op, const char* what, const Tensor& t, int64_t n) {
-  check_contiguous(op, what, t);
-  DILATRON_CHECK(t.dtype() == DType::Int64, op, ": ", what, " must be int64, got ", dtype_name(t.dtype()));
-  DILATRON_CHECK(t.numel() == n, op, ": ", what, " has ", t.numel(), " elements, expected ", n);
-}
-
-// Serial, before any parallel region: an exception must not escape an OpenMP thread.
-void check_targets(const char* op, const int64_t* targets, int64_t M, int64_t C, int64_t ignore_index) {
-  for (int64_t m = 0; m < M; ++m) {
-    const int64_t t = targets[m];
-    DILATRON_CHECK(t == ignore_index || (t >= 0 && t < C), op, ": target ", t, " at position ", m,
-                   " is out of range for ", C, " classes (ignore_index is ", ignore_index, ")");
-  }
-}
-
-void check_indices(const char* op, const int64_t* indices, int64_t M, int64_t V) {
-  for (int64_t m = 0; m < M; ++m) {
-    const int64_t i = indices[m];
-    DILATRON_CHECK(i >= 0 && i < V, op, ": index ", i, " at position ", m, " is out of range for ", V,
-                   " embeddings");
-  }
+// f(m) for every row m < M of [M, K] data, rows in parallel.
+template <typename F>
+void for_each_row(int64_t M, int64_t K, F&& f) {
+  parallel_for(M, row_grain(K), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) f(m);
+  });
 }
 
 // y[k] = e^(x[k] - shift) over a row (y may be x), in float by exp_float (cpu_utils.h) four at a
@@ -123,91 +85,67 @@ std::pair<T, double> row_max_sumexp(const T* x, T* buf, int64_t K) {
 // ---------------------------------------------------------------- softmax family
 
 void CpuBackend::softmax_last(Tensor& out, const Tensor& in) {
-  check_same_shape("softmax_last", "out", out, "input", in);
-  check_contiguous("softmax_last", "out", out);
-  const auto [M, K] = rows_of("softmax_last", "input", in);
+  const auto [M, K] = check_softmax("softmax_last", out, in);
   dispatch_float(in.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T* x = in.data<T>();
     T* y = out.data<T>();
-    parallel_for(M, row_grain(K), [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        const T* xr = x + m * K;
-        T* yr = y + m * K;
-        const double s = row_max_sumexp(xr, yr, K).second;
-        const T inv = static_cast<T>(1.0 / s);
-        for (int64_t k = 0; k < K; ++k) yr[k] *= inv;
-      }
+    for_each_row(M, K, [&](int64_t m) {
+      const T* xr = x + m * K;
+      T* yr = y + m * K;
+      const double s = row_max_sumexp(xr, yr, K).second;
+      const T inv = static_cast<T>(1.0 / s);
+      for (int64_t k = 0; k < K; ++k) yr[k] *= inv;
     });
   });
 }
 
 // dx = y * (dy - <dy, y>)
 void CpuBackend::softmax_backward_last(Tensor& dx, const Tensor& y, const Tensor& dy) {
-  check_same_shape("softmax_backward_last", "dy", dy, "y", y);
-  check_same_shape("softmax_backward_last", "dx", dx, "y", y);
-  check_contiguous("softmax_backward_last", "dx", dx);
-  check_contiguous("softmax_backward_last", "dy", dy);
-  const auto [M, K] = rows_of("softmax_backward_last", "y", y);
+  const auto [M, K] = check_softmax_backward("softmax_backward_last", dx, y, dy);
   dispatch_float(y.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    const T* yp = y.data<T>();
-    const T* dyp = dy.data<T>();
+    const T *yp = y.data<T>(), *dyp = dy.data<T>();
     T* dxp = dx.data<T>();
-    parallel_for(M, row_grain(K), [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        const T* yr = yp + m * K;
-        const T* dyr = dyp + m * K;
-        T* dxr = dxp + m * K;
-        const T d = static_cast<T>(row_sum(K, [&](int64_t k) { return static_cast<double>(dyr[k]) * yr[k]; }));
-        for (int64_t k = 0; k < K; ++k) dxr[k] = yr[k] * (dyr[k] - d);
-      }
+    for_each_row(M, K, [&](int64_t m) {
+      const T *yr = yp + m * K, *dyr = dyp + m * K;
+      T* dxr = dxp + m * K;
+      const T d = static_cast<T>(row_sum(K, [&](int64_t k) { return static_cast<double>(dyr[k]) * yr[k]; }));
+      for (int64_t k = 0; k < K; ++k) dxr[k] = yr[k] * (dyr[k] - d);
     });
   });
 }
 
 void CpuBackend::log_softmax_last(Tensor& out, const Tensor& in) {
-  check_same_shape("log_softmax_last", "out", out, "input", in);
-  check_contiguous("log_softmax_last", "out", out);
-  const auto [M, K] = rows_of("log_softmax_last", "input", in);
+  const auto [M, K] = check_softmax("log_softmax_last", out, in);
   dispatch_float(in.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T* x = in.data<T>();
     T* y = out.data<T>();
-    parallel_for(M, row_grain(K), [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        const T* xr = x + m * K;
-        T* yr = y + m * K;
-        const auto [mx, s] = row_max_sumexp(xr, yr, K);
-        // (x - max) - log(s) rather than x - lse: no rounding of a large lse in float32.
-        const T log_s = static_cast<T>(std::log(s));
-        for (int64_t k = 0; k < K; ++k) yr[k] = (xr[k] - mx) - log_s;
-      }
+    for_each_row(M, K, [&](int64_t m) {
+      const T* xr = x + m * K;
+      T* yr = y + m * K;
+      const auto [mx, s] = row_max_sumexp(xr, yr, K);
+      // (x - max) - log(s) rather than x - lse: no rounding of a large lse in float32.
+      const T log_s = static_cast<T>(std::log(s));
+      for (int64_t k = 0; k < K; ++k) yr[k] = (xr[k] - mx) - log_s;
     });
   });
 }
 
 // y = log_softmax(x): dx = dy - softmax(x) * sum(dy), with softmax(x) = exp(y).
 void CpuBackend::log_softmax_backward_last(Tensor& dx, const Tensor& y, const Tensor& dy) {
-  check_same_shape("log_softmax_backward_last", "dy", dy, "y", y);
-  check_same_shape("log_softmax_backward_last", "dx", dx, "y", y);
-  check_contiguous("log_softmax_backward_last", "dx", dx);
-  check_contiguous("log_softmax_backward_last", "dy", dy);
-  const auto [M, K] = rows_of("log_softmax_backward_last", "y", y);
+  const auto [M, K] = check_softmax_backward("log_softmax_backward_last", dx, y, dy);
   dispatch_float(y.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    const T* yp = y.data<T>();
-    const T* dyp = dy.data<T>();
+    const T *yp = y.data<T>(), *dyp = dy.data<T>();
     T* dxp = dx.data<T>();
-    parallel_for(M, row_grain(K), [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        const T* yr = yp + m * K;
-        const T* dyr = dyp + m * K;
-        T* dxr = dxp + m * K;
-        const T sum = static_cast<T>(row_sum(K, [&](int64_t k) { return static_cast<double>(dyr[k]); }));
-        exp_shifted(dxr, yr, T(0), K);
-        for (int64_t k = 0; k < K; ++k) dxr[k] = dyr[k] - dxr[k] * sum;
-      }
+    for_each_row(M, K, [&](int64_t m) {
+      const T *yr = yp + m * K, *dyr = dyp + m * K;
+      T* dxr = dxp + m * K;
+      const T sum = static_cast<T>(row_sum(K, [&](int64_t k) { return static_cast<double>(dyr[k]); }));
+      exp_shifted(dxr, yr, T(0), K);
+      for (int64_t k = 0; k < K; ++k) dxr[k] = dyr[k] - dxr[k] * sum;
     });
   });
 }
@@ -216,14 +154,7 @@ void CpuBackend::log_softmax_backward_last(Tensor& dx, const Tensor& y, const Te
 
 void CpuBackend::cross_entropy(Tensor& loss, Tensor& lse, const Tensor& logits, const Tensor& targets,
                                int64_t ignore_index) {
-  const auto [M, C] = rows_of("cross_entropy", "logits", logits);
-  check_int64_vector("cross_entropy", "targets", targets, M);
-  for (const Tensor* t : {&loss, &lse}) {
-    check_contiguous("cross_entropy", "loss/lse", *t);
-    DILATRON_CHECK(t->numel() == M && t->dtype() == logits.dtype(), "cross_entropy: loss/lse must be ",
-                   dtype_name(logits.dtype()), " with ", M, " elements, got ", dtype_name(t->dtype()), " ",
-                   shape_str(t->shape()));
-  }
+  const auto [M, C] = check_cross_entropy(loss, lse, logits, targets);
   const int64_t* tp = targets.data<int64_t>();
   check_targets("cross_entropy", tp, M, C, ignore_index);
   dispatch_float(logits.dtype(), [&](auto tag) {
@@ -246,16 +177,7 @@ void CpuBackend::cross_entropy(Tensor& loss, Tensor& lse, const Tensor& logits, 
 
 void CpuBackend::cross_entropy_backward(Tensor& dlogits, const Tensor& dloss, const Tensor& logits,
                                         const Tensor& lse, const Tensor& targets, int64_t ignore_index) {
-  check_same_shape("cross_entropy_backward", "dlogits", dlogits, "logits", logits);
-  check_contiguous("cross_entropy_backward", "dlogits", dlogits);
-  const auto [M, C] = rows_of("cross_entropy_backward", "logits", logits);
-  check_int64_vector("cross_entropy_backward", "targets", targets, M);
-  for (const Tensor* t : {&dloss, &lse}) {
-    check_contiguous("cross_entropy_backward", "dloss/lse", *t);
-    DILATRON_CHECK(t->numel() == M && t->dtype() == logits.dtype(), "cross_entropy_backward: dloss/lse must be ",
-                   dtype_name(logits.dtype()), " with ", M, " elements, got ", dtype_name(t->dtype()), " ",
-                   shape_str(t->shape()));
-  }
+  const auto [M, C] = check_cross_entropy_backward(dlogits, dloss, logits, lse, targets);
   const int64_t* tp = targets.data<int64_t>();
   check_targets("cross_entropy_backward", tp, M, C, ignore_index);
   dispatch_float(logits.dtype(), [&](auto tag) {
@@ -285,22 +207,7 @@ void CpuBackend::cross_entropy_backward(Tensor& dlogits, const Tensor& dloss, co
 
 void CpuBackend::layer_norm(Tensor& out, Tensor& mean, Tensor& rstd, const Tensor& x, const Tensor& weight,
                             const Tensor& bias, double eps) {
-  check_same_shape("layer_norm", "out", out, "x", x);
-  check_contiguous("layer_norm", "out", out);
-  const auto [M, K] = rows_of("layer_norm", "x", x);
-  for (const Tensor* t : {&mean, &rstd}) {
-    check_contiguous("layer_norm", "mean/rstd", *t);
-    DILATRON_CHECK(t->numel() == M && t->dtype() == x.dtype(), "layer_norm: mean/rstd must be ",
-                   dtype_name(x.dtype()), " with ", M, " elements, got ", dtype_name(t->dtype()), " ",
-                   shape_str(t->shape()));
-  }
-  for (const Tensor* t : {&weight, &bias}) {
-    if (!t->defined()) continue;
-    check_contiguous("layer_norm", "weight/bias", *t);
-    DILATRON_CHECK(t->numel() == K && t->dtype() == x.dtype(), "layer_norm: weight/bias must be ",
-                   dtype_name(x.dtype()), " with ", K, " elements, got ", dtype_name(t->dtype()), " ",
-                   shape_str(t->shape()));
-  }
+  const auto [M, K] = check_layer_norm(out, mean, rstd, x, weight, bias);
   dispatch_float(x.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T* xp = x.data<T>();
@@ -341,24 +248,7 @@ void CpuBackend::layer_norm(Tensor& out, Tensor& mean, Tensor& rstd, const Tenso
 // reproducible on any number of threads.
 void CpuBackend::layer_norm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& dy, const Tensor& x,
                                      const Tensor& mean, const Tensor& rstd, const Tensor& weight) {
-  check_same_shape("layer_norm_backward", "dy", dy, "x", x);
-  check_same_shape("layer_norm_backward", "dx", dx, "x", x);
-  check_contiguous("layer_norm_backward", "dx", dx);
-  check_contiguous("layer_norm_backward", "dy", dy);
-  const auto [M, K] = rows_of("layer_norm_backward", "x", x);
-  for (const Tensor* t : {&mean, &rstd}) {
-    check_contiguous("layer_norm_backward", "mean/rstd", *t);
-    DILATRON_CHECK(t->numel() == M && t->dtype() == x.dtype(), "layer_norm_backward: mean/rstd must be ",
-                   dtype_name(x.dtype()), " with ", M, " elements, got ", dtype_name(t->dtype()), " ",
-                   shape_str(t->shape()));
-  }
-  for (const Tensor* t : std::initializer_list<const Tensor*>{&weight, &dweight, &dbias}) {
-    if (!t->defined()) continue;
-    check_contiguous("layer_norm_backward", "weight/dweight/dbias", *t);
-    DILATRON_CHECK(t->numel() == K && t->dtype() == x.dtype(), "layer_norm_backward: weight/dweight/dbias must be ",
-                   dtype_name(x.dtype()), " with ", K, " elements, got ", dtype_name(t->dtype()), " ",
-                   shape_str(t->shape()));
-  }
+  const auto [M, K] = check_layer_norm_backward(dx, dweight, dbias, dy, x, mean, rstd, weight);
   const bool need_params = dweight.defined() || dbias.defined();
   constexpr int64_t kMaxBlocks = 64;
   const int64_t rows_per_block = std::max<int64_t>(1, (M + kMaxBlocks - 1) / kMaxBlocks);
@@ -422,14 +312,7 @@ void CpuBackend::layer_norm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias,
 // ---------------------------------------------------------------- embedding
 
 void CpuBackend::embedding(Tensor& out, const Tensor& weight, const Tensor& indices) {
-  const auto [V, E] = rows_of("embedding", "weight", weight);
-  DILATRON_CHECK(weight.dim() == 2, "embedding: weight must be [V, E], got ", shape_str(weight.shape()));
-  const int64_t M = indices.numel();
-  check_int64_vector("embedding", "indices", indices, M);
-  check_contiguous("embedding", "out", out);
-  DILATRON_CHECK(out.numel() == M * E && out.dtype() == weight.dtype(), "embedding: out must be ",
-                 dtype_name(weight.dtype()), " [", M, ", ", E, "], got ", dtype_name(out.dtype()), " ",
-                 shape_str(out.shape()));
+  const auto [V, E, M] = check_embedding("embedding", "weight", weight, "out", out, indices);
   const int64_t* idx = indices.data<int64_t>();
   check_indices("embedding", idx, M, V);
   const size_t row_bytes = static_cast<size_t>(E) * dtype_size(weight.dtype());
@@ -444,15 +327,7 @@ void CpuBackend::embedding(Tensor& out, const Tensor& weight, const Tensor& indi
 // Scatter-add parallelised over columns: each thread owns a column range of every dweight row and
 // adds the dout rows in index order, so repeated indices never race and the sum order is fixed.
 void CpuBackend::embedding_backward(Tensor& dweight, const Tensor& dout, const Tensor& indices) {
-  const auto [V, E] = rows_of("embedding_backward", "dweight", dweight);
-  DILATRON_CHECK(dweight.dim() == 2, "embedding_backward: dweight must be [V, E], got ",
-                 shape_str(dweight.shape()));
-  const int64_t M = indices.numel();
-  check_int64_vector("embedding_backward", "indices", indices, M);
-  check_contiguous("embedding_backward", "dout", dout);
-  DILATRON_CHECK(dout.numel() == M * E && dout.dtype() == dweight.dtype(), "embedding_backward: dout must be ",
-                 dtype_name(dweight.dtype()), " [", M, ", ", E, "], got ", dtype_name(dout.dtype()), " ",
-                 shape_str(dout.shape()));
+  const auto [V, E, M] = check_embedding("embedding_backward", "dweight", dweight, "dout", dout, indices);
   const int64_t* idx = indices.data<int64_t>();
   check_indices("embedding_backward", idx, M, V);
   dispatch_float(dweight.dtype(), [&](auto tag) {
@@ -475,10 +350,7 @@ void CpuBackend::embedding_backward(Tensor& dweight, const Tensor& dout, const T
 // keep_i = philox_word(seed, offset, i) >= floor(p * 2^32): counter {i/4 lo, i/4 hi, offset, 0},
 // key {seed lo, seed hi}, word i % 4. One Philox call serves four consecutive elements.
 void CpuBackend::dropout(Tensor& out, const Tensor& in, double p, uint64_t seed, uint32_t offset) {
-  check_same_shape("dropout", "out", out, "input", in);
-  check_contiguous("dropout", "out", out);
-  check_contiguous("dropout", "input", in);
-  DILATRON_CHECK(p >= 0.0 && p < 1.0, "dropout: p must be in [0, 1), got ", p);
+  check_dropout(out, in, p);
   const int64_t n = in.numel();
   const uint32_t threshold = dropout_threshold(p);
   const auto key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);

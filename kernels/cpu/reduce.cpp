@@ -2,6 +2,7 @@
 // alone, so results are bitwise the same whatever the thread count.
 #include <algorithm>
 
+#include "backend_checks.h"
 #include "cpu/cpu_backend.h"
 #include "cpu/cpu_utils.h"
 
@@ -54,23 +55,10 @@ void row_sums(const T* x, int64_t rows, int64_t cols, F f, Store store) {
   }
 }
 
-// [M, K] geometry of a contiguous input whose row count is out's element count.
-void check_rows(const char* what, const Tensor& out, const Tensor& in, int64_t& rows, int64_t& cols) {
-  DILATRON_CHECK(in.is_contiguous(), what, ": input must be contiguous");
-  DILATRON_CHECK(in.dim() == 2, what, ": expected a 2-D [M, K] input, got shape ", shape_str(in.shape()));
-  rows = in.shape()[0];
-  cols = in.shape()[1];
-  DILATRON_CHECK(out.is_contiguous() && out.numel() == rows, what, ": out shape ", shape_str(out.shape()),
-                 " for input ", shape_str(in.shape()));
-}
-
 }  // namespace
 
 void CpuBackend::sum_last(Tensor& out, const Tensor& in) {
-  int64_t rows = 0, cols = 0;
-  check_rows("sum_last", out, in, rows, cols);
-  DILATRON_CHECK(out.dtype() == in.dtype(), "sum_last: input is ", dtype_name(in.dtype()), ", out is ",
-                 dtype_name(out.dtype()));
+  const auto [rows, cols] = check_sum_last(out, in);
   dispatch_float(in.dtype(), [&](auto tag) {
     using T = decltype(tag);
     T* o = out.data<T>();
@@ -80,12 +68,7 @@ void CpuBackend::sum_last(Tensor& out, const Tensor& in) {
 }
 
 void CpuBackend::max_last(Tensor& values, Tensor& indices, const Tensor& in) {
-  int64_t rows = 0, cols = 0;
-  check_rows("max_last", values, in, rows, cols);
-  DILATRON_CHECK(cols > 0 || rows == 0, "max_last: cannot take the max over an empty dim, input shape ",
-                 shape_str(in.shape()));
-  DILATRON_CHECK(values.dtype() == in.dtype() && indices.dtype() == DType::Int64 && indices.numel() == rows,
-                 "max_last: values must be ", dtype_name(in.dtype()), " and indices int64 of ", rows, " elements");
+  const auto [rows, cols] = check_max_last(values, indices, in);
   dispatch_all(in.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T* x = in.data<T>();
@@ -111,12 +94,7 @@ void CpuBackend::max_last(Tensor& values, Tensor& indices, const Tensor& in) {
 }
 
 void CpuBackend::sum_first(Tensor& out, const Tensor& in) {
-  DILATRON_CHECK(in.is_contiguous() && in.dim() == 2, "sum_first: expected a contiguous 2-D input, got shape ",
-                 shape_str(in.shape()));
-  const int64_t rows = in.shape()[0], cols = in.shape()[1];
-  DILATRON_CHECK(out.is_contiguous() && out.numel() == cols && out.dtype() == in.dtype(), "sum_first: out shape ",
-                 shape_str(out.shape()), " (", dtype_name(out.dtype()), ") for input ", shape_str(in.shape()), " (",
-                 dtype_name(in.dtype()), ")");
+  const auto [rows, cols] = check_sum_first(out, in);
   dispatch_float(in.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T* x = in.data<T>();

@@ -75,24 +75,4 @@ class CudaBackend final : public Backend {
   int index_;
 };
 
-namespace cuda {
-
-// The caching allocator behind device_alloc/device_free (device.cu). Freed blocks go to per-device
-// free lists keyed by size class and are handed out again, so a training step in steady state
-// makes no cudaMalloc calls.
-struct CacheStats {
-  int64_t device_mallocs = 0;  // cudaMalloc calls so far on this device
-  int64_t cached_bytes = 0;    // bytes in free lists (not counted by memory_stats)
-};
-CacheStats cache_stats(int device_index);
-// Returns every cached block of every device to the driver (cudaFree).
-void empty_cache();
-
-// Dilated attention backward: the deterministic mode (no float atomics; bitwise reproducible dq,
-// at the price of recomputing the scores once more) is on when the environment variable
-// DILATRON_DETERMINISTIC is set to a value other than "0" or "".
-bool deterministic_attention();
-
-}  // namespace cuda
-
 }  // namespace dilatron::kernels

@@ -10,8 +10,11 @@
 #include <curand.h>
 
 #include <cstdint>
+#include <memory>
 
 #include "dilatron/error.h"
+#include "dilatron/kernels/dilated_attention.h"
+#include "dilatron/storage.h"
 #include "dilatron/tensor.h"
 
 namespace dilatron::kernels::cuda {
@@ -137,7 +140,28 @@ StridedIndexer make_indexer(const Tensor& t);
 // Checks that t lives on this backend's device.
 void check_on_device(const char* op, const char* what, const Tensor& t, int device_index);
 
+// The bucket table on the device (uploaded per call: it is 4 (2N - 1) bytes).
+// (The forward, backward and decode kernels read it through bias_bucket.)
+struct DeviceBuckets {
+  std::unique_ptr<ScratchBuffer<int32_t>> buffer;
+  DeviceBuckets(const AttentionParams& params, bool enabled, int device_index) {
+    if (!enabled) return;
+    buffer = std::make_unique<ScratchBuffer<int32_t>>(params.bucket_of_distance.size(), Device::cuda(device_index));
+    CUDA_CHECK(cudaMemcpy(buffer->data(), params.bucket_of_distance.data(),
+                          params.bucket_of_distance.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+  }
+  const int32_t* data() const { return buffer ? buffer->data() : nullptr; }
+};
+
 }  // namespace dilatron::kernels::cuda
+
+namespace dilatron::kernels {
+// The launch helpers every CUDA kernel file uses, by their short names.
+using cuda::DeviceGuard;
+using cuda::grid_for;
+using cuda::kBlockThreads;
+using cuda::kStream;
+}  // namespace dilatron::kernels
 
 #if defined(__CUDACC__)
 #include <cub/block/block_reduce.cuh>

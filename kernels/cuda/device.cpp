@@ -1,5 +1,5 @@
 // The CUDA device layer: device discovery, one CudaBackend per GPU, and the caching allocator
-// behind Storage (the hooks declared in kernels/cuda_device.h).
+// behind Storage (the hooks declared in dilatron/kernels/cuda.h).
 #include <array>
 #include <cstdlib>
 #include <cstring>
@@ -10,7 +10,7 @@
 
 #include "cuda/cuda_backend.h"
 #include "cuda/cuda_utils.cuh"
-#include "cuda_device.h"
+#include "dilatron/kernels/cuda.h"
 
 namespace dilatron::kernels {
 

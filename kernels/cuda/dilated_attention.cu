@@ -37,16 +37,14 @@
 #include <type_traits>
 #include <utility>
 
-#include "cpu/cpu_utils.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/cuda_utils.cuh"
+#include "dilatron/kernels/cuda.h"
 #include "dilatron/philox.h"
+#include "dtype_dispatch.h"
 
 namespace dilatron::kernels {
 namespace {
-
-using cuda::DeviceGuard;
-using cuda::kStream;
 
 constexpr int kTile = 64;              // query rows and key rows per tile
 constexpr int kThreads = 256;          // 16 x 16 threads over a 64 x 64 tile
@@ -105,17 +103,19 @@ constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
 // ---------------------------------------------------------------- parameters and geometry
 
-// Everything a launch needs, by value. Tensors are contiguous: q, k, v, o, dout, dq, dk, dv
-// [B, N, H, D]; lse and delta [B, H, N]; bias [H, num_buckets].
+// AttentionParams in the kernels' type with the tensors and this launch's branch: everything a
+// launch needs, by value (kernel_params builds it). Tensors are contiguous: q, k, v, o, dout, dq,
+// dk, dv [B, N, H, D]; lse and delta [B, H, N]; bias [H, num_buckets].
 template <typename T>
-struct Params {
+struct KernelParams {
   const T *q, *k, *v;
   T *o, *lse;              // forward: the output and the carried softmax state
   const T *dout, *delta;   // backward: incoming gradient, delta = rowsum(do * o)
   T *dq, *dk, *dv;
   T* dbias_partial;        // backward with a bias gradient: one row of num_buckets sums per block
   const T* bias;           // null when the bias is off
-  const int32_t* buckets;  // bucket of distance n at buckets[n + N - 1]
+  const int32_t* buckets;  // AttentionParams::bucket_of_distance on the device
+  int64_t bucket_base;
   int num_buckets;
   int64_t B, N, H;
   T scale;
@@ -147,7 +147,7 @@ struct Slice {
 };
 
 template <int D, typename T>
-__device__ Slice rows_of(const Params<T>& p, int64_t bh, const GridSpan& g) {
+__device__ Slice rows_of(const KernelParams<T>& p, int64_t bh, const GridSpan& g) {
   Slice s;
   s.bh = bh;
   s.h = bh % p.H;
@@ -164,11 +164,11 @@ __device__ Slice rows_of(const Params<T>& p, int64_t bh, const GridSpan& g) {
 struct Work {
   int64_t bh, segment, sub, tile;
   template <int D, typename T>
-  __device__ Slice queries(const Params<T>& p, int64_t of_sub) const {
+  __device__ Slice queries(const KernelParams<T>& p, int64_t of_sub) const {
     return rows_of<D>(p, bh, query_grid(p.w, p.r, p.kind, p.causal, bh % p.H, segment, of_sub, p.N));
   }
   template <int D, typename T>
-  __device__ Slice keys(const Params<T>& p) const {
+  __device__ Slice keys(const KernelParams<T>& p) const {
     return rows_of<D>(p, bh, key_grid(p.w, p.r, bh % p.H, segment, p.N));
   }
 };
@@ -178,7 +178,7 @@ struct Work {
 // 65535). With heavy_first (causal query tiles) a segment's last tiles, which see the most keys,
 // start first.
 template <typename T>
-__device__ Work locate(const Params<T>& p, bool per_sub, bool heavy_first) {
+__device__ Work locate(const KernelParams<T>& p, bool per_sub, bool heavy_first) {
   Work w;
   w.bh = blockIdx.y + int64_t{gridDim.y} * blockIdx.z;
   const int64_t t = blockIdx.x % p.tiles_per_segment, x = blockIdx.x / p.tiles_per_segment;
@@ -208,14 +208,23 @@ __device__ void load_rows(T (*dst)[D + kPad], const T* src, const Slice& s, int6
 // n = t - j = (qfirst - kfirst) + ((qt - kt) * 64 + d - 63) * r between query row and key row. With
 // bucket_strip, also the bucket (-1 for distances outside the table, which only padding rows produce).
 template <typename T>
-__device__ void load_bias_strip(T* strip, int* bucket_strip, const Params<T>& p, const Slice& sq, const Slice& sk,
+__device__ void load_bias_strip(T* strip, int* bucket_strip, const KernelParams<T>& p, const Slice& sq, const Slice& sk,
                                 int64_t tile_diff) {
   for (int d = threadIdx.x; d < kStrip; d += kThreads) {
     const int64_t n = sq.first - sk.first + (tile_diff * kTile + d - (kTile - 1)) * sq.r;
-    const int bucket = (n > -p.N && n < p.N) ? p.buckets[n + p.N - 1] : -1;
+    const int bucket = (n > -p.N && n < p.N) ? bias_bucket(p.buckets, p.bucket_base, n) : -1;
     strip[d] = bucket >= 0 ? p.bias[sq.h * p.num_buckets + bucket] : T(0);
     if (bucket_strip) bucket_strip[d] = bucket;
   }
+}
+
+// S[ra + 16i][cb + 16j] = s[i][j]: this thread's 4 x 4 block into a 64 x 64 score tile.
+template <typename T>
+__device__ __forceinline__ void store_block(T (*S)[kTile + kPad], const T (&s)[4][4], int ra, int cb) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) S[ra + kGroup * i][cb + kGroup * j] = s[i][j];
 }
 
 // s[i][j] = <A[ra + 16i], B[cb + 16j]>: this thread's 4 x 4 block of a 64 x 64 product over D.
@@ -298,17 +307,11 @@ __device__ __forceinline__ void tile_accumulate_transposed(T (&acc)[4][Cols<T, D
   }
 }
 
-// The contract's dropout bit of (query position t, key position j) in this launch's branch:
-// counter {j/4, t, (b*H + h)*16 + branch, offset}, key seed, word j % 4.
+// The contract's dropout bit of (query position t, key position j) in this launch's branch.
 template <typename T>
-__device__ __forceinline__ bool keep(const Params<T>& p, const Slice& s, int64_t t, int64_t j) {
-  const Philox4 x = philox4x32_10(
-      Philox4{{static_cast<uint32_t>(j >> 2), static_cast<uint32_t>(t), static_cast<uint32_t>(s.bh * 16 + p.branch),
-               p.offset}},
-      static_cast<uint32_t>(p.seed), static_cast<uint32_t>(p.seed >> 32));
-  // Selects, not x.x[j & 3]: a runtime index would put x in local memory.
-  const uint32_t word = (j & 2) ? ((j & 1) ? x.x[3] : x.x[2]) : ((j & 1) ? x.x[1] : x.x[0]);
-  return word >= p.drop_threshold;
+__device__ __forceinline__ bool keep(const KernelParams<T>& p, const Slice& s, int64_t t, int64_t j) {
+  const Philox4 block = dropout_block(p.seed, p.offset, dropout_stream(s.bh, p.branch), t, j >> 2);
+  return dropout_keeps(dropout_word(block, j), p.drop_threshold);
 }
 
 // Shared-memory layout (elements of T, then ints), the same for the three kernels' needs:
@@ -364,7 +367,7 @@ struct BackwardShared {
 //   dS = P (dP m / (1 - p) - delta),   dP = <do, v>
 // dS is returned; Pd is written to Pd_out when given (the dV product reads it).
 template <typename T, int D>
-__device__ __forceinline__ void score_gradients(T (&ds)[4][4], T (*Pd_out)[kTile + kPad], const Params<T>& p,
+__device__ __forceinline__ void score_gradients(T (&ds)[4][4], T (*Pd_out)[kTile + kPad], const KernelParams<T>& p,
                                                 const Slice& sq, const Slice& sk, int64_t qt, int64_t kt,
                                                 const BackwardShared<T, D>& sh, int ra, int cb) {
   T sc[4][4], dp[4][4];
@@ -393,7 +396,7 @@ __device__ __forceinline__ void score_gradients(T (&ds)[4][4], T (*Pd_out)[kTile
 
 // Loads the per-row saved values of a query tile: lse and delta (0 for padding rows).
 template <typename T, int D>
-__device__ void load_row_stats(const BackwardShared<T, D>& sh, const Params<T>& p, const Slice& s, int64_t qt) {
+__device__ void load_row_stats(const BackwardShared<T, D>& sh, const KernelParams<T>& p, const Slice& s, int64_t qt) {
   for (int r = threadIdx.x; r < kTile; r += kThreads) {
     const int64_t m = qt * kTile + r;
     const bool valid = m < s.L;
@@ -405,7 +408,7 @@ __device__ void load_row_stats(const BackwardShared<T, D>& sh, const Params<T>& 
 // ---------------------------------------------------------------- forward
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, kForwardMinBlocks<T>) attention_forward_kernel(const Params<T> p) {
+__global__ void __launch_bounds__(kThreads, kForwardMinBlocks<T>) attention_forward_kernel(const KernelParams<T> p) {
   using L = Cols<T, D>;
   const Work w = locate(p, true, p.causal);
   if (w.bh >= p.B * p.H) return;
@@ -553,7 +556,7 @@ __device__ void accumulate_dbias(const BackwardShared<T, D>& sh, int num_buckets
 // every sub-problem) that see it; dq gets its share through atomics unless accumulate_dq is false
 // (deterministic mode).
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 1) attention_backward_kernel(const Params<T> p, bool accumulate_dq) {
+__global__ void __launch_bounds__(kThreads, 1) attention_backward_kernel(const KernelParams<T> p, bool accumulate_dq) {
   using L = Cols<T, D>;
   const Work w = locate(p, false, false);
   if (w.bh >= p.B * p.H) return;
@@ -590,10 +593,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_kernel(const P
       __syncthreads();
       tile_accumulate_transposed<T, D>(dv, sh.S, sh.dO, ra, cb);
       __syncthreads();  // done with Pd; S now takes dS
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) sh.S[ra + kGroup * i][cb + kGroup * j] = ds[i][j];
+      store_block(sh.S, ds, ra, cb);
       __syncthreads();
       tile_accumulate_transposed<T, D>(dk, sh.S, sh.Q, ra, cb);
       if (accumulate_dq) {
@@ -642,7 +642,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_kernel(const P
 // Deterministic dq of one branch: a block owns a query tile, walks its key tiles in order and adds
 // dS K to its rows once at the end (no atomics; costs a second pass over the scores).
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(const Params<T> p) {
+__global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(const KernelParams<T> p) {
   using L = Cols<T, D>;
   const Work w = locate(p, true, p.causal);
   if (w.bh >= p.B * p.H) return;
@@ -667,10 +667,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(cons
     __syncthreads();
     T ds[4][4];
     score_gradients<T, D>(ds, nullptr, p, s, sk, qt, kt, sh, ra, cb);
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) sh.S[ra + kGroup * i][cb + kGroup * j] = ds[i][j];
+    store_block(sh.S, ds, ra, cb);
     __syncthreads();
     tile_accumulate<T, D>(dq, sh.S, sh.K, ra, cb);
   }
@@ -712,7 +709,7 @@ struct BranchGrid {
   int64_t tiles_per_segment;
 };
 BranchGrid branch_grid(int64_t N, int64_t BH, const AttentionBranch& br) {
-  const int64_t rows = key_grid(br.segment, br.dilation, 0, 0, N).count;  // most rows of a grid
+  const int64_t rows = max_grid_points(br.segment, br.dilation, N);
   const int64_t tiles = (rows + kTile - 1) / kTile;
   const int64_t blocks = num_segments(br.segment, N) * subproblems(br.kind, br.dilation) * tiles;
   DILATRON_CHECK(blocks < (int64_t{1} << 31), "dilated attention on CUDA: branch (", br.segment, ", ", br.dilation,
@@ -770,12 +767,13 @@ void allow_shared_memory(Kernel kernel, size_t bytes) {
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
-// The shape and dtype checks common to forward and backward; returns {B, N, H, D}.
+// What these kernels need of their inputs, common to forward and backward (the contract's limits,
+// schedule included, are the op's to check: make_attention_params); returns {B, N, H, D}.
 struct Dims {
   int64_t B, N, H, D;
 };
 Dims check_attention_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias,
-                            const AttentionParams& params, int device_index) {
+                            int device_index) {
   DILATRON_CHECK(q.dim() == 4, op, ": q must be [B, N, H, D], got shape ", shape_str(q.shape()));
   const Dims d{q.size(0), q.size(1), q.size(2), q.size(3)};
   for (const auto& [name, t] : {std::pair{"q", &q}, std::pair{"k", &k}, std::pair{"v", &v}}) {
@@ -784,28 +782,11 @@ Dims check_attention_inputs(const char* op, const Tensor& q, const Tensor& k, co
                    dtype_name(t->dtype()), " ", shape_str(t->shape()));
     cuda::check_on_device(op, name, *t, device_index);
   }
-  DILATRON_CHECK(!params.schedule.empty() && params.schedule.size() <= 16, op, ": the schedule must have 1 to 16 branches, got ",
-                 params.schedule.size());
-  for (size_t i = 0; i < params.schedule.size(); ++i) {
-    const AttentionBranch& br = params.schedule[i];
-    DILATRON_CHECK(br.segment >= 1 && br.dilation >= 1 && br.dilation <= br.segment, op, ": branch ", i,
-                   " has segment ", br.segment, " and dilation ", br.dilation, " (need 1 <= r <= w)");
-  }
-  DILATRON_CHECK(d.B * d.H < (int64_t{1} << 28) && d.N < (int64_t{1} << 31), op, ": B*H = ", d.B * d.H, " and N = ",
-                 d.N, " must stay below 2^28 and 2^31");
   if (bias.defined()) {
     DILATRON_CHECK(bias.dim() == 2 && bias.size(0) == d.H && bias.dtype() == q.dtype() && bias.is_contiguous(), op,
                    ": bias must be a contiguous ", dtype_name(q.dtype()), " [H = ", d.H, ", num_buckets], got ",
                    dtype_name(bias.dtype()), " ", shape_str(bias.shape()));
     cuda::check_on_device(op, "bias", bias, device_index);
-    DILATRON_CHECK(static_cast<int64_t>(params.bucket_of_distance.size()) == 2 * d.N - 1 && params.bucket_base == d.N - 1,
-                   op, ": the bucket table has ", params.bucket_of_distance.size(), " entries with base ",
-                   params.bucket_base, ", expected ", 2 * d.N - 1, " with base ", d.N - 1);
-    const int64_t nb = bias.size(1);
-    for (size_t i = 0; i < params.bucket_of_distance.size(); ++i)
-      DILATRON_CHECK(params.bucket_of_distance[i] >= 0 && params.bucket_of_distance[i] < nb, op, ": bucket table entry ",
-                     i, " (distance ", static_cast<int64_t>(i) - params.bucket_base, ") is ",
-                     params.bucket_of_distance[i], ", outside [0, ", nb, ")");
   }
   return d;
 }
@@ -831,21 +812,14 @@ void check_aligned(const char* op, const char* name, const Tensor& t) {
                  " must start 16-byte aligned (a fresh tensor does; got a view with storage offset ", t.offset(), ")");
 }
 
-// The bucket table on the device (uploaded per call: it is 4 (2N - 1) bytes).
-struct DeviceBuckets {
-  std::unique_ptr<ScratchBuffer<int32_t>> buffer;
-  DeviceBuckets(const AttentionParams& params, bool enabled, int device_index) {
-    if (!enabled) return;
-    buffer = std::make_unique<ScratchBuffer<int32_t>>(params.bucket_of_distance.size(), Device::cuda(device_index));
-    CUDA_CHECK(cudaMemcpy(buffer->data(), params.bucket_of_distance.data(),
-                          params.bucket_of_distance.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
-  }
-  const int32_t* data() const { return buffer ? buffer->data() : nullptr; }
-};
-
+// AttentionParams in the kernels' type, with the device bucket table and the inputs.
 template <typename T>
-Params<T> make_params(const Dims& d, const AttentionParams& ap, const Tensor& bias, const int32_t* buckets) {
-  Params<T> p{};
+KernelParams<T> kernel_params(const Dims& d, const AttentionParams& ap, const Tensor& bias, const int32_t* buckets,
+                              const Tensor& q, const Tensor& k, const Tensor& v) {
+  KernelParams<T> p{};
+  p.q = q.data<T>();
+  p.k = k.data<T>();
+  p.v = v.data<T>();
   p.B = d.B;
   p.N = d.N;
   p.H = d.H;
@@ -858,6 +832,7 @@ Params<T> make_params(const Dims& d, const AttentionParams& ap, const Tensor& bi
   p.offset = ap.offset;
   p.bias = bias.defined() ? bias.data<T>() : nullptr;
   p.buckets = buckets;
+  p.bucket_base = ap.bucket_base;
   p.num_buckets = bias.defined() ? static_cast<int>(bias.size(1)) : 0;
   return p;
 }
@@ -876,7 +851,7 @@ void set_branch(auto& p, const AttentionBranch& br, int index, const BranchGrid&
 void CudaBackend::dilated_attention_forward(Tensor& o, Tensor& lse, const Tensor& q_in, const Tensor& k_in,
                                             const Tensor& v_in, const Tensor& bias, const AttentionParams& params) {
   constexpr const char* op = "dilated_attention_forward";
-  const Dims d = check_attention_inputs(op, q_in, k_in, v_in, bias, params, index_);
+  const Dims d = check_attention_inputs(op, q_in, k_in, v_in, bias, index_);
   check_output(op, "o", o, q_in.shape(), q_in.dtype(), index_);
   check_output(op, "lse", lse, {d.B, d.H, d.N}, q_in.dtype(), index_);
   check_aligned(op, "o", o);
@@ -890,16 +865,13 @@ void CudaBackend::dilated_attention_forward(Tensor& o, Tensor& lse, const Tensor
     return;
   }
   const Tensor q = aligned(q_in, *this), k = aligned(k_in, *this), v = aligned(v_in, *this);
-  const DeviceBuckets buckets(params, bias.defined(), index_);
+  const cuda::DeviceBuckets buckets(params, bias.defined(), index_);
 
   dispatch_float(q.dtype(), [&](auto tag) {
     using T = decltype(tag);
     dispatch_head_dim<T>(d.D, [&](auto dim) {
       constexpr int D = decltype(dim)::value;
-      Params<T> p = make_params<T>(d, params, bias, buckets.data());
-      p.q = q.data<T>();
-      p.k = k.data<T>();
-      p.v = v.data<T>();
+      KernelParams<T> p = kernel_params<T>(d, params, bias, buckets.data(), q, k, v);
       p.o = o.data<T>();
       p.lse = lse.data<T>();
       // The carried state starts empty: o = 0, lse = -inf (also the final values off every grid).
@@ -922,7 +894,7 @@ void CudaBackend::dilated_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv,
                                              const Tensor& o_in, const Tensor& lse, const Tensor& bias,
                                              const AttentionParams& params) {
   constexpr const char* op = "dilated_attention_backward";
-  const Dims d = check_attention_inputs(op, q_in, k_in, v_in, bias, params, index_);
+  const Dims d = check_attention_inputs(op, q_in, k_in, v_in, bias, index_);
   const std::pair<const char*, const Tensor*> same_as_q[] = {
       {"dq", &dq}, {"dk", &dk}, {"dv", &dv}, {"dout", &dout_in}, {"o", &o_in}};
   for (const auto& [name, t] : same_as_q) check_output(op, name, *t, q_in.shape(), q_in.dtype(), index_);
@@ -951,7 +923,7 @@ void CudaBackend::dilated_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv,
   const Device dev = Device::cuda(index_);
   const Tensor q = aligned(q_in, *this), k = aligned(k_in, *this), v = aligned(v_in, *this);
   const Tensor o = aligned(o_in, *this), dout = aligned(dout_in, *this);
-  const DeviceBuckets buckets(params, bias.defined(), index_);
+  const cuda::DeviceBuckets buckets(params, bias.defined(), index_);
   const bool deterministic = cuda::deterministic_attention();
   const int64_t BH = d.B * d.H;
 
@@ -959,10 +931,7 @@ void CudaBackend::dilated_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv,
     using T = decltype(tag);
     dispatch_head_dim<T>(d.D, [&](auto dim) {
       constexpr int D = decltype(dim)::value;
-      Params<T> p = make_params<T>(d, params, bias, buckets.data());
-      p.q = q.data<T>();
-      p.k = k.data<T>();
-      p.v = v.data<T>();
+      KernelParams<T> p = kernel_params<T>(d, params, bias, buckets.data(), q, k, v);
       p.lse = const_cast<T*>(lse.data<T>());  // read only in the backward kernels
       p.dout = dout.data<T>();
       p.dq = dq.data<T>();

@@ -2,25 +2,22 @@
 // for the query at position t. Each branch's cached keys (decode_key_span) are taken in chunks of
 // kChunk: the block computes the chunk's scores into shared memory, folds them into one online
 // softmax (block-wide max and sum), and each thread accumulates its own output dims over the chunk,
-// so the work is the sum over branches of at most w_i / r_i keys, whatever t is.
+// so the work is the sum over branches of at most w_i / r_i keys, whatever t is. The bias table is
+// the distances 0 .. largest segment - 1 only, uploaded per call (a few KiB).
 #include <cmath>
 #include <limits>
 #include <vector>
 
-#include "cpu/cpu_utils.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/cuda_utils.cuh"
+#include "dtype_dispatch.h"
 
 namespace dilatron::kernels {
 namespace {
 
-using cuda::DeviceGuard;
-using cuda::kStream;
-
-constexpr int kThreads = 128;
+constexpr int kThreads = kBlockThreads;
 constexpr int kChunk = 512;
 constexpr int kMaxDimsPerThread = 4;  // head dims up to 4 * kThreads
-constexpr int kMaxBranches = 16;      // the contract's limit
 
 template <typename T>
 struct DecodeBranches {
@@ -37,32 +34,17 @@ __device__ T exp_of(T x) {
   else return exp(x);
 }
 
-// The block-wide max (is_max) or sum of one value per thread; every thread gets the result.
-template <typename T>
-__device__ T block_reduce(T x, bool is_max, T* scratch) {
-  scratch[threadIdx.x] = x;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) {
-      const T y = scratch[threadIdx.x + stride];
-      scratch[threadIdx.x] = is_max ? (y > scratch[threadIdx.x] ? y : scratch[threadIdx.x]) : scratch[threadIdx.x] + y;
-    }
-    __syncthreads();
-  }
-  const T result = scratch[0];
-  __syncthreads();
-  return result;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads) decode_kernel(T* o, const T* q, DecodeBranches<T> br, const T* bias,
-                                                          const int64_t* buckets, int64_t num_buckets, int64_t H,
-                                                          int64_t D, T scale, int64_t t) {
+                                                          const int32_t* buckets, int64_t bucket_base,
+                                                          int64_t num_buckets, int64_t H, int64_t D, T scale,
+                                                          int64_t t) {
   const int64_t bh = blockIdx.x, b = bh / H, h = bh % H;
   extern __shared__ unsigned char shared_bytes[];
   T* q_s = reinterpret_cast<T*>(shared_bytes);  // [D]
   T* scores = q_s + D;                          // [kChunk]
-  T* scratch = scores + kChunk;                 // [kThreads]
+  __shared__ typename cuda::BlockReduce<T>::TempStorage reduce_storage;
+  __shared__ T reduced;
   for (int64_t d = threadIdx.x; d < D; d += kThreads) q_s[d] = q[bh * D + d];
   __syncthreads();
 
@@ -79,16 +61,16 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(T* o, const T* q, Deco
         T s = 0;
         for (int64_t d = 0; d < D; ++d) s += q_s[d] * key[d];
         s *= scale;
-        if (bias) s += bias[h * num_buckets + buckets[t - span.position(first + c)]];
+        if (bias) s += bias[h * num_buckets + bias_bucket(buckets, bucket_base, t - span.position(first + c))];
         scores[c] = s;
         local_max = s > local_max ? s : local_max;
       }
-      const T chunk_max = block_reduce(local_max, true, scratch);
+      const T chunk_max = cuda::block_max(local_max, reduce_storage, &reduced);
       const T m_new = m > chunk_max ? m : chunk_max;
       const T correction = exp_of(m - m_new);
       T local_sum = 0;
       for (int64_t c = threadIdx.x; c < n; c += kThreads) local_sum += scores[c] = exp_of(scores[c] - m_new);
-      l = l * correction + block_reduce(local_sum, false, scratch);  // also orders the score writes before the reads below
+      l = l * correction + cuda::block_sum(local_sum, reduce_storage, &reduced);  // also orders the score writes before the reads below
       for (int j = 0; j < kMaxDimsPerThread; ++j) {
         const int64_t d = threadIdx.x + int64_t{j} * kThreads;
         if (d >= D) break;
@@ -115,13 +97,7 @@ void CudaBackend::dilated_attention_decode(Tensor& o, const Tensor& q, const std
   DILATRON_CHECK(D <= kMaxDimsPerThread * kThreads, "CUDA attention decoding: head dim ", D, " exceeds ",
                  kMaxDimsPerThread * kThreads);
   DeviceGuard guard(index_);
-  // Distances 0 .. largest segment - 1 only: a few KiB, uploaded per call.
-  Tensor buckets;
-  if (bias.defined())
-    buckets = Tensor::from_vector(std::vector<int64_t>(params.bucket_of_distance.begin() + params.bucket_base,
-                                                       params.bucket_of_distance.end()),
-                                  {static_cast<int64_t>(params.bucket_of_distance.size()) - params.bucket_base})
-                  .to(q.device());
+  const cuda::DeviceBuckets buckets(params, bias.defined(), index_);
   dispatch_float(q.dtype(), [&](auto tag) {
     using T = decltype(tag);
     DecodeBranches<T> br{};
@@ -134,11 +110,10 @@ void CudaBackend::dilated_attention_decode(Tensor& o, const Tensor& q, const std
       br.dilation[i] = params.schedule[i].dilation;
       br.kind[i] = params.schedule[i].kind;
     }
-    const size_t shared = (static_cast<size_t>(D) + kChunk + kThreads) * sizeof(T);
+    const size_t shared = (static_cast<size_t>(D) + kChunk) * sizeof(T);
     decode_kernel<T><<<static_cast<unsigned>(B * H), kThreads, shared, kStream>>>(
         o.data<T>(), q.data<T>(), br, bias.defined() ? bias.data<T>() : nullptr,
-        bias.defined() ? buckets.data<int64_t>() : nullptr, bias.defined() ? bias.size(1) : 0, H, D,
-        static_cast<T>(params.scale), t);
+        buckets.data(), params.bucket_base, bias.defined() ? bias.size(1) : 0, H, D, static_cast<T>(params.scale), t);
     CUDA_CHECK_LAUNCH();
   });
 }

@@ -1,50 +1,18 @@
 // Elementwise CUDA kernels: unary, binary (broadcast inputs arrive as stride-0 views), scalar forms
-// and where. The formulas are kernels/cpu/elementwise.cpp's term for term. The op is a kernel
+// and where. Each op's formula is the CPU's (kernels/cpu/elementwise.cpp) in CUDA's libm; GELU
+// comes from kernels/gelu.h, whose comment says where the CPU's float path differs. The op is a kernel
 // argument switched on per element: the branch is uniform across the grid and these kernels are
 // bound by memory traffic, so one kernel per dtype serves every op.
-#include "cpu/cpu_utils.h"
+#include "backend_checks.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/cuda_utils.cuh"
+#include "dtype_dispatch.h"
+#include "gelu.h"
 
 namespace dilatron::kernels {
 namespace {
 
-using cuda::DeviceGuard;
-using cuda::grid_for;
-using cuda::kBlockThreads;
-using cuda::kStream;
 using cuda::StridedIndexer;
-
-constexpr double kSqrt1_2 = 0.70710678118654752440;             // 1/sqrt(2)
-constexpr double kGeluBeta = 0.79788456080286535588;            // sqrt(2/pi)
-constexpr double kGeluKappa = 0.044715;
-constexpr double kInvSqrt2Pi = 0.39894228040143267794;          // 1/sqrt(2 pi)
-
-template <typename T>
-__device__ T gelu_exact(T x) {
-  return T(0.5) * x * (T(1) + erf(x * T(kSqrt1_2)));
-}
-// d/dx of x * Phi(x) = Phi(x) + x * phi(x).
-template <typename T>
-__device__ T gelu_exact_grad(T x) {
-  const T cdf = T(0.5) * (T(1) + erf(x * T(kSqrt1_2)));
-  const T pdf = exp(T(-0.5) * x * x) * T(kInvSqrt2Pi);
-  return cdf + x * pdf;
-}
-template <typename T>
-__device__ T gelu_tanh(T x) {
-  const T inner = T(kGeluBeta) * (x + T(kGeluKappa) * x * x * x);
-  return T(0.5) * x * (T(1) + tanh(inner));
-}
-// PyTorch's GeluBackward with approximate="tanh".
-template <typename T>
-__device__ T gelu_tanh_grad(T x) {
-  const T x_sq = x * x;
-  const T tanh_inner = tanh(T(kGeluBeta) * (x + T(kGeluKappa) * x_sq * x));
-  const T left = T(0.5) * (T(1) + tanh_inner);
-  const T right = T(0.5) * x * (T(1) - tanh_inner * tanh_inner) * T(kGeluBeta) * (T(1) + T(3 * kGeluKappa) * x_sq);
-  return left + right;
-}
 
 template <typename T>
 __device__ T unary_value(UnaryOp op, T x) {
@@ -56,7 +24,7 @@ __device__ T unary_value(UnaryOp op, T x) {
     case UnaryOp::Sqrt: return sqrt(x);
     case UnaryOp::Rsqrt: return T(1) / sqrt(x);
     case UnaryOp::Relu: return x < T(0) ? T(0) : x;  // NaN passes through
-    case UnaryOp::Gelu: return gelu_exact(x);
+    case UnaryOp::Gelu: return gelu(x);
     case UnaryOp::GeluTanh: return gelu_tanh(x);
     case UnaryOp::Abs: return fabs(x);
     case UnaryOp::Square: return x * x;
@@ -64,15 +32,6 @@ __device__ T unary_value(UnaryOp op, T x) {
     case UnaryOp::Sigmoid: return T(1) / (T(1) + exp(-x));
   }
   return x;
-}
-
-bool is_comparison(BinaryOp op) {
-  switch (op) {
-    case BinaryOp::Eq: case BinaryOp::Ne: case BinaryOp::Lt: case BinaryOp::Le: case BinaryOp::Gt: case BinaryOp::Ge:
-      return true;
-    default:
-      return false;
-  }
 }
 
 // Arithmetic ops (float T) and comparisons (any T, written as bool).
@@ -87,7 +46,7 @@ __device__ T arith_value(BinaryOp op, T a, T b) {
     case BinaryOp::Min: return (a < b || a != a) ? a : b;
     case BinaryOp::Pow: return pow(a, b);
     case BinaryOp::ReluBackward: return b > T(0) ? a : T(0);
-    case BinaryOp::GeluBackward: return a * gelu_exact_grad(b);
+    case BinaryOp::GeluBackward: return a * gelu_grad(b);
     case BinaryOp::GeluTanhBackward: return a * gelu_tanh_grad(b);
     default: return T(0);
   }

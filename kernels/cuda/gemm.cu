@@ -7,9 +7,10 @@
 #include <memory>
 #include <mutex>
 
-#include "cpu/cpu_utils.h"
+#include "backend_checks.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/cuda_utils.cuh"
+#include "dtype_dispatch.h"
 
 namespace dilatron::kernels {
 
@@ -36,25 +37,6 @@ cublasHandle_t cublas_handle() {
 
 namespace {
 
-struct Operand {
-  long long batch_stride;  // 0 when broadcast
-  int ld;                  // row stride of the stored row-major matrix
-};
-
-// Checks one stored operand [batch or 1, rows, cols] with row-major matrices (as the CPU backend).
-Operand check_operand(const char* name, const Tensor& t, int64_t batch, int64_t rows, int64_t cols) {
-  DILATRON_CHECK(t.dim() == 3 && (t.shape()[0] == batch || t.shape()[0] == 1) && t.shape()[1] == rows &&
-                     t.shape()[2] == cols,
-                 "gemm: ", name, " has shape ", shape_str(t.shape()), ", expected [", batch, " or 1, ", rows, ", ",
-                 cols, "]");
-  const Shape& s = t.strides();
-  DILATRON_CHECK((rows <= 1 || s[1] == cols) && (cols <= 1 || s[2] == 1), "gemm: ", name,
-                 " matrices must be contiguous, got shape ", shape_str(t.shape()), " strides ", shape_str(s));
-  DILATRON_CHECK(rows <= INT_MAX && cols <= INT_MAX, "gemm: ", name, " shape ", shape_str(t.shape()),
-                 " exceeds the cuBLAS index range");
-  return {t.shape()[0] == 1 ? 0 : static_cast<long long>(s[0]), static_cast<int>(std::max<int64_t>(cols, 1))};
-}
-
 cublasStatus_t gemm_strided_batched(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
                                     int k, const float* alpha, const float* a, int lda, long long sa, const float* b,
                                     int ldb, long long sb, const float* beta, float* c, int ldc, long long sc,
@@ -72,21 +54,13 @@ cublasStatus_t gemm_strided_batched(cublasHandle_t h, cublasOperation_t ta, cubl
 
 void CudaBackend::gemm(Tensor& out, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, double alpha,
                        double beta) {
-  DILATRON_CHECK(out.dim() == 3 && out.is_contiguous(), "gemm: out must be a contiguous 3-D tensor, got shape ",
-                 shape_str(out.shape()));
-  DILATRON_CHECK(a.dtype() == out.dtype() && b.dtype() == out.dtype(), "gemm: dtypes ", dtype_name(a.dtype()), " @ ",
-                 dtype_name(b.dtype()), " -> ", dtype_name(out.dtype()));
-  DILATRON_CHECK(a.dim() == 3 && b.dim() == 3, "gemm: expected 3-D operands, got ", shape_str(a.shape()), " and ",
-                 shape_str(b.shape()));
+  const GemmShape g = check_gemm(out, a, b, trans_a, trans_b, "cuBLAS");
   cuda::check_on_device("gemm", "a", a, index_);
   cuda::check_on_device("gemm", "b", b, index_);
   cuda::check_on_device("gemm", "out", out, index_);
-  const int64_t batch = out.shape()[0], m = out.shape()[1], n = out.shape()[2];
-  const int64_t k = trans_a ? a.shape()[1] : a.shape()[2];
-  const Operand oa = trans_a ? check_operand("a", a, batch, k, m) : check_operand("a", a, batch, m, k);
-  const Operand ob = trans_b ? check_operand("b", b, batch, n, k) : check_operand("b", b, batch, k, n);
-  DILATRON_CHECK(m <= INT_MAX && n <= INT_MAX && batch <= INT_MAX, "gemm: out shape ", shape_str(out.shape()),
-                 " exceeds the cuBLAS index range");
+  const int64_t batch = g.batch, m = g.m, n = g.n, k = g.k;
+  const GemmOperand oa = g.a, ob = g.b;
+  DILATRON_CHECK(batch <= INT_MAX, "gemm: out shape ", shape_str(out.shape()), " exceeds the cuBLAS index range");
   if (batch == 0 || m == 0 || n == 0) return;
 
   cuda::DeviceGuard guard(index_);
@@ -98,7 +72,8 @@ void CudaBackend::gemm(Tensor& out, const Tensor& a, const Tensor& b, bool trans
     // already the transpose of the row-major matrix, so its op flag carries over unchanged.
     CUBLAS_CHECK(gemm_strided_batched(h, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
                                       static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), &alpha_t,
-                                      b.data<T>(), ob.ld, ob.batch_stride, a.data<T>(), oa.ld, oa.batch_stride,
+                                      b.data<T>(), ob.ld, static_cast<long long>(ob.batch_stride), a.data<T>(), oa.ld,
+                                      static_cast<long long>(oa.batch_stride),
                                       &beta_t, out.data<T>(), static_cast<int>(n), static_cast<long long>(m * n),
                                       static_cast<int>(batch)));
   });

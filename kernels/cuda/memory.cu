@@ -2,18 +2,14 @@
 // random fills, computing the same values as kernels/cpu/memory.cpp.
 #include <cmath>
 
-#include "cpu/cpu_utils.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/cuda_utils.cuh"
 #include "dilatron/philox.h"
+#include "dtype_dispatch.h"
 
 namespace dilatron::kernels {
 namespace {
 
-using cuda::DeviceGuard;
-using cuda::grid_for;
-using cuda::kBlockThreads;
-using cuda::kStream;
 using cuda::StridedIndexer;
 
 // out[out_index(i)] = D(in[in_index(i)]): the copy behind every non-trivial copy on one device

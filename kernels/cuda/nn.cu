@@ -6,12 +6,12 @@
 // width, vocabulary), and a block's threads read adjacent elements of its row.
 #include <cub/device/device_radix_sort.cuh>
 
-#include <initializer_list>
 
-#include "cpu/cpu_utils.h"
+#include "backend_checks.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/reduce.cuh"
 #include "dilatron/philox.h"
+#include "dtype_dispatch.h"
 
 namespace dilatron::kernels {
 namespace {
@@ -19,10 +19,6 @@ namespace {
 using cuda::block_max;
 using cuda::block_sum;
 using cuda::BlockReduce;
-using cuda::DeviceGuard;
-using cuda::grid_for;
-using cuda::kBlockThreads;
-using cuda::kStream;
 
 // Per-block scratch for the row reductions: CUB's temp storage plus the broadcast slot.
 template <typename T>
@@ -262,7 +258,7 @@ __global__ void flag_bad_indices_kernel(const int64_t* indices, int64_t M, int64
 }
 
 // Throws naming the first index outside [0, V) (a flagging kernel, then one read-back).
-void check_indices(const char* op, const int64_t* indices, int64_t M, int64_t V, int device_index) {
+void check_device_indices(const char* op, const int64_t* indices, int64_t M, int64_t V, int device_index) {
   FirstBadPosition bad(device_index);
   flag_bad_indices_kernel<<<grid_for(M), kBlockThreads, 0, kStream>>>(indices, M, V, bad.device_word());
   CUDA_CHECK_LAUNCH();
@@ -320,46 +316,6 @@ __global__ void dropout_kernel(T* y, const T* x, int64_t n, uint32_t threshold, 
   }
 }
 
-// ---------------------------------------------------------------- checks (as the CPU backend's)
-
-void check_contiguous(const char* op, const char* what, const Tensor& t) {
-  DILATRON_CHECK(t.is_contiguous(), op, ": ", what, " must be contiguous, got shape ", shape_str(t.shape()),
-                 " with strides ", shape_str(t.strides()));
-}
-
-struct Rows {
-  int64_t M, K;
-};
-Rows rows_of(const char* op, const char* what, const Tensor& t) {
-  check_contiguous(op, what, t);
-  DILATRON_CHECK(t.dim() >= 1, op, ": ", what, " needs at least one dim, got a scalar");
-  const int64_t K = t.size(-1);
-  return {K == 0 ? 0 : t.numel() / K, K};
-}
-
-void check_same_shape(const char* op, const char* a_name, const Tensor& a, const char* b_name, const Tensor& b) {
-  DILATRON_CHECK(a.shape() == b.shape(), op, ": ", a_name, " shape ", shape_str(a.shape()), " != ", b_name,
-                 " shape ", shape_str(b.shape()));
-  DILATRON_CHECK(a.dtype() == b.dtype(), op, ": ", a_name, " is ", dtype_name(a.dtype()), " but ", b_name, " is ",
-                 dtype_name(b.dtype()));
-}
-
-void check_int64_vector(const char* op, const char* what, const Tensor& t, int64_t n) {
-  check_contiguous(op, what, t);
-  DILATRON_CHECK(t.dtype() == DType::Int64, op, ": ", what, " must be int64, got ", dtype_name(t.dtype()));
-  DILATRON_CHECK(t.numel() == n, op, ": ", what, " has ", t.numel(), " elements, expected ", n);
-}
-
-void check_row_vectors(const char* op, const char* what, std::initializer_list<const Tensor*> ts, int64_t n,
-                       DType dtype) {
-  for (const Tensor* t : ts) {
-    if (!t->defined()) continue;
-    check_contiguous(op, what, *t);
-    DILATRON_CHECK(t->numel() == n && t->dtype() == dtype, op, ": ", what, " must be ", dtype_name(dtype), " with ",
-                   n, " elements, got ", dtype_name(t->dtype()), " ", shape_str(t->shape()));
-  }
-}
-
 unsigned row_grid(int64_t M) { return static_cast<unsigned>(M); }
 
 }  // namespace
@@ -367,9 +323,7 @@ unsigned row_grid(int64_t M) { return static_cast<unsigned>(M); }
 // ---------------------------------------------------------------- softmax family
 
 void CudaBackend::softmax_last(Tensor& out, const Tensor& in) {
-  check_same_shape("softmax_last", "out", out, "input", in);
-  check_contiguous("softmax_last", "out", out);
-  const auto [M, K] = rows_of("softmax_last", "input", in);
+  const auto [M, K] = check_softmax("softmax_last", out, in);
   if (M == 0) return;
   DeviceGuard guard(index_);
   dispatch_float(in.dtype(), [&](auto tag) {
@@ -380,11 +334,7 @@ void CudaBackend::softmax_last(Tensor& out, const Tensor& in) {
 }
 
 void CudaBackend::softmax_backward_last(Tensor& dx, const Tensor& y, const Tensor& dy) {
-  check_same_shape("softmax_backward_last", "dy", dy, "y", y);
-  check_same_shape("softmax_backward_last", "dx", dx, "y", y);
-  check_contiguous("softmax_backward_last", "dx", dx);
-  check_contiguous("softmax_backward_last", "dy", dy);
-  const auto [M, K] = rows_of("softmax_backward_last", "y", y);
+  const auto [M, K] = check_softmax_backward("softmax_backward_last", dx, y, dy);
   if (M == 0) return;
   DeviceGuard guard(index_);
   dispatch_float(y.dtype(), [&](auto tag) {
@@ -396,9 +346,7 @@ void CudaBackend::softmax_backward_last(Tensor& dx, const Tensor& y, const Tenso
 }
 
 void CudaBackend::log_softmax_last(Tensor& out, const Tensor& in) {
-  check_same_shape("log_softmax_last", "out", out, "input", in);
-  check_contiguous("log_softmax_last", "out", out);
-  const auto [M, K] = rows_of("log_softmax_last", "input", in);
+  const auto [M, K] = check_softmax("log_softmax_last", out, in);
   if (M == 0) return;
   DeviceGuard guard(index_);
   dispatch_float(in.dtype(), [&](auto tag) {
@@ -409,11 +357,7 @@ void CudaBackend::log_softmax_last(Tensor& out, const Tensor& in) {
 }
 
 void CudaBackend::log_softmax_backward_last(Tensor& dx, const Tensor& y, const Tensor& dy) {
-  check_same_shape("log_softmax_backward_last", "dy", dy, "y", y);
-  check_same_shape("log_softmax_backward_last", "dx", dx, "y", y);
-  check_contiguous("log_softmax_backward_last", "dx", dx);
-  check_contiguous("log_softmax_backward_last", "dy", dy);
-  const auto [M, K] = rows_of("log_softmax_backward_last", "y", y);
+  const auto [M, K] = check_softmax_backward("log_softmax_backward_last", dx, y, dy);
   if (M == 0) return;
   DeviceGuard guard(index_);
   dispatch_float(y.dtype(), [&](auto tag) {
@@ -428,9 +372,7 @@ void CudaBackend::log_softmax_backward_last(Tensor& dx, const Tensor& y, const T
 
 void CudaBackend::cross_entropy(Tensor& loss, Tensor& lse, const Tensor& logits, const Tensor& targets,
                                 int64_t ignore_index) {
-  const auto [M, C] = rows_of("cross_entropy", "logits", logits);
-  check_int64_vector("cross_entropy", "targets", targets, M);
-  check_row_vectors("cross_entropy", "loss/lse", {&loss, &lse}, M, logits.dtype());
+  const auto [M, C] = check_cross_entropy(loss, lse, logits, targets);
   if (M == 0) return;
   DeviceGuard guard(index_);
   FirstBadPosition bad(index_);
@@ -447,11 +389,7 @@ void CudaBackend::cross_entropy(Tensor& loss, Tensor& lse, const Tensor& logits,
 
 void CudaBackend::cross_entropy_backward(Tensor& dlogits, const Tensor& dloss, const Tensor& logits,
                                          const Tensor& lse, const Tensor& targets, int64_t ignore_index) {
-  check_same_shape("cross_entropy_backward", "dlogits", dlogits, "logits", logits);
-  check_contiguous("cross_entropy_backward", "dlogits", dlogits);
-  const auto [M, C] = rows_of("cross_entropy_backward", "logits", logits);
-  check_int64_vector("cross_entropy_backward", "targets", targets, M);
-  check_row_vectors("cross_entropy_backward", "dloss/lse", {&dloss, &lse}, M, logits.dtype());
+  const auto [M, C] = check_cross_entropy_backward(dlogits, dloss, logits, lse, targets);
   if (M == 0) return;
   DeviceGuard guard(index_);
   FirstBadPosition bad(index_);
@@ -470,11 +408,7 @@ void CudaBackend::cross_entropy_backward(Tensor& dlogits, const Tensor& dloss, c
 
 void CudaBackend::layer_norm(Tensor& out, Tensor& mean, Tensor& rstd, const Tensor& x, const Tensor& weight,
                              const Tensor& bias, double eps) {
-  check_same_shape("layer_norm", "out", out, "x", x);
-  check_contiguous("layer_norm", "out", out);
-  const auto [M, K] = rows_of("layer_norm", "x", x);
-  check_row_vectors("layer_norm", "mean/rstd", {&mean, &rstd}, M, x.dtype());
-  check_row_vectors("layer_norm", "weight/bias", {&weight, &bias}, K, x.dtype());
+  const auto [M, K] = check_layer_norm(out, mean, rstd, x, weight, bias);
   if (M == 0) return;
   DeviceGuard guard(index_);
   dispatch_float(x.dtype(), [&](auto tag) {
@@ -488,13 +422,7 @@ void CudaBackend::layer_norm(Tensor& out, Tensor& mean, Tensor& rstd, const Tens
 
 void CudaBackend::layer_norm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& dy, const Tensor& x,
                                       const Tensor& mean, const Tensor& rstd, const Tensor& weight) {
-  check_same_shape("layer_norm_backward", "dy", dy, "x", x);
-  check_same_shape("layer_norm_backward", "dx", dx, "x", x);
-  check_contiguous("layer_norm_backward", "dx", dx);
-  check_contiguous("layer_norm_backward", "dy", dy);
-  const auto [M, K] = rows_of("layer_norm_backward", "x", x);
-  check_row_vectors("layer_norm_backward", "mean/rstd", {&mean, &rstd}, M, x.dtype());
-  check_row_vectors("layer_norm_backward", "weight/dweight/dbias", {&weight, &dweight, &dbias}, K, x.dtype());
+  const auto [M, K] = check_layer_norm_backward(dx, dweight, dbias, dy, x, mean, rstd, weight);
   DeviceGuard guard(index_);
   dispatch_float(x.dtype(), [&](auto tag) {
     using T = decltype(tag);
@@ -514,17 +442,10 @@ void CudaBackend::layer_norm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias
 // ---------------------------------------------------------------- embedding
 
 void CudaBackend::embedding(Tensor& out, const Tensor& weight, const Tensor& indices) {
-  const auto [V, E] = rows_of("embedding", "weight", weight);
-  DILATRON_CHECK(weight.dim() == 2, "embedding: weight must be [V, E], got ", shape_str(weight.shape()));
-  const int64_t M = indices.numel();
-  check_int64_vector("embedding", "indices", indices, M);
-  check_contiguous("embedding", "out", out);
-  DILATRON_CHECK(out.numel() == M * E && out.dtype() == weight.dtype(), "embedding: out must be ",
-                 dtype_name(weight.dtype()), " [", M, ", ", E, "], got ", dtype_name(out.dtype()), " ",
-                 shape_str(out.shape()));
+  const auto [V, E, M] = check_embedding("embedding", "weight", weight, "out", out, indices);
   if (M == 0) return;
   DeviceGuard guard(index_);
-  check_indices("embedding", indices.data<int64_t>(), M, V, index_);
+  check_device_indices("embedding", indices.data<int64_t>(), M, V, index_);
   if (E == 0) return;
   dispatch_float(weight.dtype(), [&](auto tag) {
     using T = decltype(tag);
@@ -535,15 +456,7 @@ void CudaBackend::embedding(Tensor& out, const Tensor& weight, const Tensor& ind
 }
 
 void CudaBackend::embedding_backward(Tensor& dweight, const Tensor& dout, const Tensor& indices) {
-  const auto [V, E] = rows_of("embedding_backward", "dweight", dweight);
-  DILATRON_CHECK(dweight.dim() == 2, "embedding_backward: dweight must be [V, E], got ",
-                 shape_str(dweight.shape()));
-  const int64_t M = indices.numel();
-  check_int64_vector("embedding_backward", "indices", indices, M);
-  check_contiguous("embedding_backward", "dout", dout);
-  DILATRON_CHECK(dout.numel() == M * E && dout.dtype() == dweight.dtype(), "embedding_backward: dout must be ",
-                 dtype_name(dweight.dtype()), " [", M, ", ", E, "], got ", dtype_name(dout.dtype()), " ",
-                 shape_str(dout.shape()));
+  const auto [V, E, M] = check_embedding("embedding_backward", "dweight", dweight, "dout", dout, indices);
   DILATRON_CHECK(M < (int64_t{1} << 31), "embedding_backward: ", M, " indices exceed the sort's 2^31 limit");
   DeviceGuard guard(index_);
   const Device dev = Device::cuda(index_);
@@ -551,7 +464,7 @@ void CudaBackend::embedding_backward(Tensor& dweight, const Tensor& dout, const 
     CUDA_CHECK(cudaMemsetAsync(dweight.raw_data(), 0, static_cast<size_t>(dweight.numel()) * dtype_size(dweight.dtype()),
                                kStream));
   if (M == 0) return;
-  check_indices("embedding_backward", indices.data<int64_t>(), M, V, index_);
+  check_device_indices("embedding_backward", indices.data<int64_t>(), M, V, index_);
   if (E == 0) return;
 
   // Sort (index, position) pairs by index; indices are in [0, V), so only their low bits take part.
@@ -583,10 +496,7 @@ void CudaBackend::embedding_backward(Tensor& dweight, const Tensor& dout, const 
 // ---------------------------------------------------------------- dropout
 
 void CudaBackend::dropout(Tensor& out, const Tensor& in, double p, uint64_t seed, uint32_t offset) {
-  check_same_shape("dropout", "out", out, "input", in);
-  check_contiguous("dropout", "out", out);
-  check_contiguous("dropout", "input", in);
-  DILATRON_CHECK(p >= 0.0 && p < 1.0, "dropout: p must be in [0, 1), got ", p);
+  check_dropout(out, in, p);
   const int64_t n = in.numel();
   if (n == 0) return;
   DeviceGuard guard(index_);

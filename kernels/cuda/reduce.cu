@@ -2,17 +2,15 @@
 // double in an order fixed by the shape (reduce.cuh); max keeps the first maximum, or the first NaN.
 #include <algorithm>
 
-#include "cpu/cpu_utils.h"
+#include "backend_checks.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/reduce.cuh"
+#include "dtype_dispatch.h"
 
 namespace dilatron::kernels {
 namespace {
 
 using cuda::BlockReduce;
-using cuda::DeviceGuard;
-using cuda::kBlockThreads;
-using cuda::kStream;
 
 template <typename T>
 struct Load {
@@ -57,23 +55,10 @@ __global__ void max_last_kernel(T* values, int64_t* indices, const T* x, int64_t
   }
 }
 
-// [M, K] geometry of a contiguous input whose row count is out's element count.
-void check_rows(const char* what, const Tensor& out, const Tensor& in, int64_t& rows, int64_t& cols) {
-  DILATRON_CHECK(in.is_contiguous(), what, ": input must be contiguous");
-  DILATRON_CHECK(in.dim() == 2, what, ": expected a 2-D [M, K] input, got shape ", shape_str(in.shape()));
-  rows = in.shape()[0];
-  cols = in.shape()[1];
-  DILATRON_CHECK(out.is_contiguous() && out.numel() == rows, what, ": out shape ", shape_str(out.shape()),
-                 " for input ", shape_str(in.shape()));
-}
-
 }  // namespace
 
 void CudaBackend::sum_last(Tensor& out, const Tensor& in) {
-  int64_t rows = 0, cols = 0;
-  check_rows("sum_last", out, in, rows, cols);
-  DILATRON_CHECK(out.dtype() == in.dtype(), "sum_last: input is ", dtype_name(in.dtype()), ", out is ",
-                 dtype_name(out.dtype()));
+  const auto [rows, cols] = check_sum_last(out, in);
   DeviceGuard guard(index_);
   dispatch_float(in.dtype(), [&](auto tag) {
     using T = decltype(tag);
@@ -82,12 +67,7 @@ void CudaBackend::sum_last(Tensor& out, const Tensor& in) {
 }
 
 void CudaBackend::max_last(Tensor& values, Tensor& indices, const Tensor& in) {
-  int64_t rows = 0, cols = 0;
-  check_rows("max_last", values, in, rows, cols);
-  DILATRON_CHECK(cols > 0 || rows == 0, "max_last: cannot take the max over an empty dim, input shape ",
-                 shape_str(in.shape()));
-  DILATRON_CHECK(values.dtype() == in.dtype() && indices.dtype() == DType::Int64 && indices.numel() == rows,
-                 "max_last: values must be ", dtype_name(in.dtype()), " and indices int64 of ", rows, " elements");
+  const auto [rows, cols] = check_max_last(values, indices, in);
   if (rows == 0) return;
   DeviceGuard guard(index_);
   dispatch_all(in.dtype(), [&](auto tag) {
@@ -99,12 +79,7 @@ void CudaBackend::max_last(Tensor& values, Tensor& indices, const Tensor& in) {
 }
 
 void CudaBackend::sum_first(Tensor& out, const Tensor& in) {
-  DILATRON_CHECK(in.is_contiguous() && in.dim() == 2, "sum_first: expected a contiguous 2-D input, got shape ",
-                 shape_str(in.shape()));
-  const int64_t rows = in.shape()[0], cols = in.shape()[1];
-  DILATRON_CHECK(out.is_contiguous() && out.numel() == cols && out.dtype() == in.dtype(), "sum_first: out shape ",
-                 shape_str(out.shape()), " (", dtype_name(out.dtype()), ") for input ", shape_str(in.shape()), " (",
-                 dtype_name(in.dtype()), ")");
+  const auto [rows, cols] = check_sum_first(out, in);
   DeviceGuard guard(index_);
   dispatch_float(in.dtype(), [&](auto tag) {
     using T = decltype(tag);

@@ -2,17 +2,12 @@
 // (x[2i], x[2i+1]) pair, reading a possibly strided x and writing a contiguous out.
 #include <initializer_list>
 
-#include "cpu/cpu_utils.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/cuda_utils.cuh"
+#include "dtype_dispatch.h"
 
 namespace dilatron::kernels {
 namespace {
-
-using cuda::DeviceGuard;
-using cuda::grid_for;
-using cuda::kBlockThreads;
-using cuda::kStream;
 
 struct RotaryGeometry {
   int64_t n, heads, half;  // x is [B, n, heads, 2 * half]

@@ -14,12 +14,13 @@ namespace dilatron {
 using kernels::AttentionParams;
 using kernels::BranchKind;
 using kernels::key_grid;
+using kernels::kMaxBatchHeads;
+using kernels::kMaxBranches;
+using kernels::kMaxSequence;
 using kernels::query_grid;
 using kernels::subproblems;
 
 namespace {
-
-constexpr size_t kMaxBranches = 16;  // the dropout stream id packs the branch into 4 bits
 
 // The schedule as it acts on H heads of length N, with w and r at most max(N, H, 1): a segment
 // longer than the sequence is one segment of length N, and a dilation r >= max(N, H) gives head h
@@ -87,9 +88,10 @@ void resolve_scale_and_bias(AttentionParams& params, const DilatedAttentionOptio
   params.bucket_base = n - 1;
 }
 
-// Checks everything the contract rejects and resolves the kernel parameters.
-AttentionParams make_params(const Tensor& q, const Tensor& k, const Tensor& v, const DilatedAttentionOptions& opts,
-                            const Tensor& bias) {
+// Checks everything the contract rejects (the one validation: backends check only their own
+// limits) and resolves the kernel parameters.
+AttentionParams make_attention_params(const Tensor& q, const Tensor& k, const Tensor& v,
+                                      const DilatedAttentionOptions& opts, const Tensor& bias) {
   DILATRON_CHECK(q.defined() && k.defined() && v.defined(), "dilated_attention: q, k and v must be defined");
   DILATRON_CHECK(q.dim() == 4, "dilated_attention: q must be 4-D [B, N, H, D], got shape ", shape_str(q.shape()));
   DILATRON_CHECK(k.shape() == q.shape() && v.shape() == q.shape(), "dilated_attention: q, k, v shapes differ: q ",
@@ -102,9 +104,9 @@ AttentionParams make_params(const Tensor& q, const Tensor& k, const Tensor& v, c
                  q.device().str(), ", k ", k.device().str(), ", v ", v.device().str());
   validate_schedule(opts.schedule);
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
-  DILATRON_CHECK(B * H < (int64_t{1} << 28), "dilated_attention: B*H = ", B, "*", H, " = ", B * H,
+  DILATRON_CHECK(B * H < kMaxBatchHeads, "dilated_attention: B*H = ", B, "*", H, " = ", B * H,
                  " must be < 2^28 (the dropout stream id (b*H + h)*16 + i is 32-bit)");
-  DILATRON_CHECK(N < (int64_t{1} << 31), "dilated_attention: sequence length N = ", N, " must be < 2^31");
+  DILATRON_CHECK(N < kMaxSequence, "dilated_attention: sequence length N = ", N, " must be < 2^31");
   DILATRON_CHECK(opts.dropout >= 0.0 && opts.dropout < 1.0, "dilated_attention: dropout p must be in [0, 1), got ",
                  opts.dropout);
 
@@ -122,7 +124,7 @@ AttentionParams make_params(const Tensor& q, const Tensor& k, const Tensor& v, c
 
 AttentionOutput dilated_attention_with_lse(const Tensor& q, const Tensor& k, const Tensor& v,
                                            const DilatedAttentionOptions& opts, const Tensor& bias) {
-  const AttentionParams params = make_params(q, k, v, opts, bias);
+  const AttentionParams params = make_attention_params(q, k, v, opts, bias);
   std::vector<Tensor> out = DilatedAttentionFunction::apply(q, k, v, bias, params);
   return {out[0], out[1].detach()};
 }
@@ -167,8 +169,8 @@ std::vector<AttentionBranch> parse_schedule(const std::string& text) {
 
 void validate_schedule(const std::vector<AttentionBranch>& schedule) {
   DILATRON_CHECK(!schedule.empty(), "dilated attention schedule is empty: give at least one (segment, dilation)");
-  DILATRON_CHECK(schedule.size() <= kMaxBranches, "dilated attention schedule has ", schedule.size(),
-                 " branches; at most ", kMaxBranches, " are allowed");
+  DILATRON_CHECK(static_cast<int64_t>(schedule.size()) <= kMaxBranches, "dilated attention schedule has ",
+                 schedule.size(), " branches; at most ", kMaxBranches, " are allowed");
   for (size_t i = 0; i < schedule.size(); ++i) {
     const auto [w, r, kind] = schedule[i];
     DILATRON_CHECK(w >= 1, "dilated attention branch ", i, ": segment w = ", w, " must be >= 1");

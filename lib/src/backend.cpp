@@ -1,14 +1,8 @@
 #include "dilatron/kernels/backend.h"
 
-#include "cpu/cpu_backend.h"
-#include "cuda_device.h"
+#include "dilatron/kernels/cuda.h"
 
 namespace dilatron::kernels {
-
-Backend& cpu_backend() {
-  static CpuBackend cpu;
-  return cpu;
-}
 
 Backend& backend(Device device) {
   if (device.is_cpu()) return cpu_backend();

@@ -1,12 +1,34 @@
 #include "dilatron/gradcheck.h"
 
+#include <algorithm>
 #include <cmath>
+#include <ostream>
 #include <sstream>
 
 #include "dilatron/autograd.h"
 #include "dilatron/ops.h"
 
 namespace dilatron {
+namespace {
+
+// Folds one (analytic, numerical) pair into the result; the first failure names `where` (called
+// only then) in its message.
+template <typename Where>
+void compare(GradcheckResult& result, double analytic, double numerical, const GradcheckOptions& opts,
+             Where&& where) {
+  const double err = std::abs(analytic - numerical);
+  result.max_abs_error = std::max(result.max_abs_error, err);
+  result.max_rel_error = std::max(result.max_rel_error, err / std::max(std::abs(numerical), 1e-12));
+  if (!(err <= opts.atol + opts.rtol * std::abs(numerical)) && result.ok) {
+    result.ok = false;
+    std::ostringstream os;
+    where(os);
+    os << ": analytic " << analytic << " vs numerical " << numerical;
+    result.message = os.str();
+  }
+}
+
+}  // namespace
 
 GradcheckResult gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& f,
                           const std::vector<Tensor>& inputs, const GradcheckOptions& opts) {
@@ -72,17 +94,9 @@ GradcheckResult gradcheck(const std::function<Tensor(const std::vector<Tensor>&)
       p[i] = orig;
       for (int64_t o = 0; o < n_out; ++o) {
         const double num = (plus[static_cast<size_t>(o)] - minus[static_cast<size_t>(o)]) / (2.0 * opts.eps);
-        const double ana = analytic[c][static_cast<size_t>(i * n_out + o)];
-        const double err = std::abs(ana - num);
-        result.max_abs_error = std::max(result.max_abs_error, err);
-        result.max_rel_error = std::max(result.max_rel_error, err / std::max(std::abs(num), 1e-12));
-        if (!(err <= opts.atol + opts.rtol * std::abs(num)) && result.ok) {
-          result.ok = false;
-          std::ostringstream os;
-          os << "input " << checked[c] << " element " << i << ", output element " << o << ": analytic " << ana
-             << " vs numerical " << num;
-          result.message = os.str();
-        }
+        compare(result, analytic[c][static_cast<size_t>(i * n_out + o)], num, opts, [&](std::ostream& os) {
+          os << "input " << checked[c] << " element " << i << ", output element " << o;
+        });
       }
     }
   }
@@ -114,16 +128,8 @@ GradcheckResult gradcheck_parameters(const std::function<Tensor()>& loss, const 
       data[i] = orig - opts.eps;
       const double minus = loss().item();
       data[i] = orig;
-      const double num = (plus - minus) / (2.0 * opts.eps), ana = analytic[static_cast<size_t>(i)];
-      const double err = std::abs(ana - num);
-      result.max_abs_error = std::max(result.max_abs_error, err);
-      result.max_rel_error = std::max(result.max_rel_error, err / std::max(std::abs(num), 1e-12));
-      if (!(err <= opts.atol + opts.rtol * std::abs(num)) && result.ok) {
-        result.ok = false;
-        std::ostringstream os;
-        os << "parameter " << k << " element " << i << ": analytic " << ana << " vs numerical " << num;
-        result.message = os.str();
-      }
+      compare(result, analytic[static_cast<size_t>(i)], (plus - minus) / (2.0 * opts.eps), opts,
+              [&](std::ostream& os) { os << "parameter " << k << " element " << i; });
     }
   }
   return result;

@@ -5,8 +5,8 @@
 #include <cstdlib>
 #include <new>
 
-#include "cuda_device.h"
 #include "dilatron/error.h"
+#include "dilatron/kernels/cuda.h"
 
 namespace dilatron {
 namespace {

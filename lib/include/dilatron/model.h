@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "dilatron/attention.h"
+#include "dilatron/data.h"
 #include "dilatron/nn.h"
 #include "dilatron/random.h"
 
@@ -19,7 +20,7 @@ namespace dilatron {
 using Schedule = std::vector<AttentionBranch>;
 
 struct ModelConfig {
-  int64_t vocab_size = 259;  // bytes + BOS/EOS/PAD (dilatron/data.h)
+  int64_t vocab_size = data::vocab_size();  // bytes + BOS/EOS/PAD
   int64_t seq_len = 2048;    // training context
   int64_t d_model = 128;
   int64_t n_layers = 4;

@@ -1,12 +1,14 @@
-// Flash dilated attention: the parameters every backend's kernels take, and the grid geometry they
-// share (host and device). The function itself is defined in docs/attention-contract.md (the
-// contract); kernels/cpu/dilated_attention.cpp and kernels/cuda/dilated_attention.cu implement it.
+// Flash dilated attention: the parameters every backend's kernels take, and the one home of the
+// contract's rules (docs/attention-contract.md), host and device: the limits the op validates,
+// the grid geometry, the dropout stream and keep test, and the bias bucket lookup.
+// kernels/cpu/dilated_attention.cpp and kernels/cuda/dilated_attention.cu implement the function.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
 #include "dilatron/host_device.h"
+#include "dilatron/philox.h"
 
 namespace dilatron::kernels {
 
@@ -21,8 +23,15 @@ struct AttentionBranch {
   bool operator==(const AttentionBranch&) const = default;
 };
 
+// ---- limits: the op (lib/src/attention.cpp) rejects what exceeds them, the backends rely on them ----
+// The dropout stream packs the branch index into 4 bits and (b*H + h) into the 28 above them.
+constexpr int64_t kMaxBranches = 16;
+constexpr int64_t kMaxBatchHeads = int64_t{1} << 28;  // B * H below this
+constexpr int64_t kMaxSequence = int64_t{1} << 31;    // N below this: positions fit the 32-bit counter word
+
+// The op's parameters resolved for the kernels (the op's make_attention_params builds them).
 struct AttentionParams {
-  std::vector<AttentionBranch> schedule;  // 1..16 branches, validated by the op
+  std::vector<AttentionBranch> schedule;  // 1..kMaxBranches branches, validated by the op
   bool causal = false;
   double scale = 0.0;      // resolved (1/sqrt(D) when the user gave none)
   double dropout_p = 0.0;  // on attention probabilities
@@ -66,6 +75,10 @@ DILATRON_HOST_DEVICE GridSpan key_grid(int64_t w, int64_t r, int64_t h, int64_t 
   return residue_span(start, len, r, h % r);
 }
 
+// The most grid points of any (head, segment, sub-problem) of branch (w, r), of either grid: head
+// 0's first segment (tiles and scratch are sized by it).
+DILATRON_HOST_DEVICE int64_t max_grid_points(int64_t w, int64_t r, int64_t N) { return key_grid(w, r, 0, 0, N).count; }
+
 // The queries of sub-problem `sub` (< subproblems(kind, r)) of (branch, head h) in segment s.
 DILATRON_HOST_DEVICE GridSpan query_grid(int64_t w, int64_t r, BranchKind kind, bool causal, int64_t h,
                                                 int64_t s, int64_t sub, int64_t N) {
@@ -82,6 +95,38 @@ DILATRON_HOST_DEVICE GridSpan decode_key_span(int64_t w, int64_t r, BranchKind k
   const bool on_grid = t - start >= o && (t - start - o) % r == 0;
   if (kind == BranchKind::dilated && !on_grid) return {start + o, r, 0};
   return residue_span(start, t - start + 1, r, o);
+}
+
+// ---- dropout: the contract's bit m(t, i, j) of (b, h) ----
+//
+// counter {j >> 2, t, (b*H + h)*16 + i, offset}, key seed, word j & 3; keep when the word is at
+// least floor(p * 2^32) (dropout_threshold). The four keys 4c .. 4c+3 share one Philox block.
+
+// The third counter word of (b*H + h, branch i).
+DILATRON_HOST_DEVICE uint32_t dropout_stream(int64_t bh, int64_t branch) {
+  return static_cast<uint32_t>(bh * kMaxBranches + branch);
+}
+
+// The Philox block holding the words of keys 4c .. 4c+3 (c = j >> 2) for query t.
+DILATRON_HOST_DEVICE Philox4 dropout_block(uint64_t seed, uint32_t offset, uint32_t stream, int64_t t, int64_t c) {
+  return philox4x32_10(Philox4{{static_cast<uint32_t>(c), static_cast<uint32_t>(t), stream, offset}},
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// Key j's word of its block. Selects, not block.x[j & 3]: a runtime index would put the block in
+// local memory on the GPU.
+DILATRON_HOST_DEVICE uint32_t dropout_word(const Philox4& block, int64_t j) {
+  return (j & 2) ? ((j & 1) ? block.x[3] : block.x[2]) : ((j & 1) ? block.x[1] : block.x[0]);
+}
+
+DILATRON_HOST_DEVICE bool dropout_keeps(uint32_t word, uint32_t threshold) { return word >= threshold; }
+
+// ---- relative-position bias: the score's term bias[h, bucket(t - j)] ----
+
+// The bucket of distance n = t - j in (-N, N), from AttentionParams' table (or a device copy of it)
+// and its bucket_base = N - 1.
+DILATRON_HOST_DEVICE int32_t bias_bucket(const int32_t* bucket_of_distance, int64_t bucket_base, int64_t n) {
+  return bucket_of_distance[bucket_base + n];
 }
 
 }  // namespace dilatron::kernels
