@@ -52,40 +52,43 @@ void CpuBackend::fill(Tensor& out, double value) {
   });
 }
 
-void CpuBackend::fill_uniform(Tensor& out, uint64_t seed, uint64_t offset, double low, double high) {
+namespace {
+
+// out[i] = value(i), computed in double, for every element of a float tensor, in parallel.
+template <typename F>
+void fill_each(Tensor& out, F&& value) {
   const int64_t n = out.numel();
   dispatch_float(out.dtype(), [&](auto tag) {
     using T = decltype(tag);
     T* p = static_cast<T*>(out.raw_data());
     parallel_for(n, 1 << 12, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        // Two words per element give 53-bit uniforms in both dtypes.
-        const double u = uniform_double(philox_word(seed, offset, 2 * static_cast<uint64_t>(i)),
-                                        philox_word(seed, offset, 2 * static_cast<uint64_t>(i) + 1));
-        p[i] = static_cast<T>(low + (high - low) * u);
-      }
+      for (int64_t i = begin; i < end; ++i) p[i] = static_cast<T>(value(i));
     });
   });
 }
 
+}  // namespace
+
+void CpuBackend::fill_uniform(Tensor& out, uint64_t seed, uint64_t offset, double low, double high) {
+  fill_each(out, [&](int64_t i) {
+    // Two words per element give 53-bit uniforms in both dtypes.
+    const double u = uniform_double(philox_word(seed, offset, 2 * static_cast<uint64_t>(i)),
+                                    philox_word(seed, offset, 2 * static_cast<uint64_t>(i) + 1));
+    return low + (high - low) * u;
+  });
+}
+
 void CpuBackend::fill_normal(Tensor& out, uint64_t seed, uint64_t offset, double mean, double std) {
-  const int64_t n = out.numel();
-  dispatch_float(out.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    T* p = static_cast<T*>(out.raw_data());
-    parallel_for(n, 1 << 12, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        // Box-Muller on one Philox block per pair of elements: cos for even i, sin for odd i.
-        const uint64_t pair = static_cast<uint64_t>(i) >> 1;
-        const uint32_t w0 = philox_word(seed, offset, 4 * pair), w1 = philox_word(seed, offset, 4 * pair + 1);
-        const uint32_t w2 = philox_word(seed, offset, 4 * pair + 2), w3 = philox_word(seed, offset, 4 * pair + 3);
-        const double u1 = 1.0 - uniform_double(w0, w1);  // (0, 1]
-        const double u2 = uniform_double(w2, w3);
-        const double r = std::sqrt(-2.0 * std::log(u1));
-        const double z = (i & 1) ? r * std::sin(2.0 * M_PI * u2) : r * std::cos(2.0 * M_PI * u2);
-        p[i] = static_cast<T>(mean + std * z);
-      }
-    });
+  fill_each(out, [&](int64_t i) {
+    // Box-Muller on one Philox block per pair of elements: cos for even i, sin for odd i.
+    const uint64_t pair = static_cast<uint64_t>(i) >> 1;
+    const uint32_t w0 = philox_word(seed, offset, 4 * pair), w1 = philox_word(seed, offset, 4 * pair + 1);
+    const uint32_t w2 = philox_word(seed, offset, 4 * pair + 2), w3 = philox_word(seed, offset, 4 * pair + 3);
+    const double u1 = 1.0 - uniform_double(w0, w1);  // (0, 1]
+    const double u2 = uniform_double(w2, w3);
+    const double r = std::sqrt(-2.0 * std::log(u1));
+    const double z = (i & 1) ? r * std::sin(2.0 * M_PI * u2) : r * std::cos(2.0 * M_PI * u2);
+    return mean + std * z;
   });
 }
 
