@@ -63,6 +63,11 @@ std::string expect_error(const std::function<void()>& f) {
   return "";
 }
 
+// A message that contains every part.
+void expect_mentions(const std::string& msg, std::initializer_list<std::string> parts) {
+  for (const std::string& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
+}
+
 std::string read_text(const fs::path& path) {
   std::ifstream in(path);
   std::stringstream ss;
@@ -187,9 +192,62 @@ TEST(Training, ResumeUnderDifferentStagesIsAnError) {
   train(load_config(kTiny, two_stages(3, 2, {"train.checkpoint_every=0"})), o);  // step 4 is in stage 2
   o.stop_at_step = -1;
   o.resume = "auto";
-  const std::string msg = expect_error([&] { train(load_config(kTiny, two_stages(5, 2)), o); });
+  const RunConfig changed = load_config(kTiny, two_stages(5, 2));
+  // A changed config needs allow_config_change; with it, the stages must still agree with the checkpoint.
+  const std::string refused = expect_error([&] { train(changed, o); });
+  EXPECT_NE(refused.find("train.stages[0].steps: 3 -> 5"), std::string::npos) << refused;
+  o.allow_config_change = true;
+  const std::string msg = expect_error([&] { train(changed, o); });
   EXPECT_NE(msg.find("stage 2 at step 4"), std::string::npos) << msg;
   EXPECT_NE(msg.find("in stage 1"), std::string::npos) << msg;
+}
+
+// The resume policy: model keys never change, other keys only with allow_config_change (recorded),
+// log_every and checkpoint_every freely; an unchanged config resumes silently.
+TEST(Training, ResumeRefusesAChangedModelKeyNamingEveryChange) {
+  const fs::path dir = fresh_dir("resume_model_change");
+  TrainOptions o = quiet(dir);
+  o.stop_at_step = 2;
+  const std::string ckpt = train(load_config(kTiny, {"train.steps=4"}), o).last_checkpoint;
+  const std::string config = read_text(dir / "config.toml");
+  o.stop_at_step = -1;
+  o.resume = "auto";
+  o.allow_config_change = true;  // allows train.*, never model.*
+  // Dropout leaves every shape as it was: only the policy can refuse it.
+  const std::string msg = expect_error(
+      [&] { train(load_config(kTiny, {"train.steps=4", "model.dropout=0.1", "train.lr=0.001"}), o); });
+  expect_mentions(msg, {ckpt, "model.* keys cannot change", "model.dropout: 0.0 -> 0.1", "train.lr: 0.003 -> 0.001"});
+  EXPECT_EQ(read_text(dir / "config.toml"), config);
+  EXPECT_FALSE(fs::exists(dir / "config-changes.log"));
+}
+
+TEST(Training, ResumeChangingOnlyFreeKeysNeedsNoFlagAndIsRecorded) {
+  const fs::path dir = fresh_dir("resume_free_change");
+  TrainOptions o = quiet(dir);
+  o.stop_at_step = 2;
+  train(load_config(kTiny, {"train.steps=4"}), o);
+  o.stop_at_step = -1;
+  o.resume = "auto";
+  EXPECT_EQ(train(load_config(kTiny, {"train.steps=4"}), o).steps_done, 4);  // unchanged: as before
+  EXPECT_FALSE(fs::exists(dir / "config-changes.log"));
+  const RunConfig c = load_config(kTiny, {"train.steps=4", "train.log_every=5", "train.checkpoint_every=1"});
+  EXPECT_EQ(train(c, o).steps_done, 4);
+  expect_mentions(read_text(dir / "config-changes.log"),
+                  {"resumed at step 4 from '", "train.checkpoint_every: 20 -> 1", "train.log_every: 1 -> 5"});
+  EXPECT_EQ(read_text(dir / "config.toml"), c.toml);
+}
+
+TEST(Config, ChangesCompareEffectiveValuesWithDefaults) {
+  const auto changes = [](const std::vector<std::string>& a, const std::vector<std::string>& b) {
+    std::string out;
+    for (const ConfigChange& c : config_changes(load_config(kTiny, a), load_config(kTiny, b)))
+      out += format_change(c) + "\n";
+    return out;
+  };
+  // The same value spelt differently, or a default given explicitly, is no change.
+  EXPECT_EQ(changes({}, {"train.lr=0.003", "train.beta1=0.9", "eval.lengths=[128]"}), "");
+  EXPECT_EQ(changes({}, {"train.lr=3e-4", "attention.layers={1=\"128:1\"}"}),
+            "attention.layers.1: (none) -> '128:1'\ntrain.lr: 0.003 -> 3e-04\n");
 }
 
 TEST(Training, KeepsOnlyTheNewestCheckpointsAndFindsLatest) {
@@ -520,11 +578,6 @@ TEST(Config, PasskeyQuestionsAndAnswerWeight) {
   }
   msg = expect_error([&] { load_config(kTiny, {"data.answer_weight=\"heavy\""}); });
   EXPECT_NE(msg.find("data.answer_weight"), std::string::npos) << msg;
-}
-
-// A message that contains every part.
-void expect_mentions(const std::string& msg, std::initializer_list<std::string> parts) {
-  for (const std::string& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
 }
 
 // A section replaced through --set (or given as a value in the file) would leave all its keys at their
@@ -879,6 +932,7 @@ TEST_F(TrainCommand, SigintLeavesALoadableCheckpoint) {
   // And the run resumes from it.
   TrainOptions o = quiet(dir);
   o.resume = "auto";
+  o.allow_config_change = true;  // fewer steps
   const int64_t stopped_at = read_checkpoint_summary(*latest).state.step;
   const TrainResult r = train(load_config(kTiny, {"train.checkpoint_every=0", "train.steps=" + std::to_string(stopped_at + 2)}), o);
   EXPECT_EQ(r.first_step, stopped_at);
@@ -1100,6 +1154,7 @@ TEST_F(TrainCommand, SigtermSavesAndASecondRunOnTheSameDirectoryIsRefused) {
   // The lock went with the process, and the run resumes where it stopped.
   TrainOptions o = quiet(dir);
   o.resume = "auto";
+  o.allow_config_change = true;  // fewer steps
   const TrainResult r =
       train(load_config(kTiny, {"train.checkpoint_every=0", "train.steps=" + std::to_string(stopped_at + 2)}), o);
   EXPECT_EQ(r.first_step, stopped_at);
@@ -1180,6 +1235,48 @@ TEST_F(TrainCommand, CorruptedOrInconsistentCheckpointsAreRefusedByInspectEvalAn
                 std::string::npos)
           << cmd << ": " << out;
     }
+}
+
+// A resume whose lr differs from the checkpoint's is refused naming it, and with --allow-config-change
+// continues under the new lr, recording the change.
+TEST_F(TrainCommand, ResumeWithAChangedLrNeedsAllowConfigChangeAndIsRecorded) {
+  const fs::path dir = fresh_dir("resume_lr");
+  TrainOptions first = quiet(dir);
+  first.stop_at_step = 2;
+  const std::string ckpt = train(load_config(kTiny, {"train.steps=4"}), first).last_checkpoint;
+  const std::string config = read_text(dir / "config.toml");
+  const fs::path log = dir.string() + ".log";
+  const std::string resume = binary() + " train " + kTiny + " --out " + dir.string() +
+                             " --resume auto --set train.steps=4 --set train.lr=0.001";
+  int status = run(resume + " > " + log.string() + " 2>&1");
+  ASSERT_TRUE(WIFEXITED(status)) << slurp(log);
+  EXPECT_EQ(WEXITSTATUS(status), 1) << slurp(log);
+  expect_mentions(slurp(log), {"dilatron: error: resuming from '" + ckpt + "'", "train.lr: 0.003 -> 0.001",
+                               "--allow-config-change"});
+  EXPECT_EQ(read_text(dir / "config.toml"), config);
+  EXPECT_FALSE(fs::exists(dir / "config-changes.log"));
+
+  status = run(resume + " --allow-config-change > " + log.string() + " 2>&1");
+  ASSERT_EQ(status, 0) << slurp(log);
+  expect_mentions(slurp(log), {"config changed on resume at step 2: train.lr: 0.003 -> 0.001"});
+  expect_mentions(read_text(dir / "config-changes.log"),
+                  {"resumed at step 2 from '" + ckpt + "'\n  train.lr: 0.003 -> 0.001\n"});
+  EXPECT_EQ(read_text(dir / "config.toml"), load_config(kTiny, {"train.steps=4", "train.lr=0.001"}).toml);
+  // Steps 3 and 4 ran at the new schedule's rates (warmup 5 is cut to the run's 4 steps, as train() does).
+  const optim::WarmupCosine schedule(0.001, 4, 4, 3e-4);
+  std::istringstream lines(read_text(dir / "metrics.jsonl"));
+  std::vector<std::string> lrs;
+  for (std::string line; std::getline(lines, line);) {
+    const size_t at = line.find("\"lr\": ");
+    ASSERT_NE(at, std::string::npos) << line;
+    lrs.push_back(line.substr(at + 6, line.find(',', at) - at - 6));
+  }
+  ASSERT_EQ(lrs.size(), 4u);
+  for (const int64_t step : {2, 3}) {
+    char want[32];
+    std::snprintf(want, sizeof want, "%.6g", schedule.lr_at(step));
+    EXPECT_EQ(lrs[static_cast<size_t>(step)], want) << "step " << step + 1;
+  }
 }
 
 // A small tmpfs, unmounted when the test ends.

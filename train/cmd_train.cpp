@@ -33,6 +33,7 @@ struct TrainArgs {
   std::vector<std::string> set;
   std::string resume;
   std::string out;
+  bool allow_config_change = false;
 };
 
 // The curriculum, one line per stage (nothing without [[train.stages]]).
@@ -58,6 +59,7 @@ void run_train(const TrainArgs& a) {
   TrainOptions o;
   o.out_dir = a.out.empty() ? "runs/" + std::filesystem::path(a.config).stem().string() : a.out;
   o.resume = a.resume;
+  o.allow_config_change = a.allow_config_change;
   o.stop = &g_stop;
   for (const int sig : {SIGINT, SIGTERM}) std::signal(sig, on_stop_signal);
   std::fprintf(stderr, "training %s -> %s (%lld steps, batch %lld x %lld tokens)\n", a.config.c_str(),
@@ -239,6 +241,9 @@ void add_train_commands(CLI::App& app) {
   train->add_option("--set", t->set, "override a config key: section.key=value (repeatable)");
   train->add_option("--resume", t->resume, "auto (the latest checkpoint in --out) or a checkpoint path");
   train->add_option("--out", t->out, "run directory (default runs/<config name>)");
+  train->add_flag("--allow-config-change", t->allow_config_change,
+                  "resume although the config differs from the checkpoint's (not in model.*); the changes are "
+                  "recorded in OUT/config-changes.log");
   train->callback([t] { run_train(*t); });
 
   auto e = std::make_shared<EvalArgs>();
