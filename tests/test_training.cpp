@@ -426,6 +426,19 @@ TEST(Training, ResumeDropsTheMetricsOfStepsPastTheCheckpoint) {
   EXPECT_EQ(metric_steps(dir / "metrics.jsonl"), (std::vector<int64_t>{1, 2, 3, 4, 5, 6}));
 }
 
+// Killed before its first checkpoint, a run restarts from step 0 under --resume auto: the lines of the
+// killed steps go, as after a resume from a checkpoint.
+TEST(Training, FreshStartAfterAKillBeforeTheFirstCheckpointLogsEachStepOnce) {
+  const fs::path dir = fresh_dir("metrics_fresh");
+  const RunConfig c = load_config(kTiny, {"train.steps=3"});
+  fs::create_directories(dir);
+  std::ofstream(dir / "metrics.jsonl") << "{\"step\": 1, \"stage\": 1, \"loss\": 5.5}\n{\"step\": 2, \"st";
+  TrainOptions o = quiet(dir);
+  o.resume = "auto";
+  EXPECT_EQ(train(c, o).first_step, 0);
+  EXPECT_EQ(metric_steps(dir / "metrics.jsonl"), (std::vector<int64_t>{1, 2, 3}));
+}
+
 TEST(Training, OrphanedCheckpointTemporariesAreRemovedOnStart) {
   const fs::path dir = fresh_dir("orphans");
   const fs::path ckpts = dir / "checkpoints";

@@ -100,8 +100,11 @@ void append_line(const std::string& path, const std::string& line) { append_to_f
 // After a resume the steps past the checkpoint run again: their lines from before (a kill, a crash) go,
 // and so does a line cut short, so each step is logged once. metrics.jsonl is rewritten atomically.
 void drop_metrics_after(const std::string& path, int64_t step) {
+  // None yet, or not a file to rewrite (a device such as /dev/full never ends; appends report its errors).
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) return;
   std::ifstream in(path, std::ios::binary);
-  if (!in) return;  // none yet
+  DILATRON_CHECK(in.is_open(), "cannot open '", path, "'");
   const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   DILATRON_CHECK(!in.bad(), "cannot read '", path, "'");
   constexpr std::string_view prefix = "{\"step\": ";  // how every line starts
@@ -345,8 +348,10 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
     for (const ConfigChange& ch : changes)
       std::fprintf(stderr, "config changed on resume at step %lld: %s\n", static_cast<long long>(st.step),
                    format_change(ch).c_str());
-    drop_metrics_after(metrics_path, st.step);
   }
+  // A fresh start (--resume auto with no checkpoint, after a kill before the first one) runs every step
+  // again too.
+  drop_metrics_after(metrics_path, st.step);
   fs::create_directories(o.out_dir);
   if (!lock) lock.emplace(o.out_dir);
   if (!changes.empty())
