@@ -326,6 +326,38 @@ TEST_F(H5Errors, FlippedDataBytesAreRefusedNamingTheDataset) {
   }
 }
 
+// A checksummed string attribute refuses a flipped byte of its value (stored in the global heap, which
+// HDF5 does not checksum); a string without a stored checksum reads unchecked, as older files do.
+TEST_F(H5Errors, FlippedByteInAChecksummedStringAttributeIsRefusedNamingIt) {
+  const std::string path = file("attrs.h5");
+  const std::string config = "[train]\nlr = 0.003\nsteps = 40\n", plain = "[model]\nd_ff = 64\n";
+  {
+    h5::File f = h5::File::create(path);
+    f.set_attr_checksummed("/", "config", config);
+    f.set_attr("/", "plain", plain);
+  }
+  EXPECT_EQ(h5::File::open(path).get_attr_string("/", "config"), config);
+  EXPECT_TRUE(h5::File::open(path).has_attr("/", std::string("config") + h5::File::kChecksumSuffix));
+  const std::string clean = path + ".clean";
+  fs::copy_file(path, clean);
+  for (size_t i = 0; i < config.size(); ++i) {
+    fs::copy_file(clean, path, fs::copy_options::overwrite_existing);
+    const size_t at = find_bytes(path, config.data(), config.size());
+    ASSERT_NE(at, std::string::npos) << "the string is not stored verbatim";
+    flip_byte(path, at + i);
+    const h5::File f = h5::File::open(path);
+    EXPECT_EQ(error_of([&] { f.get_attr_string("/", "config"); }),
+              "attribute 'config' of '/' in '" + path + "' does not match its checksum ('config.fnv1a64'): the file "
+              "is corrupted")
+        << "byte " << i;
+  }
+  fs::copy_file(clean, path, fs::copy_options::overwrite_existing);
+  flip_byte(path, find_bytes(path, plain.data(), plain.size()) + 15);
+  std::string flipped = plain;
+  flipped[15] = static_cast<char>(flipped[15] ^ 0xff);
+  EXPECT_EQ(h5::File::open(path).get_attr_string("/", "plain"), flipped);  // nothing to check it by
+}
+
 // ---------------------------------------------------------------- atomic_write
 
 TEST_F(H5Atomic, ReplacesTheFileAndLeavesNoTemporary) {

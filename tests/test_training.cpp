@@ -307,6 +307,27 @@ TEST_F(CheckpointErrors, DifferentModelShapeNamesTheParameter) {
   EXPECT_NE(msg.find("[96, 32]"), std::string::npos) << msg;
 }
 
+// The shape is checked before the read: a dataset declaring 2^40 rows (h5py makes one without data) is
+// refused naming it, not allocated (an out-of-memory error that named neither file nor dataset).
+TEST_F(CheckpointErrors, HugeDeclaredShapeIsRefusedBeforeReading) {
+  if (std::system("/usr/bin/python3 -c 'import h5py' >/dev/null 2>&1") != 0)
+    GTEST_SKIP() << "python3-h5py is not installed (scripts/install-deps.sh installs it)";
+  const std::string bad = (dir_ / "huge.h5").string();
+  fs::copy_file(ckpt_, bad);
+  const std::string script =
+      "import h5py, sys\n"
+      "with h5py.File(sys.argv[1], 'r+') as f:\n"
+      "    del f['model/blocks.0.fc.weight']\n"
+      "    f.create_dataset('model/blocks.0.fc.weight', shape=(1 << 40, 32), dtype='f4', chunks=(64, 32))\n"
+      "    f.create_dataset('huge', shape=(1 << 61, 4), dtype='f4', chunks=(64, 4))\n";
+  ASSERT_EQ(std::system(("/usr/bin/python3 -c \"" + script + "\" " + bad).c_str()), 0);
+  expect_mentions(load_into_fresh_model(config_, bad),
+                  {bad, "'model/blocks.0.fc.weight' has shape [1099511627776, 32] but the model expects [64, 32]"});
+  // A plain read of a shape whose size in bytes overflows names the dataset too.
+  expect_mentions(expect_error([&] { h5::File::open(bad).read("huge"); }),
+                  {"cannot read dataset 'huge' in '" + bad + "': its shape [2305843009213693952, 4] is too large"});
+}
+
 TEST_F(CheckpointErrors, ResumeFromMissingFileIsAnErrorAndWritesNothing) {
   TrainOptions o = quiet(dir_);
   o.resume = (dir_ / "nope.h5").string();
@@ -1232,7 +1253,7 @@ TEST_F(TrainCommand, CorruptedOrInconsistentCheckpointsAreRefusedByInspectEvalAn
     std::string toml = f.get_attr_string("/", "config");
     const size_t d_ff = toml.find("d_ff = 64");
     ASSERT_NE(d_ff, std::string::npos) << toml;
-    f.set_attr("/", "config", toml.replace(d_ff, 9, "d_ff = 96"));
+    f.set_attr_checksummed("/", "config", toml.replace(d_ff, 9, "d_ff = 96"));  // consistent, but not the model
   }
   const std::vector<std::pair<std::string, std::vector<std::string>>> cases = {
       {flipped, {"inspect"}}, {other, {"inspect", "eval", "sample"}}};
@@ -1248,6 +1269,28 @@ TEST_F(TrainCommand, CorruptedOrInconsistentCheckpointsAreRefusedByInspectEvalAn
                 std::string::npos)
           << cmd << ": " << out;
     }
+}
+
+// The stored config is a string in HDF5's global heap, outside its checksums: its own checksum catches a
+// flipped byte that would still parse (lr = 0.003 read as lr = 0.00).
+TEST_F(TrainCommand, FlippedByteInTheStoredConfigIsRefusedByInspectEvalAndResume) {
+  const fs::path dir = fresh_dir("config_flip");
+  const std::string ckpt = train(load_config(kTiny, {"train.steps=2"}), quiet(dir)).last_checkpoint;
+  const std::string toml = read_checkpoint_summary(ckpt).config_toml;
+  const size_t lr = toml.find("\nlr = 0.003");
+  ASSERT_NE(lr, std::string::npos) << toml;
+  const size_t at = read_text(ckpt).find(toml);
+  ASSERT_NE(at, std::string::npos) << "the config is not stored verbatim in " << ckpt;
+  flip_byte(ckpt, at + lr + 10);  // '3' ^ 0x10 = '#': "lr = 0.00#"
+  const fs::path resumed = dir / "resumed", log = dir / "refused.log";
+  for (const std::string& cmd : {"inspect " + ckpt, "eval " + ckpt,
+                                 "train " + kTiny + " --set train.steps=2 --resume " + ckpt + " --out " + resumed.string()}) {
+    const int status = run(binary() + " " + cmd + " > " + log.string() + " 2>&1");
+    ASSERT_TRUE(WIFEXITED(status)) << cmd << ": " << slurp(log);
+    EXPECT_EQ(WEXITSTATUS(status), 1) << cmd << ": " << slurp(log);
+    expect_mentions(slurp(log), {"attribute 'config' of '/' in '" + ckpt + "' does not match its checksum"});
+  }
+  EXPECT_FALSE(fs::exists(resumed));
 }
 
 // A resume whose lr differs from the checkpoint's is refused naming it, and with --allow-config-change

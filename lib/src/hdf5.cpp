@@ -11,6 +11,7 @@
 #include <charconv>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 #include <optional>
 #include <utility>
 
@@ -178,6 +179,21 @@ Shape shape_of(hid_t space, const std::string& where) {
   return Shape(dims.begin(), dims.end());
 }
 
+// A tensor to read `where` into. A stored shape too large to count in bytes or to allocate (a corrupted or
+// hostile file) is an error naming the dataset, not an overflow or an anonymous out-of-memory error.
+Tensor empty_for(const Shape& shape, DType dtype, const std::string& where) {
+  uint64_t bytes = dtype_size(dtype);
+  for (const int64_t d : shape)
+    DILATRON_CHECK(!__builtin_mul_overflow(bytes, static_cast<uint64_t>(d), &bytes) &&
+                       bytes <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()),
+                   "cannot read ", where, ": its shape ", shape_str(shape), " is too large");
+  try {
+    return Tensor::empty(shape, dtype);
+  } catch (const Error& e) {
+    throw Error(concat("cannot read ", where, " of shape ", shape_str(shape), ": ", e.what()));
+  }
+}
+
 // Dataset creation properties: chunked with HDF5's Fletcher32 checksum, which H5Dread verifies, so a
 // flipped byte is refused instead of read. Scalar and empty datasets cannot be chunked and stay plain.
 Id checksummed_layout(const Shape& shape, size_t elem_size, const std::string& what) {
@@ -325,6 +341,13 @@ std::vector<T> read_numeric_attr(hid_t file, const std::string& path, const std:
   return values;
 }
 
+// FNV-1a, 64 bits: enough to tell a corrupted string from the one written (not an authenticity check).
+uint64_t fnv1a64(const std::string& s) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (const char c : s) h = (h ^ static_cast<unsigned char>(c)) * 0x100000001b3ull;
+  return h;
+}
+
 template <typename T>
 T single_value(const std::vector<T>& values, const std::string& where) {
   DILATRON_CHECK(values.size() == 1, where, " holds ", values.size(), " values, not one");
@@ -426,7 +449,7 @@ Tensor File::read(const std::string& name) const {
   DILATRON_CHECK(dtype, where, " has type ", type_name(type),
                  ", which does not read as a tensor (supported: float16/32/64, integers up to int64, bool)");
   const Id space = checked(H5Dget_space(dset), H5Sclose, "cannot read ", where);
-  Tensor t = Tensor::empty(shape_of(space, where), *dtype);
+  Tensor t = empty_for(shape_of(space, where), *dtype, where);
   if (t.numel() > 0) {
     const Id mem_type = hdf5_type(*dtype, /*in_file=*/false);
     check(H5Dread(dset, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.raw_data()), "cannot read ", where);
@@ -465,6 +488,11 @@ void File::set_attr(const std::string& object, const std::string& key, const std
   write_attr(open_id(), path_, object, key, type, type, {}, &data);
 }
 
+void File::set_attr_checksummed(const std::string& object, const std::string& key, const std::string& value) {
+  set_attr(object, key, value);
+  set_attr(object, key + kChecksumSuffix, static_cast<int64_t>(fnv1a64(value)));
+}
+
 void File::set_attr(const std::string& object, const std::string& key, int64_t value) {
   write_attr(open_id(), path_, object, key, H5T_STD_I64LE, H5T_NATIVE_INT64, {}, &value);
 }
@@ -492,6 +520,17 @@ bool File::has_attr(const std::string& object, const std::string& key) const {
 }
 
 std::string File::get_attr_string(const std::string& object, const std::string& key) const {
+  std::string value = read_attr_string(object, key);
+  const std::string checksum = key + kChecksumSuffix;
+  if (has_attr(object, checksum)) {
+    const auto stored = static_cast<uint64_t>(get_attr_int(object, checksum));
+    DILATRON_CHECK(fnv1a64(value) == stored, attr_where(path_, object, key), " does not match its checksum ('",
+                   checksum, "'): the file is corrupted");
+  }
+  return value;
+}
+
+std::string File::read_attr_string(const std::string& object, const std::string& key) const {
   const std::string where = attr_where(path_, object, key);
   const Id attr = open_attr(open_id(), path_, object, key);
   const Id type = checked(H5Aget_type(attr), H5Tclose, "cannot read ", where);
