@@ -5,7 +5,6 @@
 #include <atomic>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <numeric>
 #include <optional>
 
@@ -13,6 +12,7 @@
 #include "dilatron/autograd.h"
 #include "dilatron/checkpoint.h"
 #include "dilatron/data.h"
+#include "dilatron/fileio.h"
 #include "dilatron/ops.h"
 #include "dilatron/trainer.h"
 
@@ -135,17 +135,8 @@ void run_eval(const EvalArgs& a) {
     }
     const PasskeyReport report = evaluate_passkey(*l.model, lengths, samples, l.config.eval.seed, base, a.batch);
     std::printf("%s", format_passkey_report(report).c_str());
-    if (!a.json.empty()) {
-      // Written beside and renamed, so a reader never sees half a report.
-      const std::string tmp = a.json + ".tmp";
-      {
-        std::ofstream out(tmp);
-        out << passkey_report_json(report, l.path, l.step);
-        out.close();
-        DILATRON_CHECK(!out.fail(), "--json: cannot write '", tmp, "'");
-      }
-      std::filesystem::rename(tmp, a.json);
-    }
+    // Written beside and renamed, so a reader never sees half a report.
+    if (!a.json.empty()) write_file_atomically(a.json, passkey_report_json(report, l.path, l.step));
   } else if (task == "text") {
     const std::string path = a.text.empty() ? l.config.data.path : a.text;
     DILATRON_CHECK(!path.empty(), "eval --task text needs --text FILE");
