@@ -1271,9 +1271,10 @@ TEST_F(TrainCommand, CorruptedOrInconsistentCheckpointsAreRefusedByInspectEvalAn
     }
 }
 
-// The stored config is a string in HDF5's global heap, outside its checksums: its own checksum catches a
-// flipped byte that would still parse (lr = 0.003 read as lr = 0.00).
-TEST_F(TrainCommand, FlippedByteInTheStoredConfigIsRefusedByInspectEvalAndResume) {
+// A flipped byte in the stored config could still parse (lr = 0.003 read as lr = 0.00); as a
+// variable-length string it was read without a check. Now HDF5's metadata checksum refuses it, and a
+// config that does not match its stored hash is refused naming the attribute.
+TEST_F(TrainCommand, CorruptedStoredConfigIsRefusedByInspectEvalAndResume) {
   const fs::path dir = fresh_dir("config_flip");
   const std::string ckpt = train(load_config(kTiny, {"train.steps=2"}), quiet(dir)).last_checkpoint;
   const std::string toml = read_checkpoint_summary(ckpt).config_toml;
@@ -1281,15 +1282,25 @@ TEST_F(TrainCommand, FlippedByteInTheStoredConfigIsRefusedByInspectEvalAndResume
   ASSERT_NE(lr, std::string::npos) << toml;
   const size_t at = read_text(ckpt).find(toml);
   ASSERT_NE(at, std::string::npos) << "the config is not stored verbatim in " << ckpt;
-  flip_byte(ckpt, at + lr + 10);  // '3' ^ 0x10 = '#': "lr = 0.00#"
-  const fs::path resumed = dir / "resumed", log = dir / "refused.log";
-  for (const std::string& cmd : {"inspect " + ckpt, "eval " + ckpt,
-                                 "train " + kTiny + " --set train.steps=2 --resume " + ckpt + " --out " + resumed.string()}) {
-    const int status = run(binary() + " " + cmd + " > " + log.string() + " 2>&1");
-    ASSERT_TRUE(WIFEXITED(status)) << cmd << ": " << slurp(log);
-    EXPECT_EQ(WEXITSTATUS(status), 1) << cmd << ": " << slurp(log);
-    expect_mentions(slurp(log), {"attribute 'config' of '/' in '" + ckpt + "' does not match its checksum"});
+  const std::string flipped = (dir / "flipped.h5").string(), unhashed = (dir / "unhashed.h5").string();
+  fs::copy_file(ckpt, flipped);
+  flip_byte(flipped, at + lr + 10);  // '3' ^ 0x10 = '#': "lr = 0.00#..."
+  fs::copy_file(ckpt, unhashed);
+  {
+    h5::File f = h5::File::open(unhashed, h5::Mode::ReadWrite);
+    f.set_attr("/", "config.fnv1a64", int64_t{7});
   }
+  const fs::path resumed = dir / "resumed", log = dir / "refused.log";
+  for (const auto& [path, want] : {std::pair{flipped, "cannot read the attributes of '/' in '" + flipped + "'"},
+                                   std::pair{unhashed, "attribute 'config' of '/' in '" + unhashed +
+                                                           "' does not match its checksum ('config.fnv1a64')"}})
+    for (const std::string& cmd : {"inspect " + path, "eval " + path,
+                                   "train " + kTiny + " --set train.steps=2 --resume " + path + " --out " + resumed.string()}) {
+      const int status = run(binary() + " " + cmd + " > " + log.string() + " 2>&1");
+      ASSERT_TRUE(WIFEXITED(status)) << cmd << ": " << slurp(log);
+      EXPECT_EQ(WEXITSTATUS(status), 1) << cmd << ": " << slurp(log);
+      expect_mentions(slurp(log), {want, "checksum"});
+    }
   EXPECT_FALSE(fs::exists(resumed));
 }
 

@@ -282,8 +282,16 @@ std::string attr_where(const std::string& path, const std::string& object, const
   return concat("attribute '", key, "' of '", object, "' in '", path, "'");
 }
 
+// A failed lookup means the object's attribute storage cannot be read (all of it, for many attributes:
+// one damaged heap block), not that this attribute is the damaged one.
+std::string attr_lookup_failed(const std::string& path, const std::string& object, const std::string& key) {
+  return concat("cannot read the attributes of '", object, "' in '", path, "' (looking up '", key, "')");
+}
+
+// An object that is linked but does not open (a corrupted header fails its checksum) is reported with
+// HDF5's reason, not as missing.
 Id open_object(hid_t file, const std::string& path, const std::string& object, const std::string& key) {
-  DILATRON_CHECK(object_type(file, object) != H5I_BADID, "'", path, "' has no group or dataset '", object,
+  DILATRON_CHECK(!object.empty() && link_exists(file, object), "'", path, "' has no group or dataset '", object,
                  "' (looking for attribute '", key, "')");
   return checked(H5Oopen(file, object.c_str(), H5P_DEFAULT), H5Oclose, "cannot open '", object, "' in '", path, "'");
 }
@@ -292,7 +300,7 @@ Id open_object(hid_t file, const std::string& path, const std::string& object, c
 Id open_attr(hid_t file, const std::string& path, const std::string& object, const std::string& key) {
   const Id obj = open_object(file, path, object, key);
   const htri_t exists = H5Aexists(obj, key.c_str());
-  check(exists, "cannot look up ", attr_where(path, object, key));
+  check(exists, attr_lookup_failed(path, object, key));
   if (exists == 0) {
     std::vector<std::string> names;
     H5Aiterate2(
@@ -361,9 +369,13 @@ T single_value(const std::vector<T>& values, const std::string& where) {
 File File::create(const std::string& path) {
   init_hdf5();
   const std::string what = concat("cannot create '", path, "'");
-  // The 1.8 format checksums the superblock and object headers (attributes included); h5py reads it.
+  // The 1.10 format checksums all the metadata a read relies on: the superblock, object headers
+  // (attributes included), and the chunk indexes (a single chunk's in its dataset's header, several in
+  // a fixed array). The 1.8 format indexed chunks in version-1 B-trees, which have no checksum: a flipped
+  // byte in a chunk's key made HDF5 read the dataset as its fill value, zeros, without an error.
+  // h5py (HDF5 >= 1.10) reads it.
   const Id access = checked(H5Pcreate(H5P_FILE_ACCESS), H5Pclose, what);
-  check(H5Pset_libver_bounds(access, H5F_LIBVER_V18, H5F_LIBVER_V18), what);
+  check(H5Pset_libver_bounds(access, H5F_LIBVER_V110, H5F_LIBVER_V110), what);
   const hid_t id = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, access);
   if (id < 0) throw_hdf5("cannot create '", path, "'");
   return File(path, id);
@@ -489,7 +501,16 @@ void File::set_attr(const std::string& object, const std::string& key, const std
 }
 
 void File::set_attr_checksummed(const std::string& object, const std::string& key, const std::string& value) {
-  set_attr(object, key, value);
+  DILATRON_CHECK(value.find('\0') == std::string::npos, "cannot write ", attr_where(path_, object, key),
+                 ": the string contains a NUL character");
+  // Fixed length, so the bytes sit in the attribute itself (NUL-padded; HDF5 takes no empty type).
+  Id type = copy_type(H5T_C_S1);
+  const std::string what = "cannot write " + attr_where(path_, object, key);
+  check(H5Tset_size(type, std::max<size_t>(value.size(), 1)), what);
+  check(H5Tset_cset(type, H5T_CSET_UTF8), what);
+  check(H5Tset_strpad(type, H5T_STR_NULLPAD), what);
+  const std::string padded = value.empty() ? std::string(1, '\0') : value;
+  write_attr(open_id(), path_, object, key, type, type, {}, padded.data());
   set_attr(object, key + kChecksumSuffix, static_cast<int64_t>(fnv1a64(value)));
 }
 
@@ -515,7 +536,7 @@ bool File::has_attr(const std::string& object, const std::string& key) const {
   const hid_t file = open_id();
   if (object_type(file, object) == H5I_BADID) return false;
   const htri_t exists = H5Aexists_by_name(file, object.c_str(), key.c_str(), H5P_DEFAULT);
-  check(exists, "cannot look up ", attr_where(path_, object, key));
+  check(exists, attr_lookup_failed(path_, object, key));
   return exists > 0;
 }
 

@@ -61,9 +61,12 @@ class File {
   void set_attr(const std::string& object, const std::string& key, double value);
   void set_attr(const std::string& object, const std::string& key, const std::vector<int64_t>& values);
   void set_attr(const std::string& object, const std::string& key, const std::vector<double>& values);
-  // A string attribute with its checksum beside it: key + kChecksumSuffix, an int64 holding the FNV-1a 64
-  // hash of the value. HDF5 checksums object headers, but a variable-length string lives in the global
-  // heap, which has none, so a flipped byte in it would otherwise read back as a different string.
+  // A string attribute stored fixed-length, with its checksum beside it: key + kChecksumSuffix, an int64
+  // holding the FNV-1a 64 hash of the value. A variable-length string (set_attr) lives in HDF5's global
+  // heap, which has no checksum: a flipped byte there reads back as another string, or (in its object
+  // sizes) hangs HDF5 1.10's reader. A fixed-length one sits in the attribute, inside HDF5's checksummed
+  // metadata; the hash also covers an attribute too large for that (HDF5 stores those apart). h5py
+  // reads it as bytes.
   void set_attr_checksummed(const std::string& object, const std::string& key, const std::string& value);
   static constexpr const char* kChecksumSuffix = ".fnv1a64";
   // Other integer types (int, size_t, ...) are stored as int64, so set_attr(o, "step", 5) is unambiguous.
