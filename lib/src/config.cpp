@@ -141,6 +141,7 @@ class Reader {
     }
     return true;
   }
+
   const toml::node* find(const std::string& key) {
     known_.insert(key);
     for (size_t p = key.find('.'); p != std::string::npos; p = key.find('.', p + 1)) {

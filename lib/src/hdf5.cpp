@@ -349,6 +349,11 @@ std::vector<T> read_numeric_attr(hid_t file, const std::string& path, const std:
   return values;
 }
 
+// Strings are stored up to their first NUL: one inside would cut them short.
+void require_no_nul(const std::string& value, const std::string& where) {
+  DILATRON_CHECK(value.find('\0') == std::string::npos, "cannot write ", where, ": the string contains a NUL character");
+}
+
 // FNV-1a, 64 bits: enough to tell a corrupted string from the one written (not an authenticity check).
 uint64_t fnv1a64(const std::string& s) {
   uint64_t h = 0xcbf29ce484222325ull;
@@ -493,18 +498,16 @@ std::vector<std::string> File::list(const std::string& group, bool recursive) co
 }
 
 void File::set_attr(const std::string& object, const std::string& key, const std::string& value) {
-  DILATRON_CHECK(value.find('\0') == std::string::npos, "cannot write ", attr_where(path_, object, key),
-                 ": the string contains a NUL character");
+  require_no_nul(value, attr_where(path_, object, key));
   const Id type = vlen_string_type(H5T_CSET_UTF8);
   const char* data = value.c_str();
   write_attr(open_id(), path_, object, key, type, type, {}, &data);
 }
 
 void File::set_attr_checksummed(const std::string& object, const std::string& key, const std::string& value) {
-  DILATRON_CHECK(value.find('\0') == std::string::npos, "cannot write ", attr_where(path_, object, key),
-                 ": the string contains a NUL character");
+  require_no_nul(value, attr_where(path_, object, key));
   // Fixed length, so the bytes sit in the attribute itself (NUL-padded; HDF5 takes no empty type).
-  Id type = copy_type(H5T_C_S1);
+  const Id type = copy_type(H5T_C_S1);
   const std::string what = "cannot write " + attr_where(path_, object, key);
   check(H5Tset_size(type, std::max<size_t>(value.size(), 1)), what);
   check(H5Tset_cset(type, H5T_CSET_UTF8), what);
