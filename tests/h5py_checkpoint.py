@@ -31,6 +31,7 @@ with h5py.File(ckpt, "r") as f:
         total += data.size
     step = int(f.attrs["step"])
     config = f.attrs["config"]
+    config = config.decode() if isinstance(config, bytes) else config  # a fixed-length string: bytes
     assert isinstance(config, str) and "[model]" in config, "config attribute is not the TOML text"
     assert step == 2, f"step attribute {step}"
 print(f"ok: {len(names)} parameters, {total} values, step {step}")

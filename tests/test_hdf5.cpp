@@ -316,6 +316,102 @@ TEST_F(H5Errors, FlippedDataBytesAreRefusedNamingTheDataset) {
   }
 }
 
+// Every byte of a file outside the stored values (superblock, object headers, attributes, chunk
+// indexes, heaps, free space), flipped in turn: each read either fails or returns exactly what was
+// written. In the 1.8 format a flip in a chunk's version-1 B-tree key read that dataset as zeros.
+TEST_F(H5Errors, EveryFlippedMetadataByteIsRefusedOrHarmless) {
+  const std::string path = file("meta.h5");
+  Generator gen(5);
+  // One chunk (indexed in the dataset's header), two chunks of 1 MiB (a fixed array), checkpoint-like
+  // attributes.
+  const std::vector<std::pair<std::string, Tensor>> datasets = {
+      {"model/a.weight", Tensor::randn({4, 8}, gen)}, {"model/a.bias", Tensor::randn({8}, gen)},
+      {"optimizer/a.bias/m", Tensor::randn({8}, gen)}, {"big", Tensor::randn({2, 1 << 18}, gen)}};
+  const std::string config = "[train]\nlr = 0.003\n";
+  {
+    h5::File f = h5::File::create(path);
+    for (const auto& [name, t] : datasets) f.write(name, t);
+    f.set_attr_checksummed("/", "config", config);
+    f.set_attr("/", "step", int64_t{12});
+  }
+  std::vector<bool> values(fs::file_size(path), false);
+  for (const auto& [name, t] : datasets) {
+    // Row by row: the chunks of "big" (one row each) need not be adjacent.
+    const size_t row = static_cast<size_t>(t.numel() / t.shape()[0]) * sizeof(float);
+    for (int64_t r = 0; r < t.shape()[0]; ++r) {
+      const size_t at = find_bytes(path, static_cast<const char*>(t.raw_data()) + static_cast<size_t>(r) * row, row);
+      ASSERT_NE(at, std::string::npos) << name << " is not stored verbatim";
+      std::fill(values.begin() + static_cast<std::ptrdiff_t>(at), values.begin() + static_cast<std::ptrdiff_t>(at + row), true);
+    }
+  }
+  const auto read_all = [&] {
+    const h5::File f = h5::File::open(path);
+    for (const auto& [name, t] : datasets)
+      if (f.read(name).to_vector<float>() != t.to_vector<float>()) return false;
+    return f.get_attr_string("/", "config") == config && f.get_attr_int("/", "step") == 12;
+  };
+  ASSERT_TRUE(read_all());
+  std::vector<size_t> silent;
+  size_t refused = 0;
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (values[i]) continue;  // the Fletcher32 test's ground
+    flip_byte(path, i);
+    try {
+      if (!read_all()) silent.push_back(i);
+    } catch (const Error&) {
+      ++refused;
+    }
+    flip_byte(path, i);  // back
+  }
+  EXPECT_TRUE(silent.empty()) << silent.size() << " flipped bytes read back as other values without an error, "
+                              << "the first at offset " << silent.front();
+  EXPECT_GT(refused, 0u);
+}
+
+// set_attr_checksummed keeps the string in the attribute, inside HDF5's checksummed metadata, and its
+// FNV-1a 64 hash beside it: a flipped byte of the value is refused (by HDF5's checksum), and so is a value
+// that does not match its hash (a corruption HDF5 cannot see). A variable-length string (set_attr) lives
+// in the global heap, without a checksum: it reads back flipped, as it does from older files.
+TEST_F(H5Errors, ChecksummedStringAttributesRefuseCorruption) {
+  const std::string path = file("attrs.h5");
+  const std::string config = "[train]\nlr = 0.003\nsteps = 40\nnote = \"\u00e9\"\n", plain = "[model]\nd_ff = 64\n";
+  {
+    h5::File f = h5::File::create(path);
+    f.set_attr_checksummed("/", "config", config);
+    f.set_attr_checksummed("/", "empty", "");
+    f.set_attr("/", "plain", plain);
+  }
+  {
+    const h5::File f = h5::File::open(path);
+    EXPECT_EQ(f.get_attr_string("/", "config"), config);
+    EXPECT_EQ(f.get_attr_string("/", "empty"), "");
+    EXPECT_TRUE(f.has_attr("/", std::string("config") + h5::File::kChecksumSuffix));
+  }
+  const std::string clean = path + ".clean";
+  fs::copy_file(path, clean);
+  const size_t at = find_bytes(path, config.data(), config.size());
+  ASSERT_NE(at, std::string::npos) << "the string is not stored verbatim";
+  for (size_t i = 0; i < config.size(); ++i) {
+    flip_byte(path, at + i);
+    const std::string msg = error_of([&] { h5::File::open(path).get_attr_string("/", "config"); });
+    EXPECT_NE(msg.find("in '" + path + "'"), std::string::npos) << "byte " << i << ": " << msg;
+    EXPECT_NE(msg.find("checksum"), std::string::npos) << "byte " << i << ": " << msg;
+    flip_byte(path, at + i);  // back
+  }
+  {
+    h5::File f = h5::File::open(path, h5::Mode::ReadWrite);
+    f.set_attr("/", std::string("config") + h5::File::kChecksumSuffix, int64_t{12345});
+  }
+  EXPECT_EQ(error_of([&] { h5::File::open(path).get_attr_string("/", "config"); }),
+            "attribute 'config' of '/' in '" + path + "' does not match its checksum ('config.fnv1a64'): the file "
+            "is corrupted");
+  fs::copy_file(clean, path, fs::copy_options::overwrite_existing);
+  flip_byte(path, find_bytes(path, plain.data(), plain.size()) + 15);
+  std::string flipped = plain;
+  flipped[15] = static_cast<char>(flipped[15] ^ 0xff);
+  EXPECT_EQ(h5::File::open(path).get_attr_string("/", "plain"), flipped);  // nothing to check it by
+}
+
 // ---------------------------------------------------------------- atomic_write
 
 TEST_F(H5Atomic, ReplacesTheFileAndLeavesNoTemporary) {

@@ -63,6 +63,11 @@ std::string expect_error(const std::function<void()>& f) {
   return "";
 }
 
+// A message that contains every part.
+void expect_mentions(const std::string& msg, std::initializer_list<std::string> parts) {
+  for (const std::string& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
+}
+
 std::string read_text(const fs::path& path) {
   std::ifstream in(path);
   std::stringstream ss;
@@ -187,9 +192,62 @@ TEST(Training, ResumeUnderDifferentStagesIsAnError) {
   train(load_config(kTiny, two_stages(3, 2, {"train.checkpoint_every=0"})), o);  // step 4 is in stage 2
   o.stop_at_step = -1;
   o.resume = "auto";
-  const std::string msg = expect_error([&] { train(load_config(kTiny, two_stages(5, 2)), o); });
+  const RunConfig changed = load_config(kTiny, two_stages(5, 2));
+  // A changed config needs allow_config_change; with it, the stages must still agree with the checkpoint.
+  const std::string refused = expect_error([&] { train(changed, o); });
+  EXPECT_NE(refused.find("train.stages[0].steps: 3 -> 5"), std::string::npos) << refused;
+  o.allow_config_change = true;
+  const std::string msg = expect_error([&] { train(changed, o); });
   EXPECT_NE(msg.find("stage 2 at step 4"), std::string::npos) << msg;
   EXPECT_NE(msg.find("in stage 1"), std::string::npos) << msg;
+}
+
+// The resume policy: model keys never change, other keys only with allow_config_change (recorded),
+// log_every and checkpoint_every freely; an unchanged config resumes silently.
+TEST(Training, ResumeRefusesAChangedModelKeyNamingEveryChange) {
+  const fs::path dir = fresh_dir("resume_model_change");
+  TrainOptions o = quiet(dir);
+  o.stop_at_step = 2;
+  const std::string ckpt = train(load_config(kTiny, {"train.steps=4"}), o).last_checkpoint;
+  const std::string config = read_text(dir / "config.toml");
+  o.stop_at_step = -1;
+  o.resume = "auto";
+  o.allow_config_change = true;  // allows train.*, never model.*
+  // Dropout leaves every shape as it was: only the policy can refuse it.
+  const std::string msg = expect_error(
+      [&] { train(load_config(kTiny, {"train.steps=4", "model.dropout=0.1", "train.lr=0.001"}), o); });
+  expect_mentions(msg, {ckpt, "model.* keys cannot change", "model.dropout: 0.0 -> 0.1", "train.lr: 0.003 -> 0.001"});
+  EXPECT_EQ(read_text(dir / "config.toml"), config);
+  EXPECT_FALSE(fs::exists(dir / "config-changes.log"));
+}
+
+TEST(Training, ResumeChangingOnlyFreeKeysNeedsNoFlagAndIsRecorded) {
+  const fs::path dir = fresh_dir("resume_free_change");
+  TrainOptions o = quiet(dir);
+  o.stop_at_step = 2;
+  train(load_config(kTiny, {"train.steps=4"}), o);
+  o.stop_at_step = -1;
+  o.resume = "auto";
+  EXPECT_EQ(train(load_config(kTiny, {"train.steps=4"}), o).steps_done, 4);  // unchanged: as before
+  EXPECT_FALSE(fs::exists(dir / "config-changes.log"));
+  const RunConfig c = load_config(kTiny, {"train.steps=4", "train.log_every=5", "train.checkpoint_every=1"});
+  EXPECT_EQ(train(c, o).steps_done, 4);
+  expect_mentions(read_text(dir / "config-changes.log"),
+                  {"resumed at step 4 from '", "train.checkpoint_every: 20 -> 1", "train.log_every: 1 -> 5"});
+  EXPECT_EQ(read_text(dir / "config.toml"), c.toml);
+}
+
+TEST(Config, ChangesCompareEffectiveValuesWithDefaults) {
+  const auto changes = [](const std::vector<std::string>& a, const std::vector<std::string>& b) {
+    std::string out;
+    for (const ConfigChange& c : config_changes(load_config(kTiny, a), load_config(kTiny, b)))
+      out += format_change(c) + "\n";
+    return out;
+  };
+  // The same value spelt differently, or a default given explicitly, is no change.
+  EXPECT_EQ(changes({}, {"train.lr=0.003", "train.beta1=0.9", "eval.lengths=[128]"}), "");
+  EXPECT_EQ(changes({}, {"train.lr=3e-4", "attention.layers={1=\"128:1\"}"}),
+            "attention.layers.1: (none) -> '128:1'\ntrain.lr: 0.003 -> 3e-04\n");
 }
 
 TEST(Training, KeepsOnlyTheNewestCheckpointsAndFindsLatest) {
@@ -247,6 +305,27 @@ TEST_F(CheckpointErrors, DifferentModelShapeNamesTheParameter) {
   const std::string msg = load_into_fresh_model(wider, ckpt_);
   EXPECT_NE(msg.find("fc.weight"), std::string::npos) << msg;
   EXPECT_NE(msg.find("[96, 32]"), std::string::npos) << msg;
+}
+
+// The shape is checked before the read: a dataset declaring 2^40 rows (h5py makes one without data) is
+// refused naming it, not allocated (an out-of-memory error that named neither file nor dataset).
+TEST_F(CheckpointErrors, HugeDeclaredShapeIsRefusedBeforeReading) {
+  if (std::system("/usr/bin/python3 -c 'import h5py' >/dev/null 2>&1") != 0)
+    GTEST_SKIP() << "python3-h5py is not installed (scripts/install-deps.sh installs it)";
+  const std::string bad = (dir_ / "huge.h5").string();
+  fs::copy_file(ckpt_, bad);
+  const std::string script =
+      "import h5py, sys\n"
+      "with h5py.File(sys.argv[1], 'r+') as f:\n"
+      "    del f['model/blocks.0.fc.weight']\n"
+      "    f.create_dataset('model/blocks.0.fc.weight', shape=(1 << 40, 32), dtype='f4', chunks=(64, 32))\n"
+      "    f.create_dataset('huge', shape=(1 << 61, 4), dtype='f4', chunks=(64, 4))\n";
+  ASSERT_EQ(std::system(("/usr/bin/python3 -c \"" + script + "\" " + bad).c_str()), 0);
+  expect_mentions(load_into_fresh_model(config_, bad),
+                  {bad, "'model/blocks.0.fc.weight' has shape [1099511627776, 32] but the model expects [64, 32]"});
+  // A plain read of a shape whose size in bytes overflows names the dataset too.
+  expect_mentions(expect_error([&] { h5::File::open(bad).read("huge"); }),
+                  {"cannot read dataset 'huge' in '" + bad + "': its shape [2305843009213693952, 4] is too large"});
 }
 
 TEST_F(CheckpointErrors, ResumeFromMissingFileIsAnErrorAndWritesNothing) {
@@ -366,6 +445,19 @@ TEST(Training, ResumeDropsTheMetricsOfStepsPastTheCheckpoint) {
   second.resume = "auto";
   EXPECT_EQ(train(c, second).first_step, 4);
   EXPECT_EQ(metric_steps(dir / "metrics.jsonl"), (std::vector<int64_t>{1, 2, 3, 4, 5, 6}));
+}
+
+// Killed before its first checkpoint, a run restarts from step 0 under --resume auto: the lines of the
+// killed steps go, as after a resume from a checkpoint.
+TEST(Training, FreshStartAfterAKillBeforeTheFirstCheckpointLogsEachStepOnce) {
+  const fs::path dir = fresh_dir("metrics_fresh");
+  const RunConfig c = load_config(kTiny, {"train.steps=3"});
+  fs::create_directories(dir);
+  std::ofstream(dir / "metrics.jsonl") << "{\"step\": 1, \"stage\": 1, \"loss\": 5.5}\n{\"step\": 2, \"st";
+  TrainOptions o = quiet(dir);
+  o.resume = "auto";
+  EXPECT_EQ(train(c, o).first_step, 0);
+  EXPECT_EQ(metric_steps(dir / "metrics.jsonl"), (std::vector<int64_t>{1, 2, 3}));
 }
 
 TEST(Training, OrphanedCheckpointTemporariesAreRemovedOnStart) {
@@ -520,11 +612,6 @@ TEST(Config, PasskeyQuestionsAndAnswerWeight) {
   }
   msg = expect_error([&] { load_config(kTiny, {"data.answer_weight=\"heavy\""}); });
   EXPECT_NE(msg.find("data.answer_weight"), std::string::npos) << msg;
-}
-
-// A message that contains every part.
-void expect_mentions(const std::string& msg, std::initializer_list<std::string> parts) {
-  for (const std::string& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
 }
 
 // A section replaced through --set (or given as a value in the file) would leave all its keys at their
@@ -879,6 +966,7 @@ TEST_F(TrainCommand, SigintLeavesALoadableCheckpoint) {
   // And the run resumes from it.
   TrainOptions o = quiet(dir);
   o.resume = "auto";
+  o.allow_config_change = true;  // fewer steps
   const int64_t stopped_at = read_checkpoint_summary(*latest).state.step;
   const TrainResult r = train(load_config(kTiny, {"train.checkpoint_every=0", "train.steps=" + std::to_string(stopped_at + 2)}), o);
   EXPECT_EQ(r.first_step, stopped_at);
@@ -1100,6 +1188,7 @@ TEST_F(TrainCommand, SigtermSavesAndASecondRunOnTheSameDirectoryIsRefused) {
   // The lock went with the process, and the run resumes where it stopped.
   TrainOptions o = quiet(dir);
   o.resume = "auto";
+  o.allow_config_change = true;  // fewer steps
   const TrainResult r =
       train(load_config(kTiny, {"train.checkpoint_every=0", "train.steps=" + std::to_string(stopped_at + 2)}), o);
   EXPECT_EQ(r.first_step, stopped_at);
@@ -1164,7 +1253,7 @@ TEST_F(TrainCommand, CorruptedOrInconsistentCheckpointsAreRefusedByInspectEvalAn
     std::string toml = f.get_attr_string("/", "config");
     const size_t d_ff = toml.find("d_ff = 64");
     ASSERT_NE(d_ff, std::string::npos) << toml;
-    f.set_attr("/", "config", toml.replace(d_ff, 9, "d_ff = 96"));
+    f.set_attr_checksummed("/", "config", toml.replace(d_ff, 9, "d_ff = 96"));  // consistent, but not the model
   }
   const std::vector<std::pair<std::string, std::vector<std::string>>> cases = {
       {flipped, {"inspect"}}, {other, {"inspect", "eval", "sample"}}};
@@ -1180,6 +1269,81 @@ TEST_F(TrainCommand, CorruptedOrInconsistentCheckpointsAreRefusedByInspectEvalAn
                 std::string::npos)
           << cmd << ": " << out;
     }
+}
+
+// A flipped byte in the stored config could still parse (lr = 0.003 read as lr = 0.00); as a
+// variable-length string it was read without a check. Now HDF5's metadata checksum refuses it, and a
+// config that does not match its stored hash is refused naming the attribute.
+TEST_F(TrainCommand, CorruptedStoredConfigIsRefusedByInspectEvalAndResume) {
+  const fs::path dir = fresh_dir("config_flip");
+  const std::string ckpt = train(load_config(kTiny, {"train.steps=2"}), quiet(dir)).last_checkpoint;
+  const std::string toml = read_checkpoint_summary(ckpt).config_toml;
+  const size_t lr = toml.find("\nlr = 0.003");
+  ASSERT_NE(lr, std::string::npos) << toml;
+  const size_t at = read_text(ckpt).find(toml);
+  ASSERT_NE(at, std::string::npos) << "the config is not stored verbatim in " << ckpt;
+  const std::string flipped = (dir / "flipped.h5").string(), unhashed = (dir / "unhashed.h5").string();
+  fs::copy_file(ckpt, flipped);
+  flip_byte(flipped, at + lr + 10);  // '3' ^ 0x10 = '#': "lr = 0.00#..."
+  fs::copy_file(ckpt, unhashed);
+  {
+    h5::File f = h5::File::open(unhashed, h5::Mode::ReadWrite);
+    f.set_attr("/", "config.fnv1a64", int64_t{7});
+  }
+  const fs::path resumed = dir / "resumed", log = dir / "refused.log";
+  for (const auto& [path, want] : {std::pair{flipped, "cannot read the attributes of '/' in '" + flipped + "'"},
+                                   std::pair{unhashed, "attribute 'config' of '/' in '" + unhashed +
+                                                           "' does not match its checksum ('config.fnv1a64')"}})
+    for (const std::string& cmd : {"inspect " + path, "eval " + path,
+                                   "train " + kTiny + " --set train.steps=2 --resume " + path + " --out " + resumed.string()}) {
+      const int status = run(binary() + " " + cmd + " > " + log.string() + " 2>&1");
+      ASSERT_TRUE(WIFEXITED(status)) << cmd << ": " << slurp(log);
+      EXPECT_EQ(WEXITSTATUS(status), 1) << cmd << ": " << slurp(log);
+      expect_mentions(slurp(log), {want, "checksum"});
+    }
+  EXPECT_FALSE(fs::exists(resumed));
+}
+
+// A resume whose lr differs from the checkpoint's is refused naming it, and with --allow-config-change
+// continues under the new lr, recording the change.
+TEST_F(TrainCommand, ResumeWithAChangedLrNeedsAllowConfigChangeAndIsRecorded) {
+  const fs::path dir = fresh_dir("resume_lr");
+  TrainOptions first = quiet(dir);
+  first.stop_at_step = 2;
+  const std::string ckpt = train(load_config(kTiny, {"train.steps=4"}), first).last_checkpoint;
+  const std::string config = read_text(dir / "config.toml");
+  const fs::path log = dir.string() + ".log";
+  const std::string resume = binary() + " train " + kTiny + " --out " + dir.string() +
+                             " --resume auto --set train.steps=4 --set train.lr=0.001";
+  int status = run(resume + " > " + log.string() + " 2>&1");
+  ASSERT_TRUE(WIFEXITED(status)) << slurp(log);
+  EXPECT_EQ(WEXITSTATUS(status), 1) << slurp(log);
+  expect_mentions(slurp(log), {"dilatron: error: resuming from '" + ckpt + "'", "train.lr: 0.003 -> 0.001",
+                               "--allow-config-change"});
+  EXPECT_EQ(read_text(dir / "config.toml"), config);
+  EXPECT_FALSE(fs::exists(dir / "config-changes.log"));
+
+  status = run(resume + " --allow-config-change > " + log.string() + " 2>&1");
+  ASSERT_EQ(status, 0) << slurp(log);
+  expect_mentions(slurp(log), {"config changed on resume at step 2: train.lr: 0.003 -> 0.001"});
+  expect_mentions(read_text(dir / "config-changes.log"),
+                  {"resumed at step 2 from '" + ckpt + "'\n  train.lr: 0.003 -> 0.001\n"});
+  EXPECT_EQ(read_text(dir / "config.toml"), load_config(kTiny, {"train.steps=4", "train.lr=0.001"}).toml);
+  // Steps 3 and 4 ran at the new schedule's rates (warmup 5 is cut to the run's 4 steps, as train() does).
+  const optim::WarmupCosine schedule(0.001, 4, 4, 3e-4);
+  std::istringstream lines(read_text(dir / "metrics.jsonl"));
+  std::vector<std::string> lrs;
+  for (std::string line; std::getline(lines, line);) {
+    const size_t at = line.find("\"lr\": ");
+    ASSERT_NE(at, std::string::npos) << line;
+    lrs.push_back(line.substr(at + 6, line.find(',', at) - at - 6));
+  }
+  ASSERT_EQ(lrs.size(), 4u);
+  for (const int64_t step : {2, 3}) {
+    char want[32];
+    std::snprintf(want, sizeof want, "%.6g", schedule.lr_at(step));
+    EXPECT_EQ(lrs[static_cast<size_t>(step)], want) << "step " << step + 1;
+  }
 }
 
 // A small tmpfs, unmounted when the test ends.

@@ -5,7 +5,6 @@
 #include <atomic>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <numeric>
 #include <optional>
 
@@ -13,6 +12,7 @@
 #include "dilatron/autograd.h"
 #include "dilatron/checkpoint.h"
 #include "dilatron/data.h"
+#include "dilatron/fileio.h"
 #include "dilatron/ops.h"
 #include "dilatron/trainer.h"
 
@@ -33,6 +33,7 @@ struct TrainArgs {
   std::vector<std::string> set;
   std::string resume;
   std::string out;
+  bool allow_config_change = false;
 };
 
 // The curriculum, one line per stage (nothing without [[train.stages]]).
@@ -58,6 +59,7 @@ void run_train(const TrainArgs& a) {
   TrainOptions o;
   o.out_dir = a.out.empty() ? "runs/" + std::filesystem::path(a.config).stem().string() : a.out;
   o.resume = a.resume;
+  o.allow_config_change = a.allow_config_change;
   o.stop = &g_stop;
   for (const int sig : {SIGINT, SIGTERM}) std::signal(sig, on_stop_signal);
   std::fprintf(stderr, "training %s -> %s (%lld steps, batch %lld x %lld tokens)\n", a.config.c_str(),
@@ -129,17 +131,8 @@ void run_eval(const EvalArgs& a) {
     }
     const PasskeyReport report = evaluate_passkey(*l.model, lengths, samples, l.config.eval.seed, base, a.batch);
     std::printf("%s", format_passkey_report(report).c_str());
-    if (!a.json.empty()) {
-      // Written beside and renamed, so a reader never sees half a report.
-      const std::string tmp = a.json + ".tmp";
-      {
-        std::ofstream out(tmp);
-        out << passkey_report_json(report, l.path, l.step);
-        out.close();
-        DILATRON_CHECK(!out.fail(), "--json: cannot write '", tmp, "'");
-      }
-      std::filesystem::rename(tmp, a.json);
-    }
+    // Written beside and renamed, so a reader never sees half a report.
+    if (!a.json.empty()) write_file_atomically(a.json, passkey_report_json(report, l.path, l.step));
   } else if (task == "text") {
     const std::string path = a.text.empty() ? l.config.data.path : a.text;
     DILATRON_CHECK(!path.empty(), "eval --task text needs --text FILE");
@@ -242,6 +235,9 @@ void add_train_commands(CLI::App& app) {
   train->add_option("--set", t->set, "override a config key: section.key=value (repeatable)");
   train->add_option("--resume", t->resume, "auto (the latest checkpoint in --out) or a checkpoint path");
   train->add_option("--out", t->out, "run directory (default runs/<config name>)");
+  train->add_flag("--allow-config-change", t->allow_config_change,
+                  "resume although the config differs from the checkpoint's (not in model.*); the changes are "
+                  "recorded in OUT/config-changes.log");
   train->callback([t] { run_train(*t); });
 
   auto e = std::make_shared<EvalArgs>();

@@ -23,12 +23,14 @@ constexpr int64_t kFormat = 1;
 std::string model_key(const std::string& name) { return "model/" + name; }
 std::string optim_key(const std::string& name, const std::string& state) { return "optimizer/" + name + "/" + state; }
 
-// Reads `key` and checks it against the tensor it will be copied into.
+// Reads `key` and checks it against the tensor it will be copied into. The shape is checked before the
+// read: a dataset declaring huge dimensions would otherwise be allocated first.
 Tensor read_matching(const h5::File& f, const std::string& key, const Tensor& like) {
   DILATRON_CHECK(f.has(key), "checkpoint '", f.path(), "' has no dataset '", key, "' (a different model?)");
+  const Shape stored = f.info(key).shape;
+  DILATRON_CHECK(stored == like.shape(), "checkpoint '", f.path(), "': '", key, "' has shape ", shape_str(stored),
+                 " but the model expects ", shape_str(like.shape()));
   Tensor t = f.read(key);
-  DILATRON_CHECK(t.shape() == like.shape(), "checkpoint '", f.path(), "': '", key, "' has shape ",
-                 shape_str(t.shape()), " but the model expects ", shape_str(like.shape()));
   DILATRON_CHECK(t.dtype() == like.dtype(), "checkpoint '", f.path(), "': '", key, "' is ", dtype_name(t.dtype()),
                  " but the model is ", dtype_name(like.dtype()));
   return t;
@@ -80,8 +82,9 @@ void save_checkpoint(const std::string& path, const nn::Module& model, const opt
         for (const auto& key : opt->state_keys()) f.write(optim_key(name, key), opt->state(name, key));
     }
     f.set_attr("/", "format", kFormat);
-    f.set_attr("/", "version", version());
-    f.set_attr("/", "config", config_toml);
+    // Strings live outside HDF5's checksummed headers: each gets its own checksum.
+    f.set_attr_checksummed("/", "version", version());
+    f.set_attr_checksummed("/", "config", config_toml);
     f.set_attr("/", "step", s.step);
     f.set_attr("/", "tokens_seen", s.tokens_seen);
     f.set_attr("/", "optimizer_step", opt ? opt->step_count() : int64_t{0});

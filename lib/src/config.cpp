@@ -2,8 +2,10 @@
 // it; whatever is left unread at the end is an unknown key and an error.
 #include "dilatron/config.h"
 
+#include <charconv>
 #include <cmath>
 #include <fstream>
+#include <map>
 #include <set>
 #include <sstream>
 #include <toml++/toml.h>
@@ -16,41 +18,47 @@
 namespace dilatron {
 namespace {
 
+// A value as TOML text, so that equal values compare equal however they were spelt (3e-3, 0.003).
+// Floats are written shortest-first (toml++ writes 0.003 as 0.0030000000000000001), with a ".0" when
+// they would otherwise read as an integer.
+template <typename T>
+std::string toml_text(const T& v) {
+  std::ostringstream os;
+  if constexpr (std::is_same_v<T, std::vector<int64_t>>) {
+    toml::array a;
+    for (const int64_t x : v) a.push_back(x);
+    os << a;
+  } else if constexpr (std::is_same_v<T, bool> || std::is_same_v<T, std::string>) {
+    os << toml::value<T>(v);
+  } else if constexpr (std::is_integral_v<T>) {
+    os << toml::value<int64_t>(static_cast<int64_t>(v));
+  } else {
+    char buf[32];
+    std::string text(buf, std::to_chars(buf, buf + sizeof buf, static_cast<double>(v)).ptr);
+    if (text.find_first_not_of("-0123456789") == std::string::npos) text += ".0";
+    return text;
+  }
+  return os.str();
+}
+
 class Reader {
  public:
   Reader(toml::table& root, std::string source) : root_(root), source_(std::move(source)) {}
 
-  // Returns whether the key is present (out keeps its default otherwise).
+  // Returns whether the key is present (out keeps its default otherwise). Either way the value is noted.
   template <typename T>
   bool read(const std::string& key, T& out) {
-    const toml::node* node = find(key);
-    if (!node) return false;
-    if constexpr (std::is_same_v<T, bool>) {
-      if (!node->is_boolean()) type_error(key, *node, "a boolean");
-      out = node->as_boolean()->get();
-    } else if constexpr (std::is_integral_v<T>) {
-      if (!node->is_integer()) type_error(key, *node, "an integer");
-      const int64_t v = node->as_integer()->get();
-      if (std::is_unsigned_v<T> && v < 0) fail(key, "must be >= 0, got " + std::to_string(v));
-      out = static_cast<T>(v);
-    } else if constexpr (std::is_floating_point_v<T>) {
-      if (node->is_integer()) out = static_cast<T>(node->as_integer()->get());
-      else if (node->is_floating_point()) out = static_cast<T>(node->as_floating_point()->get());
-      else type_error(key, *node, "a number");
-    } else if constexpr (std::is_same_v<T, std::string>) {
-      if (!node->is_string()) type_error(key, *node, "a string");
-      out = node->as_string()->get();
-    } else if constexpr (std::is_same_v<T, std::vector<int64_t>>) {
-      const toml::array* arr = node->as_array();
-      if (!arr) type_error(key, *node, "an array of integers");
-      out.clear();
-      for (const auto& el : *arr) {
-        if (!el.is_integer()) type_error(key, el, "an array of integers");
-        out.push_back(el.as_integer()->get());
-      }
-    }
-    return true;
+    const bool present = read_node(key, out);
+    note(key, out);
+    return present;
   }
+
+  // The effective value of key (after a default was filled in), for RunConfig::values.
+  template <typename T>
+  void note(const std::string& key, const T& value) {
+    values_[key] = toml_text(value);
+  }
+  const std::map<std::string, std::string>& values() const { return values_; }
 
   template <typename T>
   bool read_range(const std::string& key, T& out, double lo, double hi) {
@@ -102,6 +110,38 @@ class Reader {
   }
 
  private:
+  // The reading behind read(): type checks, no note.
+  template <typename T>
+  bool read_node(const std::string& key, T& out) {
+    const toml::node* node = find(key);
+    if (!node) return false;
+    if constexpr (std::is_same_v<T, bool>) {
+      if (!node->is_boolean()) type_error(key, *node, "a boolean");
+      out = node->as_boolean()->get();
+    } else if constexpr (std::is_integral_v<T>) {
+      if (!node->is_integer()) type_error(key, *node, "an integer");
+      const int64_t v = node->as_integer()->get();
+      if (std::is_unsigned_v<T> && v < 0) fail(key, "must be >= 0, got " + std::to_string(v));
+      out = static_cast<T>(v);
+    } else if constexpr (std::is_floating_point_v<T>) {
+      if (node->is_integer()) out = static_cast<T>(node->as_integer()->get());
+      else if (node->is_floating_point()) out = static_cast<T>(node->as_floating_point()->get());
+      else type_error(key, *node, "a number");
+    } else if constexpr (std::is_same_v<T, std::string>) {
+      if (!node->is_string()) type_error(key, *node, "a string");
+      out = node->as_string()->get();
+    } else if constexpr (std::is_same_v<T, std::vector<int64_t>>) {
+      const toml::array* arr = node->as_array();
+      if (!arr) type_error(key, *node, "an array of integers");
+      out.clear();
+      for (const auto& el : *arr) {
+        if (!el.is_integer()) type_error(key, el, "an array of integers");
+        out.push_back(el.as_integer()->get());
+      }
+    }
+    return true;
+  }
+
   const toml::node* find(const std::string& key) {
     known_.insert(key);
     for (size_t p = key.find('.'); p != std::string::npos; p = key.find('.', p + 1)) {
@@ -136,6 +176,7 @@ class Reader {
   toml::table& root_;
   std::string source_;
   std::set<std::string> known_;
+  std::map<std::string, std::string> values_;
 };
 
 // "section.key=value": value parsed as TOML (number, bool, array, quoted string), else a bare string.
@@ -270,7 +311,10 @@ void read_stages(Reader& r, RunConfig& c, bool steps_given) {
     t.stages.push_back(std::move(s));
   }
   if (t.stages.empty()) return;
-  if (!steps_given) t.steps = total;
+  if (!steps_given) {
+    t.steps = total;
+    r.note("train.steps", t.steps);
+  }
   if (t.steps != total)
     r.fail("train.steps", "is " + std::to_string(t.steps) + " but the steps of train.stages sum to " +
                               std::to_string(total) + " (leave train.steps out, or match them)");
@@ -380,7 +424,10 @@ RunConfig parse_config(const std::string& text, const std::string& source, const
   r.read_range("eval.samples", e.samples, 1, 1 << 20);
   r.read("eval.seed", e.seed);
   const bool min_distance_given = r.read_range("eval.min_distance", e.min_distance, 0, int64_t{1} << 30);
-  if (e.lengths.empty()) e.lengths = {m.seq_len};
+  if (e.lengths.empty()) {
+    e.lengths = {m.seq_len};
+    r.note("eval.lengths", e.lengths);
+  }
   for (int64_t len : e.lengths)
     if (len < 8 || len > (1 << 24)) r.fail("eval.lengths", "entries must be in [8, 16777216], got " + std::to_string(len));
   // Each length must hold the evaluation sample, or training fails at its first evaluation. (The
@@ -394,12 +441,35 @@ RunConfig parse_config(const std::string& text, const std::string& source, const
   }
 
   r.reject_unknown();
+  c.values = r.values();
   return c;
 }
 
 std::vector<StageConfig> training_stages(const RunConfig& c) {
   if (!c.train.stages.empty()) return c.train.stages;
   return {StageConfig{c.train.steps, c.model.seq_len, c.data.batch_size, c.model.layer_schedules}};
+}
+
+std::vector<ConfigChange> config_changes(const RunConfig& before, const RunConfig& after) {
+  std::vector<ConfigChange> changes;
+  auto b = before.values.begin(), a = after.values.begin();
+  while (b != before.values.end() || a != after.values.end()) {
+    if (a == after.values.end() || (b != before.values.end() && b->first < a->first)) {
+      changes.push_back({b->first, b->second, ""});
+      ++b;
+    } else if (b == before.values.end() || a->first < b->first) {
+      changes.push_back({a->first, "", a->second});
+      ++a;
+    } else {
+      if (b->second != a->second) changes.push_back({b->first, b->second, a->second});
+      ++b, ++a;
+    }
+  }
+  return changes;
+}
+
+std::string format_change(const ConfigChange& c) {
+  return c.key + ": " + (c.before.empty() ? "(none)" : c.before) + " -> " + (c.after.empty() ? "(none)" : c.after);
 }
 
 size_t stage_of_step(const std::vector<StageConfig>& stages, int64_t step) {

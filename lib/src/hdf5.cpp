@@ -11,6 +11,7 @@
 #include <charconv>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 #include <optional>
 #include <utility>
 
@@ -178,6 +179,21 @@ Shape shape_of(hid_t space, const std::string& where) {
   return Shape(dims.begin(), dims.end());
 }
 
+// A tensor to read `where` into. A stored shape too large to count in bytes or to allocate (a corrupted or
+// hostile file) is an error naming the dataset, not an overflow or an anonymous out-of-memory error.
+Tensor empty_for(const Shape& shape, DType dtype, const std::string& where) {
+  uint64_t bytes = dtype_size(dtype);
+  for (const int64_t d : shape)
+    DILATRON_CHECK(!__builtin_mul_overflow(bytes, static_cast<uint64_t>(d), &bytes) &&
+                       bytes <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()),
+                   "cannot read ", where, ": its shape ", shape_str(shape), " is too large");
+  try {
+    return Tensor::empty(shape, dtype);
+  } catch (const Error& e) {
+    throw Error(concat("cannot read ", where, " of shape ", shape_str(shape), ": ", e.what()));
+  }
+}
+
 // Dataset creation properties: chunked with HDF5's Fletcher32 checksum, which H5Dread verifies, so a
 // flipped byte is refused instead of read. Scalar and empty datasets cannot be chunked and stay plain.
 Id checksummed_layout(const Shape& shape, size_t elem_size, const std::string& what) {
@@ -266,8 +282,16 @@ std::string attr_where(const std::string& path, const std::string& object, const
   return concat("attribute '", key, "' of '", object, "' in '", path, "'");
 }
 
+// A failed lookup means the object's attribute storage cannot be read (all of it, for many attributes:
+// one damaged heap block), not that this attribute is the damaged one.
+std::string attr_lookup_failed(const std::string& path, const std::string& object, const std::string& key) {
+  return concat("cannot read the attributes of '", object, "' in '", path, "' (looking up '", key, "')");
+}
+
+// An object that is linked but does not open (a corrupted header fails its checksum) is reported with
+// HDF5's reason, not as missing.
 Id open_object(hid_t file, const std::string& path, const std::string& object, const std::string& key) {
-  DILATRON_CHECK(object_type(file, object) != H5I_BADID, "'", path, "' has no group or dataset '", object,
+  DILATRON_CHECK(!object.empty() && link_exists(file, object), "'", path, "' has no group or dataset '", object,
                  "' (looking for attribute '", key, "')");
   return checked(H5Oopen(file, object.c_str(), H5P_DEFAULT), H5Oclose, "cannot open '", object, "' in '", path, "'");
 }
@@ -276,7 +300,7 @@ Id open_object(hid_t file, const std::string& path, const std::string& object, c
 Id open_attr(hid_t file, const std::string& path, const std::string& object, const std::string& key) {
   const Id obj = open_object(file, path, object, key);
   const htri_t exists = H5Aexists(obj, key.c_str());
-  check(exists, "cannot look up ", attr_where(path, object, key));
+  check(exists, attr_lookup_failed(path, object, key));
   if (exists == 0) {
     std::vector<std::string> names;
     H5Aiterate2(
@@ -325,6 +349,18 @@ std::vector<T> read_numeric_attr(hid_t file, const std::string& path, const std:
   return values;
 }
 
+// Strings are stored up to their first NUL: one inside would cut them short.
+void require_no_nul(const std::string& value, const std::string& where) {
+  DILATRON_CHECK(value.find('\0') == std::string::npos, "cannot write ", where, ": the string contains a NUL character");
+}
+
+// FNV-1a, 64 bits: enough to tell a corrupted string from the one written (not an authenticity check).
+uint64_t fnv1a64(const std::string& s) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (const char c : s) h = (h ^ static_cast<unsigned char>(c)) * 0x100000001b3ull;
+  return h;
+}
+
 template <typename T>
 T single_value(const std::vector<T>& values, const std::string& where) {
   DILATRON_CHECK(values.size() == 1, where, " holds ", values.size(), " values, not one");
@@ -338,9 +374,13 @@ T single_value(const std::vector<T>& values, const std::string& where) {
 File File::create(const std::string& path) {
   init_hdf5();
   const std::string what = concat("cannot create '", path, "'");
-  // The 1.8 format checksums the superblock and object headers (attributes included); h5py reads it.
+  // The 1.10 format checksums all the metadata a read relies on: the superblock, object headers
+  // (attributes included), and the chunk indexes (a single chunk's in its dataset's header, several in
+  // a fixed array). The 1.8 format indexed chunks in version-1 B-trees, which have no checksum: a flipped
+  // byte in a chunk's key made HDF5 read the dataset as its fill value, zeros, without an error.
+  // h5py (HDF5 >= 1.10) reads it.
   const Id access = checked(H5Pcreate(H5P_FILE_ACCESS), H5Pclose, what);
-  check(H5Pset_libver_bounds(access, H5F_LIBVER_V18, H5F_LIBVER_V18), what);
+  check(H5Pset_libver_bounds(access, H5F_LIBVER_V110, H5F_LIBVER_V110), what);
   const hid_t id = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, access);
   if (id < 0) throw_hdf5("cannot create '", path, "'");
   return File(path, id);
@@ -426,7 +466,7 @@ Tensor File::read(const std::string& name) const {
   DILATRON_CHECK(dtype, where, " has type ", type_name(type),
                  ", which does not read as a tensor (supported: float16/32/64, integers up to int64, bool)");
   const Id space = checked(H5Dget_space(dset), H5Sclose, "cannot read ", where);
-  Tensor t = Tensor::empty(shape_of(space, where), *dtype);
+  Tensor t = empty_for(shape_of(space, where), *dtype, where);
   if (t.numel() > 0) {
     const Id mem_type = hdf5_type(*dtype, /*in_file=*/false);
     check(H5Dread(dset, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.raw_data()), "cannot read ", where);
@@ -458,11 +498,23 @@ std::vector<std::string> File::list(const std::string& group, bool recursive) co
 }
 
 void File::set_attr(const std::string& object, const std::string& key, const std::string& value) {
-  DILATRON_CHECK(value.find('\0') == std::string::npos, "cannot write ", attr_where(path_, object, key),
-                 ": the string contains a NUL character");
+  require_no_nul(value, attr_where(path_, object, key));
   const Id type = vlen_string_type(H5T_CSET_UTF8);
   const char* data = value.c_str();
   write_attr(open_id(), path_, object, key, type, type, {}, &data);
+}
+
+void File::set_attr_checksummed(const std::string& object, const std::string& key, const std::string& value) {
+  require_no_nul(value, attr_where(path_, object, key));
+  // Fixed length, so the bytes sit in the attribute itself (NUL-padded; HDF5 takes no empty type).
+  const Id type = copy_type(H5T_C_S1);
+  const std::string what = "cannot write " + attr_where(path_, object, key);
+  check(H5Tset_size(type, std::max<size_t>(value.size(), 1)), what);
+  check(H5Tset_cset(type, H5T_CSET_UTF8), what);
+  check(H5Tset_strpad(type, H5T_STR_NULLPAD), what);
+  const std::string padded = value.empty() ? std::string(1, '\0') : value;
+  write_attr(open_id(), path_, object, key, type, type, {}, padded.data());
+  set_attr(object, key + kChecksumSuffix, static_cast<int64_t>(fnv1a64(value)));
 }
 
 void File::set_attr(const std::string& object, const std::string& key, int64_t value) {
@@ -487,11 +539,22 @@ bool File::has_attr(const std::string& object, const std::string& key) const {
   const hid_t file = open_id();
   if (object_type(file, object) == H5I_BADID) return false;
   const htri_t exists = H5Aexists_by_name(file, object.c_str(), key.c_str(), H5P_DEFAULT);
-  check(exists, "cannot look up ", attr_where(path_, object, key));
+  check(exists, attr_lookup_failed(path_, object, key));
   return exists > 0;
 }
 
 std::string File::get_attr_string(const std::string& object, const std::string& key) const {
+  std::string value = read_attr_string(object, key);
+  const std::string checksum = key + kChecksumSuffix;
+  if (has_attr(object, checksum)) {
+    const auto stored = static_cast<uint64_t>(get_attr_int(object, checksum));
+    DILATRON_CHECK(fnv1a64(value) == stored, attr_where(path_, object, key), " does not match its checksum ('",
+                   checksum, "'): the file is corrupted");
+  }
+  return value;
+}
+
+std::string File::read_attr_string(const std::string& object, const std::string& key) const {
   const std::string where = attr_where(path_, object, key);
   const Id attr = open_attr(open_id(), path_, object, key);
   const Id type = checked(H5Aget_type(attr), H5Tclose, "cannot read ", where);

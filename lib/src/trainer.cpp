@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <optional>
@@ -100,8 +101,11 @@ void append_line(const std::string& path, const std::string& line) { append_to_f
 // After a resume the steps past the checkpoint run again: their lines from before (a kill, a crash) go,
 // and so does a line cut short, so each step is logged once. metrics.jsonl is rewritten atomically.
 void drop_metrics_after(const std::string& path, int64_t step) {
+  // None yet, or not a file to rewrite (a device such as /dev/full never ends; appends report its errors).
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) return;
   std::ifstream in(path, std::ios::binary);
-  if (!in) return;  // none yet
+  DILATRON_CHECK(in.is_open(), "cannot open '", path, "'");
   const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   DILATRON_CHECK(!in.bad(), "cannot read '", path, "'");
   constexpr std::string_view prefix = "{\"step\": ";  // how every line starts
@@ -224,6 +228,39 @@ class RunLock {
   int fd_ = -1;
 };
 
+// The changes from the checkpoint's stored config to c, checked against the resume policy: model.*
+// keys never change (the checkpoint holds that model); the others, but kFreeOnResume, only when allowed.
+// Every refusal names the checkpoint and each changed key with both values.
+std::vector<ConfigChange> resume_config_changes(const std::string& ckpt, const RunConfig& c, bool allowed) {
+  const RunConfig stored = parse_config(read_checkpoint_summary(ckpt).config_toml, ckpt + " (stored config)");
+  const std::vector<ConfigChange> changes = config_changes(stored, c);
+  std::string listed;
+  bool model = false, needs_allow = false;
+  for (const ConfigChange& ch : changes) {
+    listed += "\n  " + format_change(ch);
+    model |= ch.key.starts_with("model.");
+    needs_allow |= std::find(kFreeOnResume.begin(), kFreeOnResume.end(), ch.key) == kFreeOnResume.end();
+  }
+  DILATRON_CHECK(!model, "cannot resume from '", ckpt, "': ", c.source, " changes the model, which the checkpoint ",
+                 "holds (model.* keys cannot change on resume; train a new run instead). Changed keys:", listed);
+  DILATRON_CHECK(allowed || !needs_allow, "resuming from '", ckpt, "': ", c.source, " differs from the config the ",
+                 "checkpoint was trained with. Changed keys:", listed, "\nPass --allow-config-change to continue with ",
+                 "the new values (recorded in config-changes.log), or resume with the checkpoint's config (dilatron ",
+                 "inspect shows it).");
+  return changes;
+}
+
+// One block per resume that changed the config: when, at which step, from which checkpoint, what.
+std::string config_change_block(const std::vector<ConfigChange>& changes, int64_t step, const std::string& ckpt) {
+  char when[32];
+  const std::time_t now = std::time(nullptr);
+  std::tm local{};
+  std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%S%z", localtime_r(&now, &local));
+  std::string block = std::string(when) + " resumed at step " + std::to_string(step) + " from '" + ckpt + "'\n";
+  for (const ConfigChange& ch : changes) block += "  " + format_change(ch) + "\n";
+  return block;
+}
+
 }  // namespace
 
 data::PasskeyOptions passkey_eval_options(const data::PasskeyOptions& base, int64_t len) {
@@ -299,7 +336,9 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
     resume_path = fs::exists(ckpt_dir) ? CheckpointDir(ckpt_dir, c.train.keep_checkpoints).latest().value_or("") : "";
     if (resume_path.empty()) std::fprintf(stderr, "--resume auto: no checkpoint in %s; starting fresh\n", ckpt_dir.c_str());
   }
+  std::vector<ConfigChange> changes;
   if (!resume_path.empty()) {
+    changes = resume_config_changes(resume_path, c, o.allow_config_change);
     st = load_checkpoint(resume_path, *model, &opt);
     data_gen.set_state(st.data_seed, st.data_offset);
     dropout_gen->set_state(st.dropout_seed, st.dropout_offset);
@@ -307,14 +346,19 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
                    resume_path, "' was saved in stage ", st.stage, " at step ", st.step, ", but ", c.source,
                    " puts step ", st.step, " in stage ", stage_number(st.step), " (were train.stages changed?)");
     std::fprintf(stderr, "resumed from %s at step %lld\n", resume_path.c_str(), static_cast<long long>(st.step));
-    drop_metrics_after(metrics_path, st.step);
+    for (const ConfigChange& ch : changes)
+      std::fprintf(stderr, "config changed on resume at step %lld: %s\n", static_cast<long long>(st.step),
+                   format_change(ch).c_str());
   }
+  // A fresh start (--resume auto with no checkpoint, after a kill before the first one) runs every step
+  // again too.
+  drop_metrics_after(metrics_path, st.step);
   fs::create_directories(o.out_dir);
   if (!lock) lock.emplace(o.out_dir);
-  {
-    std::ofstream cfg(fs::path(o.out_dir) / "config.toml");
-    cfg << c.toml;
-  }
+  if (!changes.empty())
+    append_to_file((fs::path(o.out_dir) / "config-changes.log").string(),
+                   config_change_block(changes, st.step, resume_path));
+  write_file_atomically((fs::path(o.out_dir) / "config.toml").string(), c.toml);
   CheckpointDir ckpts(ckpt_dir, c.train.keep_checkpoints);
   for (const std::string& tmp : h5::remove_orphaned_temporaries(ckpts.dir()))
     std::fprintf(stderr, "removed '%s', left by a process that is no longer running\n", tmp.c_str());

@@ -2,7 +2,8 @@
 //   /model/<parameter name>              one dataset per parameter
 //   /optimizer/<parameter name>/{m,v}    optimizer state per parameter
 //   attributes on /: step, tokens_seen, optimizer_step, data_rng_{seed,offset},
-//                    dropout_rng_{seed,offset}, stage, config (TOML text), version, format
+//                    dropout_rng_{seed,offset}, stage, config (TOML text), version, format, and
+//                    config.fnv1a64, version.fnv1a64 (the strings' checksums)
 // Written atomically; loading validates every name, shape and dtype before it changes anything.
 #pragma once
 

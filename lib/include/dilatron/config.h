@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -60,6 +61,9 @@ struct EvalConfig {
 struct RunConfig {
   std::string source;  // file name, for messages
   std::string toml;    // the effective config (overrides applied), stored in checkpoints
+  // Every key the config reads, defaults included: dotted name ("train.lr", "train.stages[1].seq_len")
+  // -> its value as TOML text ("0.003"), so two configs compare by value however they are written.
+  std::map<std::string, std::string> values;
   ModelConfig model;
   DataConfig data;
   TrainConfig train;
@@ -70,6 +74,16 @@ struct RunConfig {
 // parsed as TOML, else taken as a string).
 RunConfig parse_config(const std::string& text, const std::string& source, const std::vector<std::string>& overrides = {});
 RunConfig load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+
+// One key whose effective value differs between two configs; "" stands for absent (a stage or a
+// layer override that one of them does not have).
+struct ConfigChange {
+  std::string key, before, after;
+};
+// The keys of RunConfig::values that differ, in key order.
+std::vector<ConfigChange> config_changes(const RunConfig& before, const RunConfig& after);
+// "train.lr: 0.003 -> 0.001" ("(none)" for an absent value).
+std::string format_change(const ConfigChange& change);
 
 // The stages a run trains through: train.stages, or one stage of train.steps at the model's seq_len,
 // data.batch_size and layer schedules.

@@ -61,6 +61,14 @@ class File {
   void set_attr(const std::string& object, const std::string& key, double value);
   void set_attr(const std::string& object, const std::string& key, const std::vector<int64_t>& values);
   void set_attr(const std::string& object, const std::string& key, const std::vector<double>& values);
+  // A string attribute stored fixed-length, with its checksum beside it: key + kChecksumSuffix, an int64
+  // holding the FNV-1a 64 hash of the value. A variable-length string (set_attr) lives in HDF5's global
+  // heap, which has no checksum: a flipped byte there reads back as another string, or (in its object
+  // sizes) hangs HDF5 1.10's reader. A fixed-length one sits in the attribute, inside HDF5's checksummed
+  // metadata; the hash also covers an attribute too large for that (HDF5 stores those apart). h5py
+  // reads it as bytes.
+  void set_attr_checksummed(const std::string& object, const std::string& key, const std::string& value);
+  static constexpr const char* kChecksumSuffix = ".fnv1a64";
   // Other integer types (int, size_t, ...) are stored as int64, so set_attr(o, "step", 5) is unambiguous.
   template <std::integral T>
   void set_attr(const std::string& object, const std::string& key, T value) {
@@ -71,8 +79,10 @@ class File {
   }
 
   bool has_attr(const std::string& object, const std::string& key) const;
-  // Strings may be variable- or fixed-length; get_attr_int takes integer attributes only, get_attr_double
-  // integers or floats. The scalar getters accept a scalar or a one-element array.
+  // Strings may be variable- or fixed-length; a string with a stored checksum (set_attr_checksummed) is
+  // verified, a mismatch being an Error naming the file and the attribute. get_attr_int takes integer
+  // attributes only, get_attr_double integers or floats. The scalar getters accept a scalar or a
+  // one-element array.
   std::string get_attr_string(const std::string& object, const std::string& key) const;
   int64_t get_attr_int(const std::string& object, const std::string& key) const;
   double get_attr_double(const std::string& object, const std::string& key) const;
@@ -85,6 +95,7 @@ class File {
  private:
   File(std::string path, int64_t id) : path_(std::move(path)), id_(id) {}
   int64_t open_id() const;  // the HDF5 file id; throws when closed
+  std::string read_attr_string(const std::string& object, const std::string& key) const;  // unverified
 
   std::string path_;
   int64_t id_ = -1;  // hid_t (int64_t in HDF5 >= 1.10), kept opaque so users need no HDF5 headers

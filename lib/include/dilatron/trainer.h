@@ -1,10 +1,12 @@
 // The training loop behind `dilatron train`, and the evaluations behind `dilatron eval`.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "dilatron/config.h"
@@ -16,6 +18,10 @@ namespace dilatron {
 struct TrainOptions {
   std::string out_dir = "runs/default";
   std::string resume;                         // "", "auto" (latest in out_dir, if any) or a checkpoint path
+  // A resume whose config differs from the checkpoint's in keys other than model.* (refused always)
+  // and kFreeOnResume continues only with this set (`--allow-config-change`); the changes go to
+  // stderr and out_dir/config-changes.log.
+  bool allow_config_change = false;
   const std::atomic<bool>* stop = nullptr;    // set (by SIGINT, SIGTERM) to checkpoint and return early
   int64_t stop_at_step = -1;                  // >= 0: checkpoint and return early on reaching this step
   bool progress = true;                       // the live progress line on stderr
@@ -29,6 +35,9 @@ struct TrainResult {
   std::string last_checkpoint;
   bool interrupted = false;
 };
+
+// Config keys a resume may change without allow_config_change: they never touch the trained numbers.
+inline constexpr std::array<std::string_view, 2> kFreeOnResume = {"train.log_every", "train.checkpoint_every"};
 
 // Builds everything (model on its device, data, the checkpoint to resume) before it writes to
 // out_dir, so a run that fails to start leaves the directory as it was; then holds out_dir/.lock
