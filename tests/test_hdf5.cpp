@@ -393,7 +393,7 @@ TEST_F(H5Errors, ChecksummedStringAttributesRefuseCorruption) {
   ASSERT_NE(at, std::string::npos) << "the string is not stored verbatim";
   for (size_t i = 0; i < config.size(); ++i) {
     flip_byte(path, at + i);
-    const std::string msg = error_of([&] { h5::File::open(path).get_attr_string("/", "config"); });
+    const std::string msg = error_message([&] { h5::File::open(path).get_attr_string("/", "config"); });
     EXPECT_NE(msg.find("in '" + path + "'"), std::string::npos) << "byte " << i << ": " << msg;
     EXPECT_NE(msg.find("checksum"), std::string::npos) << "byte " << i << ": " << msg;
     flip_byte(path, at + i);  // back
@@ -402,7 +402,7 @@ TEST_F(H5Errors, ChecksummedStringAttributesRefuseCorruption) {
     h5::File f = h5::File::open(path, h5::Mode::ReadWrite);
     f.set_attr("/", std::string("config") + h5::File::kChecksumSuffix, int64_t{12345});
   }
-  EXPECT_EQ(error_of([&] { h5::File::open(path).get_attr_string("/", "config"); }),
+  EXPECT_EQ(error_message([&] { h5::File::open(path).get_attr_string("/", "config"); }),
             "attribute 'config' of '/' in '" + path + "' does not match its checksum ('config.fnv1a64'): the file "
             "is corrupted");
   fs::copy_file(clean, path, fs::copy_options::overwrite_existing);
