@@ -1291,7 +1291,8 @@ TEST_F(TrainCommand, CorruptedStoredConfigIsRefusedByInspectEvalAndResume) {
     f.set_attr("/", "config.fnv1a64", int64_t{7});
   }
   const fs::path resumed = dir / "resumed", log = dir / "refused.log";
-  for (const auto& [path, want] : {std::pair{flipped, "cannot read the attributes of '/' in '" + flipped + "'"},
+  // The attributes live in the root group's header: a flipped byte fails its checksum.
+  for (const auto& [path, want] : {std::pair{flipped, "cannot open '/' in '" + flipped + "'"},
                                    std::pair{unhashed, "attribute 'config' of '/' in '" + unhashed +
                                                            "' does not match its checksum ('config.fnv1a64')"}})
     for (const std::string& cmd : {"inspect " + path, "eval " + path,

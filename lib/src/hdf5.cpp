@@ -194,10 +194,24 @@ Tensor empty_for(const Shape& shape, DType dtype, const std::string& where) {
   }
 }
 
+// Creation properties (file, group or dataset) that keep an object's links and attributes in its header
+// ("compact" storage) however many there are. The header is checksummed and read whole; dense storage (a
+// fractal heap and a B-tree) is read piece by piece, and when a block of it fails its checksum in the
+// middle of an iteration HDF5 1.10.8 frees uninitialised pointers (listing a checkpoint's /model with one
+// flipped byte crashed under AddressSanitizer). An attribute too large for a header still goes to dense
+// storage: HDF5 moves it there.
+Id compact_props(hid_t create_class, const std::string& what) {
+  Id props = checked(H5Pcreate(create_class), H5Pclose, what);
+  constexpr unsigned kMaxCompact = 65535;  // HDF5's ceiling
+  if (create_class != H5P_DATASET_CREATE) check(H5Pset_link_phase_change(props, kMaxCompact, kMaxCompact), what);
+  check(H5Pset_attr_phase_change(props, kMaxCompact, kMaxCompact), what);
+  return props;
+}
+
 // Dataset creation properties: chunked with HDF5's Fletcher32 checksum, which H5Dread verifies, so a
 // flipped byte is refused instead of read. Scalar and empty datasets cannot be chunked and stay plain.
 Id checksummed_layout(const Shape& shape, size_t elem_size, const std::string& what) {
-  Id props = checked(H5Pcreate(H5P_DATASET_CREATE), H5Pclose, what);
+  Id props = compact_props(H5P_DATASET_CREATE, what);
   if (shape.empty() || shape_numel(shape) == 0) return props;
   // Chunks of at most ~1 MiB (HDF5 caps them at 4 GiB), cut along the leading dimensions first.
   constexpr hsize_t kChunkBytes = hsize_t{1} << 20;
@@ -381,7 +395,8 @@ File File::create(const std::string& path) {
   // h5py (HDF5 >= 1.10) reads it.
   const Id access = checked(H5Pcreate(H5P_FILE_ACCESS), H5Pclose, what);
   check(H5Pset_libver_bounds(access, H5F_LIBVER_V110, H5F_LIBVER_V110), what);
-  const hid_t id = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, access);
+  const Id create = compact_props(H5P_FILE_CREATE, what);  // the root group's links and attributes
+  const hid_t id = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, create, access);
   if (id < 0) throw_hdf5("cannot create '", path, "'");
   return File(path, id);
 }
@@ -432,11 +447,16 @@ void File::write(const std::string& name, const Tensor& t) {
     host = Tensor::empty(t.shape(), t.dtype());
     host.copy_(t);
   }
-  // Missing groups on the way are created; an existing dataset on the way cannot hold children.
+  // Missing groups on the way are created (compact, as every object here); an existing dataset on the way
+  // cannot hold children.
   for (size_t slash = name.find('/', 1); slash != std::string::npos; slash = name.find('/', slash + 1)) {
     const std::string parent = name.substr(0, slash);
     const H5I_type_t kind = object_type(file, parent);
-    if (kind == H5I_BADID) break;
+    if (kind == H5I_BADID) {
+      const Id group_props = compact_props(H5P_GROUP_CREATE, what);
+      checked(H5Gcreate2(file, parent.c_str(), H5P_DEFAULT, group_props, H5P_DEFAULT), H5Gclose, what);
+      continue;
+    }
     DILATRON_CHECK(kind == H5I_GROUP, what, ": '", parent, "' is a dataset, not a group");
   }
   // Replacing a dataset lets checkpoints reuse names. A group is not replaced: that would drop its contents.
@@ -444,13 +464,11 @@ void File::write(const std::string& name, const Tensor& t) {
   DILATRON_CHECK(existing == H5I_BADID || existing == H5I_DATASET, what, ": a group of that name exists");
   if (existing == H5I_DATASET) check(H5Ldelete(file, name.c_str(), H5P_DEFAULT), what);
 
-  const Id link_props = checked(H5Pcreate(H5P_LINK_CREATE), H5Pclose, what);
-  check(H5Pset_create_intermediate_group(link_props, 1), what);
   const Id file_type = hdf5_type(t.dtype(), /*in_file=*/true);
   const Id space = dataspace(t.shape());
   const Id create_props = checksummed_layout(t.shape(), dtype_size(t.dtype()), what);
   const Id dset =
-      checked(H5Dcreate2(file, name.c_str(), file_type, space, link_props, create_props, H5P_DEFAULT), H5Dclose, what);
+      checked(H5Dcreate2(file, name.c_str(), file_type, space, H5P_DEFAULT, create_props, H5P_DEFAULT), H5Dclose, what);
   if (host.numel() > 0) {
     const Id mem_type = hdf5_type(t.dtype(), /*in_file=*/false);
     check(H5Dwrite(dset, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, host.raw_data()), what);
