@@ -31,6 +31,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# What AddressSanitizer, LeakSanitizer and UndefinedBehaviorSanitizer print when they find something.
+SANITIZER = re.compile(r"ERROR: (Address|Leak)Sanitizer: [^\n]*|runtime error: [^\n]*")
+
 # metrics.jsonl fields that depend on the machine's speed, left out when lines are compared.
 TIMING = re.compile(r', "(tokens_per_s|elapsed_s)": [0-9.eE+-]+')
 
@@ -67,6 +70,12 @@ class Runner:
         out = p.stdout.decode(errors="replace")
         if p.returncode < 0:
             campaign.problem("crashes", f"{' '.join(argv)}: killed by signal {-p.returncode}\n{tail(out)}")
+            return p.returncode, out
+        # A sanitized build reports a memory error or undefined behaviour and exits nonzero: a crash too.
+        report = SANITIZER.search(out)
+        if report:
+            campaign.problem("crashes", f"{' '.join(argv)}: {report.group(0).strip()}\n{tail(out)}")
+            return -1, out
         return p.returncode, out
 
     def start(self, argv):
