@@ -31,6 +31,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# What AddressSanitizer, LeakSanitizer and UndefinedBehaviorSanitizer print when they find something.
+SANITIZER = re.compile(r"ERROR: (Address|Leak)Sanitizer: [^\n]*|runtime error: [^\n]*")
+
 # metrics.jsonl fields that depend on the machine's speed, left out when lines are compared.
 TIMING = re.compile(r', "(tokens_per_s|elapsed_s)": [0-9.eE+-]+')
 
@@ -56,18 +59,27 @@ class Runner:
         self.env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
 
     def run(self, campaign, argv, timeout=None):
-        """Runs dilatron to completion; returns (returncode, output). Crashes and hangs are counted."""
+        """Runs dilatron to completion; returns (returncode, stdout, stdout and stderr). Results are
+        compared on stdout alone (a sanitizer's statistics go to stderr). Crashes and hangs are counted;
+        their returncode is None (a hang) or negative."""
         campaign.runs += 1
         try:
             p = subprocess.run([self.dilatron] + argv, env=self.env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, timeout=timeout or self.timeout)
+                               stderr=subprocess.PIPE, timeout=timeout or self.timeout)
         except subprocess.TimeoutExpired as e:
             campaign.problem("hangs", f"{' '.join(argv)}: still running after {e.timeout} s")
-            return None, (e.output or b"").decode(errors="replace")
+            return None, "", ""
         out = p.stdout.decode(errors="replace")
+        both = out + p.stderr.decode(errors="replace")
         if p.returncode < 0:
-            campaign.problem("crashes", f"{' '.join(argv)}: killed by signal {-p.returncode}\n{tail(out)}")
-        return p.returncode, out
+            campaign.problem("crashes", f"{' '.join(argv)}: killed by signal {-p.returncode}\n{tail(both)}")
+            return p.returncode, out, both
+        # A sanitized build reports a memory error or undefined behaviour and exits nonzero: a crash too.
+        report = SANITIZER.search(both)
+        if report:
+            campaign.problem("crashes", f"{' '.join(argv)}: {report.group(0).strip()}\n{tail(both)}")
+            return -1, out, both
+        return p.returncode, out, both
 
     def start(self, argv):
         return subprocess.Popen([self.dilatron] + argv, env=self.env, stdout=subprocess.DEVNULL,
@@ -153,7 +165,7 @@ def kill_campaign(r, args, rng, work, train_args, ref):
             elif code > 0:
                 c.problem("other", f"run {i} (start {k + 1}): exit {code} before the kill")
         if not done:
-            code, out = r.run(c, train_args + ["--out", run_dir, "--resume", "auto"])
+            code, _, out = r.run(c, train_args + ["--out", run_dir, "--resume", "auto"])
             if code != 0:
                 if code is not None and code > 0:
                     c.problem("other", f"run {i}: the final resume failed (exit {code})\n{tail(out)}")
@@ -194,15 +206,15 @@ def corruption_campaign(r, args, rng, work, train_args, ref_dir):
         clean = f.read()
 
     def results(ckpt, out_dir):
-        """(command, exit code, comparable result) of inspect, eval and a resume from ckpt."""
+        """(command, exit code, comparable result, messages) of inspect, eval and a resume from ckpt."""
         got = []
-        code, out = r.run(c, ["inspect", ckpt])
-        got.append(("inspect", code, out.replace(ckpt, "CKPT"), out))
-        code, out = r.run(c, ["eval", ckpt, "--samples", "4"])
-        got.append(("eval", code, out, out))
-        code, out = r.run(c, train_args + ["--resume", ckpt, "--out", out_dir])
+        code, out, both = r.run(c, ["inspect", ckpt])
+        got.append(("inspect", code, out.replace(ckpt, "CKPT"), both))
+        code, out, both = r.run(c, ["eval", ckpt, "--samples", "4"])
+        got.append(("eval", code, out, both))
+        code, _, both = r.run(c, train_args + ["--resume", ckpt, "--out", out_dir])
         final = latest(out_dir) if code == 0 else None
-        got.append(("resume", code, (step_lines(out_dir), parameters(final) if final else None), out))
+        got.append(("resume", code, (step_lines(out_dir), parameters(final) if final else None), both))
         return got
 
     base = results(source, os.path.join(work, "corruption", "base"))
@@ -263,7 +275,7 @@ def disk_full_campaign(r, args, work, train_args_small):
             # A first run, then a resume on the same full disk: both must end cleanly.
             for attempt in ("train", "resume"):
                 extra = ["--resume", "auto"] if attempt == "resume" else []
-                code, out = r.run(c, train_args_small + ["--out", run_dir] + extra)
+                code, _, out = r.run(c, train_args_small + ["--out", run_dir] + extra)
                 if code is None or code < 0:
                     continue
                 if code == 1:
@@ -285,7 +297,7 @@ def disk_full_campaign(r, args, work, train_args_small):
                 if steps != sorted(set(steps)):
                     c.problem("metric_lines", f"{size} {attempt}: steps out of order or repeated: {steps}")
                 if latest(run_dir) is not None:
-                    code, out = r.run(c, ["inspect", run_dir])
+                    code, _, out = r.run(c, ["inspect", run_dir])
                     if code is not None and code != 0:
                         c.problem("other", f"{size} {attempt}: the latest checkpoint does not load\n{tail(out)}")
         finally:
@@ -332,7 +344,7 @@ def main():
     setup = Campaign("reference")
     ref_dir = os.path.join(work, "reference")
     start = time.time()
-    code, out = r.run(setup, train_args + ["--out", ref_dir])
+    code, _, out = r.run(setup, train_args + ["--out", ref_dir])
     if code != 0:
         sys.exit(f"fault-check: the reference run failed (exit {code}):\n{out}")
     ref = (step_lines(ref_dir), time.time() - start, parameters(latest(ref_dir)))
