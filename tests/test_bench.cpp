@@ -131,11 +131,12 @@ class BenchCommand : public ::testing::Test {
   }
   static std::string binary() { return DILATRON_CLI; }
 
-  // Runs `dilatron bench ARGS --json FILE`; returns the JSON lines (asserting a zero exit status).
-  std::vector<std::string> bench(const std::string& args) {
+  // Runs `[ENV] dilatron bench ARGS --json FILE`; returns the JSON lines (asserting a zero exit status).
+  std::vector<std::string> bench(const std::string& args, const std::string& env = "") {
     const std::string json = (dir_ / "out.jsonl").string(), log = (dir_ / "log").string();
     fs::remove(json);
-    const int status = std::system((binary() + " bench " + args + " --json " + json + " > " + log + " 2>&1").c_str());
+    const int status =
+        std::system((env + " " + binary() + " bench " + args + " --json " + json + " > " + log + " 2>&1").c_str());
     std::ifstream lf(log);
     std::stringstream ss;
     ss << lf.rdbuf();
@@ -169,6 +170,16 @@ TEST_F(BenchCommand, PeakIsAPositiveFiniteRateOverAllThreads) {
   EXPECT_GE(field(lines[0], "seconds"), 0.2);
   EXPECT_LT(field(lines[0], "seconds"), 10.0);
   EXPECT_NE(lines[0].find("\"isa\": "), std::string::npos);
+}
+
+TEST_F(BenchCommand, OpenMpThreadsWaitPassivelyUnlessTheUserChose) {
+  // libgomp reads the policy before main: the command restarts itself to set it (main.cpp).
+  auto lines = bench("peak --seconds 0.05", "env -u OMP_WAIT_POLICY");
+  ASSERT_EQ(lines.size(), 1u) << log_;
+  EXPECT_NE(lines[0].find("\"omp_wait_policy\": \"PASSIVE\""), std::string::npos) << lines[0];
+  lines = bench("peak --seconds 0.05", "env OMP_WAIT_POLICY=active");
+  ASSERT_EQ(lines.size(), 1u) << log_;
+  EXPECT_NE(lines[0].find("\"omp_wait_policy\": \"active\""), std::string::npos) << lines[0];
 }
 
 TEST_F(BenchCommand, AttentionReportsTheLibrarysFlopCount) {

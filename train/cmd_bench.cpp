@@ -238,6 +238,7 @@ void run_peak(const PeakArgs& a) {
       .add("gflops", p.gflops)
       .add("gflops_per_thread", p.gflops / p.threads)
       .add("seconds", p.seconds)
+      .add("omp_wait_policy", std::getenv("OMP_WAIT_POLICY"))  // main sets PASSIVE unless the user chose
       .append_to(a.json);
 }
 
