@@ -224,6 +224,29 @@ TEST_F(BenchCommand, ScalingMeasuresEachNInItsOwnProcess) {
   EXPECT_GT(rss[1] - rss[0], 1.5 * (inputs[1] - inputs[0])) << lines[0] << "\n" << lines[1];
 }
 
+TEST_F(BenchCommand, DecodeKeepsTheCacheFlatAndTimesOneLargestSegmentByDefault) {
+  // tiny.toml: 2 layers of "16:1,64:4,128:8"; contexts below, at and far beyond its 128-token segment.
+  const std::string tiny = std::string(DILATRON_SOURCE_DIR) + "/configs/tiny.toml";
+  const auto lines = bench("decode " + tiny + " --contexts 50,128,1000 --no-cache-max 128");
+  ASSERT_EQ(lines.size(), 3u) << log_;
+  for (const auto& line : lines) {
+    EXPECT_EQ(field(line, "tokens"), 128.0) << line;  // one period of the largest segment
+    const double tps = field(line, "tokens_per_s");
+    EXPECT_TRUE(std::isfinite(tps) && tps > 0.0) << line;
+  }
+  // Past the largest segment the cache holds a fixed set of grid keys: the same bytes at 128 + 128
+  // decoded positions and at 1000 + 128.
+  EXPECT_GT(field(lines[1], "cache_bytes"), 0.0) << lines[1];
+  EXPECT_EQ(field(lines[1], "cache_bytes"), field(lines[2], "cache_bytes")) << lines[1] << "\n" << lines[2];
+  // The uncached forward is timed only up to --no-cache-max.
+  EXPECT_GT(field(lines[0], "no_cache_step_s"), 0.0) << lines[0];
+  EXPECT_TRUE(std::isnan(field(lines[2], "no_cache_step_s"))) << lines[2];
+  // --tokens overrides the default.
+  const auto one = bench("decode " + tiny + " --contexts 64 --tokens 3");
+  ASSERT_EQ(one.size(), 1u) << log_;
+  EXPECT_EQ(field(one[0], "tokens"), 3.0) << one[0];
+}
+
 TEST_F(BenchCommand, TrainReportsTheTrainersTokensPerSecond) {
   const std::string tiny = std::string(DILATRON_SOURCE_DIR) + "/configs/tiny.toml";
   const auto lines = bench("train " + tiny + " --steps 4 --warmup 1");

@@ -657,15 +657,18 @@ struct DecodeBenchArgs {
   std::string source, json;  // a config (.toml: random weights) or a checkpoint / run directory
   std::vector<std::string> set;
   std::vector<int64_t> contexts{1024, 4096, 16384, 65536};
-  int64_t tokens = 32;
+  int64_t tokens = 0;  // 0: one period of the largest segment
   int64_t no_cache_max = 8192;
 };
 
 // Generation speed with the KV cache at several context lengths: a prompt of `context` random bytes
 // (prefill), then `tokens` decode steps (the median step counts); without the cache one token costs
-// a forward over the whole context, timed once for the contexts up to --no-cache-max.
+// a forward over the whole context, timed once for the contexts up to --no-cache-max. A step's cost
+// depends on where the token falls in its segments (how many grid keys precede it), not on the
+// context, so by default each context decodes one whole period of the largest segment: contexts
+// that are multiples of it would otherwise time only cheap early-segment steps.
 void run_decode_bench(const DecodeBenchArgs& a) {
-  DILATRON_CHECK(a.tokens >= 1, "--tokens must be >= 1, got ", a.tokens);
+  DILATRON_CHECK(a.tokens >= 0, "--tokens must be >= 0 (0: one period of the largest segment), got ", a.tokens);
   for (const int64_t c : a.contexts) DILATRON_CHECK(c >= 1, "--contexts: each must be >= 1, got ", c);
   Loaded l;
   if (fs::path(a.source).extension() == ".toml") {
@@ -677,6 +680,10 @@ void run_decode_bench(const DecodeBenchArgs& a) {
     l = load_model(a.source);
   }
   TransformerLM& model = *l.model;
+  int64_t tokens = a.tokens;
+  if (tokens == 0)
+    for (const Schedule& schedule : model.config().layer_schedules)
+      for (const AttentionBranch& b : schedule) tokens = std::max(tokens, b.segment);
   const Device device = model.tok->weight.device();
   kernels::Backend& backend = kernels::backend(device);
   autograd::NoGradGuard no_grad;
@@ -700,7 +707,7 @@ void run_decode_bench(const DecodeBenchArgs& a) {
     const Tensor prompt = random_tokens(context);
     const double prefill_s = timed([&] { model.forward(prompt, cache); });
     std::vector<double> steps;
-    for (int64_t i = 0; i < a.tokens; ++i) {
+    for (int64_t i = 0; i < tokens; ++i) {
       const Tensor next = random_tokens(1);
       steps.push_back(timed([&] { model.forward(next, cache); }));
     }
@@ -723,6 +730,7 @@ void run_decode_bench(const DecodeBenchArgs& a) {
         .add("context", context)
         .add("prefill_s", prefill_s)
         .add("tokens_per_s", 1.0 / step_s)
+        .add("tokens", tokens)
         .add("step_s", step_s)
         .add("cache_bytes", cache.bytes())
         .add("no_cache_step_s", no_cache_s)
@@ -781,7 +789,8 @@ void add_bench_command(CLI::App& app) {
   decode->add_option("source", de->source, "a config (.toml, random weights) or a checkpoint / run directory")->required();
   decode->add_option("--contexts", de->contexts, "context lengths (prompt tokens), e.g. 1024,4096,16384,65536")
       ->delimiter(',');
-  decode->add_option("--tokens", de->tokens, "decode steps per context (the median counts)");
+  decode->add_option("--tokens", de->tokens,
+                     "decode steps per context (the median counts; default 0: one period of the largest segment)");
   decode->add_option("--no-cache-max", de->no_cache_max, "time the uncached token only up to this context");
   decode->add_option("--set", de->set, "override a config key: section.key=value (repeatable; configs only)");
   decode->add_option("--json", de->json, "append one JSON line per context to this file");
