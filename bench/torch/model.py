@@ -1,4 +1,4 @@
-"""dilatron's TransformerLM (lib/src/model.cpp) as a torch.nn.Module with the same parameter names,
+"""dilatron's TransformerLM (lib/lm/model.cpp) as a torch.nn.Module with the same parameter names,
 so a dilatron HDF5 checkpoint loads with load_state_dict(strict=True): byte embedding `tok`, pre-LN
 blocks `blocks.<l>` (ln1, attn.qkv fused, XPOS/rotary, dilated attention, attn.proj, ln2, fc, erf
 GELU, fc_out), final `ln_f`, head tied to `tok.weight` unless model.tie_embeddings = false.

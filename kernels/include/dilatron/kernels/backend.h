@@ -1,4 +1,4 @@
-// The kernel interface every device implements. Ops (lib/src/ops_*.cpp) own shapes, broadcasting
+// The kernel interface every device implements. Ops (lib/ops/ops_*.cpp) own shapes, broadcasting
 // and autograd; a Backend only computes. The CPU backend implements all of it in kernels/cpu/;
 // the CUDA backend adds the same methods in kernels/cuda/ without touching the ops.
 //

@@ -23,7 +23,7 @@ struct AttentionBranch {
   bool operator==(const AttentionBranch&) const = default;
 };
 
-// ---- limits: the op (lib/src/attention.cpp) rejects what exceeds them, the backends rely on them ----
+// ---- limits: the op (lib/ops/attention.cpp) rejects what exceeds them, the backends rely on them ----
 // The dropout stream packs the branch index into 4 bits and (b*H + h) into the 28 above them.
 constexpr int64_t kMaxBranches = 16;
 constexpr int64_t kMaxBatchHeads = int64_t{1} << 28;  // B * H below this

@@ -1,4 +1,4 @@
-// The dilatron command's subcommands; each file train/cmd_<name>.cpp adds one.
+// The dilatron command's subcommands, one family per file (cli/<name>.cpp; bench/, one file per figure).
 #pragma once
 
 #include <CLI/CLI.hpp>
@@ -12,12 +12,12 @@
 namespace dilatron::cli {
 
 void add_attention_command(CLI::App& app);
-void add_bench_command(CLI::App& app);     // bench peak, attention, scaling, train
+void add_bench_command(CLI::App& app);     // bench peak, attention, scaling, train, decode
 void add_gradcheck_command(CLI::App& app);
 void add_train_commands(CLI::App& app);    // train, eval, sample, inspect
 void add_plot_command(CLI::App& app);
 
-// The model a checkpoint was trained as, with its weights, in eval mode (cmd_train.cpp).
+// The model a checkpoint was trained as, with its weights, in eval mode (train.cpp).
 struct Loaded {
   RunConfig config;
   std::unique_ptr<TransformerLM> model;

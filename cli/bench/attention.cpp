@@ -1,0 +1,106 @@
+// `dilatron bench attention`: forward and forward+backward time of the attention op, effective
+// GFLOP/s over the visited pairs (attention_flops) and the fraction of the peak.
+#include <omp.h>
+
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bench/bench.h"
+#include "dilatron/attention.h"
+
+namespace dilatron::cli::bench {
+namespace {
+
+struct AttentionArgs {
+  AttentionShape shape;
+  std::vector<int64_t> n = {16384, 65536, 262144};
+  int reps = 3;
+  double long_s = 5.0, peak = 0.0, budget = 0.0;
+  std::string json;
+};
+
+void run_attention_bench(const AttentionArgs& a) {
+  const auto schedule = parse_schedule(a.shape.schedule);
+  const bool cpu = Device::parse(a.shape.device).is_cpu();
+  Peak peak;
+  if (a.peak > 0.0) {
+    peak.gflops = a.peak;
+    peak.isa = "given (--peak)";
+  } else if (cpu) {
+    peak = measure_peak(0.5);
+  }
+  std::printf("Dilated attention, %s, %d threads", shape_label(a.shape).c_str(), omp_get_max_threads());
+  if (peak.gflops > 0.0) std::printf("; peak %.1f GFLOP/s (%s)", peak.gflops, peak.isa.c_str());
+  std::printf("\n\n| N | visited pairs | forward ms | forward GFLOP/s | of peak | fwd+bwd ms | fwd+bwd GFLOP/s "
+              "| of peak | reps fwd/fwd+bwd | attention memory MiB |\n");
+  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+  std::fflush(stdout);
+  const double started = now_seconds();
+  double last_s = 0.0, last_flops = 0.0;
+  for (const int64_t N : a.n) {
+    const AttentionFlops f = attention_flops(schedule, a.shape.batch, a.shape.heads, N, a.shape.dim, a.shape.causal);
+    const int64_t pairs = a.shape.batch * visited_pairs(schedule, a.shape.heads, N, a.shape.causal);
+    if (!fits_budget(a.budget, started, last_s, last_flops, f.forward)) {
+      std::printf("| %lld | %lld | skipped: over the %.0f s budget | | | | | | | |\n", static_cast<long long>(N),
+                  static_cast<long long>(pairs), a.budget);
+      JsonLine("attention").add("n", N).add("skipped", "budget").append_to(a.json);
+      continue;
+    }
+    const double t0 = now_seconds();
+    const AttentionTiming t = time_attention(a.shape, N, a.reps, a.long_s, true);
+    last_s = now_seconds() - t0;
+    last_flops = f.forward;
+    const double fwd_gflops = f.forward / t.forward_s * 1e-9;
+    const double fb_gflops = f.forward_backward() / t.forward_backward_s * 1e-9;
+    auto frac = [&](double g) { return peak.gflops > 0.0 ? g / peak.gflops : NAN; };
+    std::printf("| %lld | %lld | %.1f | %.2f | %.1f%% | %.1f | %.2f | %.1f%% | %d/%d | %.1f |\n",
+                static_cast<long long>(N), static_cast<long long>(pairs), 1e3 * t.forward_s, fwd_gflops,
+                100.0 * frac(fwd_gflops), 1e3 * t.forward_backward_s, fb_gflops, 100.0 * frac(fb_gflops),
+                t.forward_reps, t.forward_backward_reps, static_cast<double>(t.peak_extra_bytes) / (1 << 20));
+    std::fflush(stdout);
+    JsonLine("attention")
+        .add("n", N)
+        .add("batch", a.shape.batch)
+        .add("heads", a.shape.heads)
+        .add("dim", a.shape.dim)
+        .add("schedule", a.shape.schedule)
+        .add("causal", a.shape.causal)
+        .add("device", a.shape.device)
+        .add("threads", omp_get_max_threads())
+        .add("visited_pairs", pairs)
+        .add("forward_flops", f.forward)
+        .add("forward_backward_flops", f.forward_backward())
+        .add("forward_s", t.forward_s)
+        .add("forward_backward_s", t.forward_backward_s)
+        .add("forward_reps", t.forward_reps)
+        .add("forward_backward_reps", t.forward_backward_reps)
+        .add("forward_gflops", fwd_gflops)
+        .add("forward_backward_gflops", fb_gflops)
+        .add("peak_gflops", peak.gflops > 0.0 ? peak.gflops : NAN)
+        .add("forward_fraction_of_peak", frac(fwd_gflops))
+        .add("forward_backward_fraction_of_peak", frac(fb_gflops))
+        .add("attention_peak_bytes", t.peak_extra_bytes)
+        .append_to(a.json);
+  }
+}
+
+}  // namespace
+
+void add_attention(CLI::App& bench) {
+  auto at = std::make_shared<AttentionArgs>();
+  CLI::App* attention = bench.add_subcommand(
+      "attention", "Forward and forward+backward time of dilated attention, GFLOP/s over visited pairs, % of peak");
+  attention->add_option("--n", at->n, "sequence lengths, e.g. 16384,65536,262144")->delimiter(',');
+  add_shape_options(attention, at->shape);
+  attention->add_option("--reps", at->reps, "timed repetitions after one warm-up run (median)");
+  attention->add_option("--long-seconds", at->long_s, "a first run at least this long is the only one timed");
+  attention->add_option("--peak", at->peak, "peak GFLOP/s to divide by (default: measured, 0.5 s, on the CPU)");
+  attention->add_option("--budget", at->budget, "skip the sizes that would end past this many seconds (0: none)");
+  attention->add_option("--json", at->json, "append one JSON line per N to this file");
+  attention->callback([at] { run_attention_bench(*at); });
+}
+
+}  // namespace dilatron::cli::bench
