@@ -123,8 +123,8 @@ std::optional<FloatLayout> float16_layout(hid_t type) {
   return l;
 }
 
-// bfloat16 as HDF5 sees it: float32's top half, a custom float type that h5py reads (as its own
-// bfloat16 or, converting, as float32) and that HDF5 converts to other floats.
+// bfloat16 as HDF5 sees it: float32's top half, a custom float type that HDF5 converts to other
+// floats, so h5py or PyTorch users read it as float32 (a float32 memory type) and round it back.
 Id bfloat16_type() {
   Id type = copy_type(H5T_IEEE_F32LE);
   const char* what = "cannot create the HDF5 bfloat16 type";
@@ -184,7 +184,7 @@ std::optional<DType> readable_dtype(hid_t type) {
   const size_t size = H5Tget_size(type);
   switch (H5Tget_class(type)) {
     case H5T_FLOAT:
-      // 2-byte floats of another layout than these two are not read: converted, they would be garbage.
+      // A 2-byte float of another layout is no type we know (a mislabelled half, say): refused, not guessed.
       if (const auto layout = float16_layout(type)) {
         if (*layout == kBFloat16Layout) return DType::BFloat16;
         if (*layout != kFloat16Layout) return std::nullopt;
