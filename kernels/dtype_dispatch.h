@@ -19,7 +19,8 @@ void dispatch_float(DType t, F&& f) {
   }
 }
 
-// Calls f(T{}) for any dtype (Bool as bool).
+// Calls f(T{}) for any dtype (Bool as bool, BFloat16 as bfloat16): the kernels that only move or
+// compare values (copy, fill, where, max); bfloat16 arithmetic goes through Float32Compute.
 template <typename F>
 void dispatch_all(DType t, F&& f) {
   switch (t) {
@@ -27,6 +28,7 @@ void dispatch_all(DType t, F&& f) {
     case DType::Float64: f(double{}); return;
     case DType::Int64: f(int64_t{}); return;
     case DType::Bool: f(bool{}); return;
+    case DType::BFloat16: f(bfloat16{}); return;
   }
 }
 

@@ -183,6 +183,45 @@ TEST(CudaMemory, CopiesAcrossDevicesStridesAndDtypes) {
   EXPECT_EQ(max_error(expand(row, {4, 9}).contiguous(), expand(row.to(Device::cpu()), {4, 9}).contiguous()), 0.0);
 }
 
+// bfloat16 on the GPU. The conversions are one formula on both sides (dilatron/bfloat16.h), so they,
+// and float32 ops that IEEE rounds exactly (add, mul), agree with the CPU bit for bit; the other ops
+// run the CUDA float32 kernels, whose last-bit differences from the CPU's may move a bf16 rounding by
+// one step: at most 2^-7 relative.
+TEST(CudaBFloat16, MatchesTheCpuReference) {
+  REQUIRE_CUDA();
+  constexpr DType kBF16 = DType::BFloat16;
+  auto bits = [](const Tensor& t) {
+    std::vector<uint16_t> out;
+    for (bfloat16 b : t.to(Device::cpu()).to_vector<bfloat16>()) out.push_back(b.bits);
+    return out;
+  };
+  const Tensor x = randn({64, 33}, 3), y = randn({64, 33}, 4), w = randn({33, 17}, 5);
+  const Tensor xb = x.to(kBF16), yb = y.to(kBF16), wb = w.to(kBF16);
+  const Tensor xg = xb.to(kGpu), yg = yb.to(kGpu), wg = wb.to(kGpu);
+  EXPECT_EQ(bits(x.to(kGpu).to(kBF16)), bits(xb));
+  EXPECT_EQ(max_error(xg.to(DType::Float32), xb.to(DType::Float32)), 0.0);
+  EXPECT_EQ(bits(add(xg, yg)), bits(add(xb, yb)));
+  EXPECT_EQ(bits(mul(xg, yg)), bits(mul(xb, yb)));
+  const double one_step = std::ldexp(1.0, -7);
+  EXPECT_LE(max_error(matmul(xg, wg).to(DType::Float32), matmul(xb, wb).to(DType::Float32)), one_step);
+  EXPECT_LE(max_error(softmax(xg, -1).to(DType::Float32), softmax(xb, -1).to(DType::Float32)), one_step);
+  EXPECT_LE(max_error(gelu(xg).to(DType::Float32), gelu(xb).to(DType::Float32)), one_step);
+  EXPECT_LE(max_error(layer_norm(xg, Tensor(), Tensor()).to(DType::Float32),
+                      layer_norm(xb, Tensor(), Tensor()).to(DType::Float32)),
+            one_step);
+  const Tensor q = randn({1, 97, 2, 16}, 6).to(kBF16), k = randn({1, 97, 2, 16}, 7).to(kBF16),
+               v = randn({1, 97, 2, 16}, 8).to(kBF16);
+  DilatedAttentionOptions opts;
+  opts.schedule = parse_schedule("32:1,97:4");
+  opts.causal = true;
+  const AttentionOutput cpu = dilated_attention_with_lse(q, k, v, opts);
+  const AttentionOutput gpu = dilated_attention_with_lse(q.to(kGpu), k.to(kGpu), v.to(kGpu), opts);
+  EXPECT_EQ(gpu.o.dtype(), kBF16);
+  EXPECT_EQ(gpu.lse.dtype(), DType::Float32);
+  EXPECT_LE(max_error(gpu.o.to(DType::Float32), cpu.o.to(DType::Float32)), one_step);
+  EXPECT_LE(max_error(gpu.lse, cpu.lse), 1e-5);
+}
+
 // Copies into strided views (cat and the narrow/split backward write their pieces this way), from
 // each side, converting dtypes.
 TEST(CudaMemory, CopiesIntoStridedViews) {

@@ -1,10 +1,11 @@
 // The CPU backend's one instance (dilatron/kernels/backend.h).
+#include "bfloat16_backend.h"
 #include "cpu/cpu_backend.h"
 
 namespace dilatron::kernels {
 
 Backend& cpu_backend() {
-  static CpuBackend cpu;
+  static BFloat16Backend<CpuBackend> cpu;
   return cpu;
 }
 

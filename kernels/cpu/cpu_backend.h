@@ -5,7 +5,8 @@
 
 namespace dilatron::kernels {
 
-class CpuBackend final : public Backend {
+// Final as BFloat16Backend<CpuBackend> (kernels/bfloat16_backend.h), the instance cpu_backend() returns.
+class CpuBackend : public Backend {
  public:
   Device device() const override { return Device::cpu(); }
   void synchronize() override {}

@@ -9,7 +9,8 @@
 
 namespace dilatron::kernels {
 
-class CudaBackend final : public Backend {
+// Final as BFloat16Backend<CudaBackend> (kernels/bfloat16_backend.h), the instances cuda::backend() returns.
+class CudaBackend : public Backend {
  public:
   explicit CudaBackend(int device_index) : index_(device_index) {}
   Device device() const override { return Device::cuda(index_); }

@@ -8,6 +8,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "bfloat16_backend.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/cuda_utils.cuh"
 #include "dilatron/kernels/cuda.h"
@@ -146,11 +147,11 @@ void empty_cache() {
 
 Backend& backend(int device_index) {
   check_index(device_index);
-  static std::array<std::unique_ptr<CudaBackend>, kMaxDevices> backends;
+  static std::array<std::unique_ptr<BFloat16Backend<CudaBackend>>, kMaxDevices> backends;
   static std::mutex mu;
   std::lock_guard<std::mutex> lock(mu);
   auto& b = backends[static_cast<size_t>(device_index)];
-  if (!b) b = std::make_unique<CudaBackend>(device_index);
+  if (!b) b = std::make_unique<BFloat16Backend<CudaBackend>>(device_index);
   return *b;
 }
 

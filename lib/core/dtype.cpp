@@ -10,6 +10,7 @@ size_t dtype_size(DType t) {
     case DType::Float64: return 8;
     case DType::Int64: return 8;
     case DType::Bool: return 1;
+    case DType::BFloat16: return 2;
   }
   return 0;
 }
@@ -20,6 +21,7 @@ const char* dtype_name(DType t) {
     case DType::Float64: return "float64";
     case DType::Int64: return "int64";
     case DType::Bool: return "bool";
+    case DType::BFloat16: return "bfloat16";
   }
   return "?";
 }
@@ -29,7 +31,8 @@ DType dtype_from_name(std::string_view name) {
   if (name == "float64") return DType::Float64;
   if (name == "int64") return DType::Int64;
   if (name == "bool") return DType::Bool;
-  throw Error(detail::concat("unknown dtype '", name, "' (expected float32, float64, int64 or bool)"));
+  if (name == "bfloat16") return DType::BFloat16;
+  throw Error(detail::concat("unknown dtype '", name, "' (expected float32, float64, int64, bool or bfloat16)"));
 }
 
 Device Device::parse(std::string_view s) {

@@ -106,6 +106,7 @@ Tensor Tensor::from_vector(const std::vector<T>& values, const Shape& shape, Ten
 template Tensor Tensor::from_vector<float>(const std::vector<float>&, const Shape&, TensorOptions);
 template Tensor Tensor::from_vector<double>(const std::vector<double>&, const Shape&, TensorOptions);
 template Tensor Tensor::from_vector<int64_t>(const std::vector<int64_t>&, const Shape&, TensorOptions);
+template Tensor Tensor::from_vector<bfloat16>(const std::vector<bfloat16>&, const Shape&, TensorOptions);
 
 // ---------------------------------------------------------------- metadata and data access
 
@@ -159,6 +160,7 @@ std::vector<T> Tensor::to_vector() const {
 template std::vector<float> Tensor::to_vector<float>() const;
 template std::vector<double> Tensor::to_vector<double>() const;
 template std::vector<int64_t> Tensor::to_vector<int64_t>() const;
+template std::vector<bfloat16> Tensor::to_vector<bfloat16>() const;
 
 // ---------------------------------------------------------------- conversions
 

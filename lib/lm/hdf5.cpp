@@ -106,6 +106,35 @@ bool is_bool_enum(hid_t type) {
 
 Id copy_type(hid_t predefined) { return checked(H5Tcopy(predefined), H5Tclose, "cannot copy an HDF5 type"); }
 
+// A 2-byte float's bit layout: {sign position, exponent position, size, mantissa position, size, bias}.
+struct FloatLayout {
+  size_t sign, exp_pos, exp_size, mant_pos, mant_size, bias;
+  bool operator==(const FloatLayout&) const = default;
+};
+constexpr FloatLayout kBFloat16Layout{15, 7, 8, 0, 7, 127};
+constexpr FloatLayout kFloat16Layout{15, 10, 5, 0, 10, 15};  // IEEE half, as h5py stores numpy's float16
+
+std::optional<FloatLayout> float16_layout(hid_t type) {
+  if (H5Tget_class(type) != H5T_FLOAT || H5Tget_size(type) != 2) return std::nullopt;
+  FloatLayout l{};
+  check(H5Tget_fields(type, &l.sign, &l.exp_pos, &l.exp_size, &l.mant_pos, &l.mant_size),
+        "cannot read the fields of an HDF5 float type");
+  l.bias = H5Tget_ebias(type);
+  return l;
+}
+
+// bfloat16 as HDF5 sees it: float32's top half, a custom float type that HDF5 converts to other
+// floats, so h5py or PyTorch users read it as float32 (a float32 memory type) and round it back.
+Id bfloat16_type() {
+  Id type = copy_type(H5T_IEEE_F32LE);
+  const char* what = "cannot create the HDF5 bfloat16 type";
+  check(H5Tset_fields(type, kBFloat16Layout.sign, kBFloat16Layout.exp_pos, kBFloat16Layout.exp_size,
+                      kBFloat16Layout.mant_pos, kBFloat16Layout.mant_size), what);
+  check(H5Tset_size(type, 2), what);
+  check(H5Tset_ebias(type, kBFloat16Layout.bias), what);
+  return type;
+}
+
 // The HDF5 type of a dtype: little-endian in the file (what h5py writes on x86), native in memory.
 Id hdf5_type(DType dtype, bool in_file) {
   switch (dtype) {
@@ -113,6 +142,7 @@ Id hdf5_type(DType dtype, bool in_file) {
     case DType::Float64: return copy_type(in_file ? H5T_IEEE_F64LE : H5T_NATIVE_DOUBLE);
     case DType::Int64: return copy_type(in_file ? H5T_STD_I64LE : H5T_NATIVE_INT64);
     case DType::Bool: return bool_type();
+    case DType::BFloat16: return bfloat16_type();  // the same bits in the file and in memory
   }
   throw Error(concat("no HDF5 type for dtype ", dtype_name(dtype)));
 }
@@ -129,7 +159,12 @@ Id vlen_string_type(H5T_cset_t cset) {
 std::string type_name(hid_t type) {
   const std::string bits = std::to_string(8 * H5Tget_size(type));
   switch (H5Tget_class(type)) {
-    case H5T_FLOAT: return "float" + bits;
+    case H5T_FLOAT: {
+      const auto layout = float16_layout(type);
+      if (layout == kBFloat16Layout) return "bfloat16";
+      if (layout && *layout != kFloat16Layout) return "float16 of an unknown bit layout";
+      return "float" + bits;
+    }
     case H5T_INTEGER: return (H5Tget_sign(type) == H5T_SGN_NONE ? "uint" : "int") + bits;
     case H5T_ENUM: return is_bool_enum(type) ? "bool" : "enum";
     case H5T_STRING: return "string";
@@ -149,6 +184,11 @@ std::optional<DType> readable_dtype(hid_t type) {
   const size_t size = H5Tget_size(type);
   switch (H5Tget_class(type)) {
     case H5T_FLOAT:
+      // A 2-byte float of another layout is no type we know (a mislabelled half, say): refused, not guessed.
+      if (const auto layout = float16_layout(type)) {
+        if (*layout == kBFloat16Layout) return DType::BFloat16;
+        if (*layout != kFloat16Layout) return std::nullopt;
+      }
       if (size <= 4) return DType::Float32;
       if (size <= 8) return DType::Float64;
       return std::nullopt;

@@ -46,7 +46,7 @@ struct DilatedAttentionFunction : autograd::Function<DilatedAttentionFunction> {
     const Tensor bc = bias.defined() ? bias.contiguous() : Tensor();
     const int64_t B = q.size(0), N = q.size(1), H = q.size(2);
     Tensor o = Tensor::empty(q.shape(), q.options());
-    Tensor lse = Tensor::empty({B, H, N}, q.options());
+    Tensor lse = Tensor::empty({B, H, N}, q.options().with_dtype(compute_dtype(q.dtype())));
     kernels::backend_of(q).dilated_attention_forward(o, lse, qc, kc, vc, bc, params);
     ctx.save_for_backward({qc, kc, vc, bc, o, lse});
     ctx.set("params", params);
@@ -96,7 +96,7 @@ AttentionParams make_attention_params(const Tensor& q, const Tensor& k, const Te
   DILATRON_CHECK(q.dim() == 4, "dilated_attention: q must be 4-D [B, N, H, D], got shape ", shape_str(q.shape()));
   DILATRON_CHECK(k.shape() == q.shape() && v.shape() == q.shape(), "dilated_attention: q, k, v shapes differ: q ",
                  shape_str(q.shape()), ", k ", shape_str(k.shape()), ", v ", shape_str(v.shape()));
-  DILATRON_CHECK(is_floating(q.dtype()), "dilated_attention: q must be float32 or float64, got ",
+  DILATRON_CHECK(is_floating(q.dtype()), "dilated_attention: q must be float32, float64 or bfloat16, got ",
                  dtype_name(q.dtype()));
   DILATRON_CHECK(k.dtype() == q.dtype() && v.dtype() == q.dtype(), "dilated_attention: q, k, v dtypes differ: q ",
                  dtype_name(q.dtype()), ", k ", dtype_name(k.dtype()), ", v ", dtype_name(v.dtype()));

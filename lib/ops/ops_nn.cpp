@@ -15,7 +15,7 @@ namespace {
 
 void check_floating(const char* op, const char* what, const Tensor& t) {
   DILATRON_CHECK(t.defined(), op, ": ", what, " is undefined");
-  DILATRON_CHECK(is_floating(t.dtype()), op, ": ", what, " must be float32 or float64, got ",
+  DILATRON_CHECK(is_floating(t.dtype()), op, ": ", what, " must be float32, float64 or bfloat16, got ",
                  dtype_name(t.dtype()));
 }
 
@@ -55,8 +55,10 @@ struct CrossEntropyRows : autograd::Function<CrossEntropyRows> {
   static const char* name() { return "cross_entropy"; }
   static Tensor forward(autograd::Context& ctx, const Tensor& logits, const Tensor& targets, int64_t ignore_index) {
     const Tensor x = logits.contiguous(), t = targets.contiguous();
-    Tensor loss = Tensor::empty(targets.shape(), logits.options());
-    Tensor lse = Tensor::empty(targets.shape(), logits.options());
+    // float32 losses for bf16 logits (compute_dtype), as PyTorch's autocast gives cross_entropy.
+    const TensorOptions stats = logits.options().with_dtype(compute_dtype(logits.dtype()));
+    Tensor loss = Tensor::empty(targets.shape(), stats);
+    Tensor lse = Tensor::empty(targets.shape(), stats);
     backend_of(x).cross_entropy(loss, lse, x, t, ignore_index);
     ctx.save_for_backward({x, lse, t});
     ctx.set("ignore_index", ignore_index);
@@ -79,7 +81,8 @@ struct LayerNormRows : autograd::Function<LayerNormRows> {
     const Tensor b = bias.defined() ? bias.contiguous() : Tensor();
     const Shape rows(x.shape().begin(), x.shape().end() - 1);
     Tensor y = Tensor::empty(x.shape(), x.options());
-    Tensor mean = Tensor::empty(rows, x.options()), rstd = Tensor::empty(rows, x.options());
+    const TensorOptions stats = x.options().with_dtype(compute_dtype(x.dtype()));
+    Tensor mean = Tensor::empty(rows, stats), rstd = Tensor::empty(rows, stats);
     backend_of(x).layer_norm(y, mean, rstd, xc, w, b, eps);
     ctx.save_for_backward({xc, mean, rstd, w});
     return y;
@@ -187,7 +190,7 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
       DILATRON_CHECK(std::isfinite(w[i]) && w[i] >= 0.0, "cross_entropy: weight ", w[i], " at position ", i,
                      " is not a finite number >= 0");
     // mul's backward scales each row's gradient by its weight before the fused backward sees it.
-    loss = mul(loss, weight);
+    loss = mul(loss, weight.to(loss.dtype()));
   }
   if (reduction == "none") return loss;
   if (reduction == "sum") return sum(loss);

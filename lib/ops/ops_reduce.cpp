@@ -102,7 +102,9 @@ Tensor sum(const Tensor& x) { return sum(x, {}, false); }
 Tensor mean(const Tensor& x, const std::vector<int64_t>& dims, bool keepdim) {
   check_float("mean", x);
   const std::vector<bool> reduced = reduced_mask("mean", dims, x.dim());
-  return mul(SumFn::apply(x, reduced, keepdim), 1.0 / static_cast<double>(reduced_count(x.shape(), reduced)));
+  // Summed and scaled in compute_dtype, so a bf16 mean is rounded once, not after the sum and again.
+  const Tensor s = SumFn::apply(x.to(compute_dtype(x.dtype())), reduced, keepdim);
+  return mul(s, 1.0 / static_cast<double>(reduced_count(x.shape(), reduced))).to(x.dtype());
 }
 
 Tensor mean(const Tensor& x) { return mean(x, {}, false); }

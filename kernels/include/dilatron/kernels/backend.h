@@ -4,7 +4,8 @@
 //
 // Conventions: `out` tensors are allocated by the caller with the right shape, dtype and device,
 // and are contiguous. Inputs may be strided views (broadcast inputs have stride 0) unless a method
-// says "contiguous". Float methods run in the tensors' dtype (float32 or float64).
+// says "contiguous". Float methods run in the tensors' dtype (float32 or float64; bfloat16 runs as
+// float32 with each output rounded once, kernels/bfloat16_backend.h).
 #pragma once
 
 #include <cstdint>
@@ -75,14 +76,14 @@ class Backend {
   virtual void softmax_backward_last(Tensor& dx, const Tensor& y, const Tensor& dy) = 0;
   virtual void log_softmax_last(Tensor& out, const Tensor& in) = 0;
   virtual void log_softmax_backward_last(Tensor& dx, const Tensor& y, const Tensor& dy) = 0;
-  // logits [M, C], targets [M] Int64. loss [M] (0 where ignored), lse [M].
+  // logits [M, C], targets [M] Int64. loss [M] (0 where ignored), lse [M], both in compute_dtype(logits' dtype).
   // Targets outside [0, C) other than ignore_index throw an Error naming the value and position.
   virtual void cross_entropy(Tensor& loss, Tensor& lse, const Tensor& logits, const Tensor& targets,
                              int64_t ignore_index) = 0;
   // dlogits [M, C] = dloss[m] * (softmax - onehot), zero rows for ignored targets.
   virtual void cross_entropy_backward(Tensor& dlogits, const Tensor& dloss, const Tensor& logits,
                                       const Tensor& lse, const Tensor& targets, int64_t ignore_index) = 0;
-  // x [M, K]; weight, bias [K] or undefined. mean, rstd [M] (float in x's dtype).
+  // x [M, K]; weight, bias [K] or undefined. mean, rstd [M] in compute_dtype(x's dtype).
   virtual void layer_norm(Tensor& out, Tensor& mean, Tensor& rstd, const Tensor& x, const Tensor& weight,
                           const Tensor& bias, double eps) = 0;
   // dweight/dbias may be undefined (no affine); they are overwritten, not accumulated.
@@ -102,8 +103,9 @@ class Backend {
   virtual void rotary(Tensor& out, const Tensor& x, const Tensor& cos, const Tensor& sin) = 0;
 
   // ---- flash dilated attention (the contract: docs/attention-contract.md) ----
-  // q, k, v, o: contiguous [B, N, H, D]; lse: [B, H, N] in q's dtype (float32, or float64 for float64 inputs:
-  // a float32 lse would cap the float64 backward at float32 accuracy); bias: [H, num_buckets] or undefined.
+  // q, k, v, o: contiguous [B, N, H, D]; lse: [B, H, N] in compute_dtype(q's dtype) (float32, or float64 for
+  // float64 inputs: a float32 lse would cap the float64 backward at float32 accuracy); bias: [H, num_buckets]
+  // or undefined.
   virtual void dilated_attention_forward(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                                          const Tensor& bias, const AttentionParams& params) = 0;
   // dq, dk, dv (and dbias when defined) are overwritten.

@@ -70,7 +70,7 @@ class Tensor {
                       double std = 1.0);
   template <typename T>
   static Tensor from_vector(const std::vector<T>& values, const Shape& shape,
-                            TensorOptions opts = TensorOptions(dtype_of<T>::value));  // float, double, int64_t
+                            TensorOptions opts = TensorOptions(dtype_of<T>::value));  // float, double, int64_t, bfloat16
 
   // ---- metadata ----
   bool defined() const { return impl_ != nullptr; }
@@ -96,7 +96,7 @@ class Tensor {
   double item() const;  // a one-element tensor's value (copied to the host)
   double at(std::initializer_list<int64_t> index) const;  // one element as double, for tests
   template <typename T>
-  std::vector<T> to_vector() const;  // all elements in row-major order, converted to T
+  std::vector<T> to_vector() const;  // all elements in row-major order, converted to T (float, double, int64_t, bfloat16)
 
   // ---- conversions and views (autograd-aware, see ops.h for the rest) ----
   Tensor to(DType t) const;
