@@ -111,10 +111,10 @@ void run_attention(const AttentionArgs& a) {
 }  // namespace
 
 void add_attention_command(CLI::App& app) {
-  auto args = std::make_shared<AttentionArgs>();
-  CLI::App* cmd = app.add_subcommand(
-      "attention", "Run flash dilated attention on q, k, v [B, N, H, D] from an HDF5 file (backward too when it "
-                   "holds 'do')");
+  auto [cmd, args] = add_command(app, "attention",
+                                 "Run flash dilated attention on q, k, v [B, N, H, D] from an HDF5 file (backward "
+                                 "too when it holds 'do')",
+                                 run_attention);
   cmd->add_option("--in", args->in, "input .h5 with datasets q, k, v and optionally do, bias")->required();
   cmd->add_option("--out", args->out, "output .h5: o, lse, and dq, dk, dv (dbias) when do is given")->required();
   cmd->add_option("--schedule", args->schedule, "branches segment:dilation,... e.g. 2048:1,4096:2")->required();
@@ -127,7 +127,6 @@ void add_attention_command(CLI::App& app) {
   cmd->add_option("--bias-max-distance", args->bias_max_distance, "relative-position bias max distance");
   cmd->add_option("--dtype", args->dtype, "float32 or float64 (default: the dtype of q)");
   cmd->add_option("--device", args->device, "cpu or cuda[:N]");
-  cmd->callback([args] { run_attention(*args); });
 }
 
 }  // namespace dilatron::cli

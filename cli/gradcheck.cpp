@@ -44,11 +44,10 @@ void run_gradcheck(const GradcheckArgs& a) {
 }  // namespace
 
 void add_gradcheck_command(CLI::App& app) {
-  auto args = std::make_shared<GradcheckArgs>();
-  CLI::App* cmd = app.add_subcommand("gradcheck", "Finite-difference gradient checks of the ops (attention included)");
+  auto [cmd, args] =
+      add_command(app, "gradcheck", "Finite-difference gradient checks of the ops (attention included)", run_gradcheck);
   cmd->add_option("--op", args->op, "one op name, or all");
   cmd->add_option("--dtype", args->dtype, "float64 (the only precision finite differences are checked in)");
-  cmd->callback([args] { run_gradcheck(*args); });
 }
 
 }  // namespace dilatron::cli

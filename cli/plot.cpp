@@ -85,10 +85,9 @@ void run_plot(const std::string& run_dir) {
 }  // namespace
 
 void add_plot_command(CLI::App& app) {
-  auto dir = std::make_shared<std::string>();
-  CLI::App* cmd = app.add_subcommand("plot", "Plot a run's loss curves and passkey accuracy to RUN_DIR/plot.png");
+  auto [cmd, dir] =
+      add_command(app, "plot", "Plot a run's loss curves and passkey accuracy to RUN_DIR/plot.png", run_plot);
   cmd->add_option("run_dir", *dir, "a run directory (holds metrics.jsonl)")->required();
-  cmd->callback([dir] { run_plot(*dir); });
 }
 
 }  // namespace dilatron::cli

@@ -226,11 +226,15 @@ void run_inspect(const std::string& path) {
   std::printf("\nconfig:\n%s\n", s.config_toml.c_str());
 }
 
+// The checkpoint that eval, sample and inspect read.
+void add_checkpoint_argument(CLI::App* cmd, std::string& path) {
+  cmd->add_option("checkpoint", path, "checkpoint .h5, or a run directory (its latest)")->required();
+}
+
 }  // namespace
 
 void add_train_commands(CLI::App& app) {
-  auto t = std::make_shared<TrainArgs>();
-  CLI::App* train = app.add_subcommand("train", "Train a model from a TOML config");
+  auto [train, t] = add_command(app, "train", "Train a model from a TOML config", run_train);
   train->add_option("config", t->config, "config file, e.g. configs/passkey.toml")->required()->check(CLI::ExistingFile);
   train->add_option("--set", t->set, "override a config key: section.key=value (repeatable)");
   train->add_option("--resume", t->resume, "auto (the latest checkpoint in --out) or a checkpoint path");
@@ -238,11 +242,9 @@ void add_train_commands(CLI::App& app) {
   train->add_flag("--allow-config-change", t->allow_config_change,
                   "resume although the config differs from the checkpoint's (not in model.*); the changes are "
                   "recorded in OUT/config-changes.log");
-  train->callback([t] { run_train(*t); });
 
-  auto e = std::make_shared<EvalArgs>();
-  CLI::App* eval = app.add_subcommand("eval", "Evaluate a checkpoint: passkey accuracy or text loss");
-  eval->add_option("checkpoint", e->ckpt, "checkpoint .h5, or a run directory (its latest)")->required();
+  auto [eval, e] = add_command(app, "eval", "Evaluate a checkpoint: passkey accuracy or text loss", run_eval);
+  add_checkpoint_argument(eval, e->ckpt);
   eval->add_option("--task", e->task, "passkey or text (default: the task it was trained on)");
   eval->add_option("--lengths", e->lengths, "passkey context lengths, e.g. 512,1024,2048")->delimiter(',');
   eval->add_option("--samples", e->samples, "samples per length (passkey) or max windows (text)");
@@ -250,23 +252,18 @@ void add_train_commands(CLI::App& app) {
   eval->add_option("--text", e->text, "a UTF-8 file whose validation split to score");
   eval->add_option("--batch", e->batch, "sequences per forward pass");
   eval->add_option("--json", e->json, "passkey: also write the whole report to this JSON file");
-  eval->callback([e] { run_eval(*e); });
 
-  auto s = std::make_shared<SampleArgs>();
-  CLI::App* sample = app.add_subcommand("sample", "Generate text from a checkpoint");
-  sample->add_option("checkpoint", s->ckpt, "checkpoint .h5, or a run directory (its latest)")->required();
+  auto [sample, s] = add_command(app, "sample", "Generate text from a checkpoint", run_sample);
+  add_checkpoint_argument(sample, s->ckpt);
   sample->add_option("--prompt", s->prompt, "text to continue");
   sample->add_option("--tokens", s->tokens, "bytes to generate");
   sample->add_option("--temperature", s->temperature, "0 for greedy");
   sample->add_option("--top-k", s->top_k, "sample among the k most likely bytes (0: all)");
   sample->add_option("--seed", s->seed, "sampling seed");
   sample->add_flag("--no-cache", s->no_cache, "recompute the whole sequence for every token (no KV cache; for comparison)");
-  sample->callback([s] { run_sample(*s); });
 
-  auto ckpt = std::make_shared<std::string>();
-  CLI::App* inspect = app.add_subcommand("inspect", "Show a checkpoint's config, step and parameters");
-  inspect->add_option("checkpoint", *ckpt, "checkpoint .h5, or a run directory (its latest)")->required();
-  inspect->callback([ckpt] { run_inspect(*ckpt); });
+  auto [inspect, ckpt] = add_command(app, "inspect", "Show a checkpoint's config, step and parameters", run_inspect);
+  add_checkpoint_argument(inspect, *ckpt);
 }
 
 }  // namespace dilatron::cli

@@ -13,7 +13,6 @@
 #include <fstream>
 #include <map>
 #include <regex>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -24,6 +23,7 @@
 #include "dilatron/profiler.h"
 #include "dilatron/random.h"
 #include "dilatron/trainer.h"
+#include "test_helpers.h"
 
 using namespace dilatron;
 namespace fs = std::filesystem;
@@ -137,10 +137,7 @@ class BenchCommand : public ::testing::Test {
     fs::remove(json);
     const int status =
         std::system((env + " " + binary() + " bench " + args + " --json " + json + " > " + log + " 2>&1").c_str());
-    std::ifstream lf(log);
-    std::stringstream ss;
-    ss << lf.rdbuf();
-    log_ = ss.str();
+    log_ = test::read_file(log);
     EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "dilatron bench " << args << ":\n" << log_;
     std::vector<std::string> lines;
     std::ifstream in(json);

@@ -6,6 +6,7 @@
 #include <cctype>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <map>
 #include <set>
@@ -257,6 +258,17 @@ void expect_layout(const PasskeySample& s, const PasskeyOptions& o) {
               1e-12);
 }
 
+// seq_len `shortest` (what the error for a shorter one named) makes a task whose first samples pass
+// `check`, and seq_len shortest - 1 is refused.
+void expect_shortest_seq_len(PasskeyOptions o, int64_t shortest,
+                             const std::function<void(const PasskeySample&, const PasskeyOptions&)>& check) {
+  o.seq_len = shortest;
+  const PasskeyTask task(o);
+  for (uint64_t i = 0; i < 20; ++i) check(task.sample(i), o);
+  o.seq_len = shortest - 1;
+  EXPECT_THROW(PasskeyTask{o}, Error);
+}
+
 }  // namespace
 
 TEST(DataPasskey, EverySampleHasTheExactLayout) {
@@ -281,12 +293,7 @@ TEST(DataPasskey, ShortestSeqLenIsTheOneTheErrorNames) {
   EXPECT_NE(msg.find("seq_len 50"), std::string::npos) << msg;
   const size_t at = msg.find("needs at least ");
   ASSERT_NE(at, std::string::npos) << msg;
-  const int64_t shortest = std::stoll(msg.substr(at + 15));
-  o.seq_len = shortest;
-  const PasskeyTask task(o);
-  for (uint64_t i = 0; i < 20; ++i) expect_layout(task.sample(i), o);
-  o.seq_len = shortest - 1;
-  EXPECT_THROW(PasskeyTask{o}, Error);
+  expect_shortest_seq_len(o, std::stoll(msg.substr(at + 15)), expect_layout);
 }
 
 TEST(DataPasskey, SamplesDependOnlyOnSeedAndIndex) {
@@ -437,11 +444,9 @@ TEST(DataPasskey, QuestionsAndAnswerWeightAreValidated) {
   EXPECT_NE(msg.find("4 questions"), std::string::npos) << msg;
   const int64_t shortest = PasskeyTask::min_seq_len(o.digits, 4);
   EXPECT_NE(msg.find("needs at least " + std::to_string(shortest)), std::string::npos) << msg;
-  o.seq_len = shortest;
-  const PasskeyTask task(o);
-  for (uint64_t i = 0; i < 20; ++i) EXPECT_EQ(task.sample(i).answer_starts.size(), 4u);
-  o.seq_len = shortest - 1;
-  EXPECT_THROW(PasskeyTask{o}, Error);
+  expect_shortest_seq_len(o, shortest, [](const PasskeySample& s, const PasskeyOptions&) {
+    EXPECT_EQ(s.answer_starts.size(), 4u);
+  });
 }
 
 TEST(DataPasskey, EvaluationSetIsDeterministicAndApartFromTraining) {

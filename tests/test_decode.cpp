@@ -9,8 +9,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -21,6 +19,7 @@
 #include "dilatron/model.h"
 #include "dilatron/ops.h"
 #include "dilatron/random.h"
+#include "test_helpers.h"
 
 using namespace dilatron;
 namespace ref = dilatron::attention_reference;
@@ -271,11 +270,9 @@ TEST(ModelDecode, XposPositionsPastTheirRangeAreRefused) {
 std::string run(const std::string& cmd, int* status) {
   const fs::path log = fs::temp_directory_path() / ("dilatron_test_decode_" + std::to_string(::getpid()) + ".log");
   *status = std::system((cmd + " > " + log.string() + " 2>&1").c_str());
-  std::ifstream in(log);
-  std::stringstream ss;
-  ss << in.rdbuf();
+  std::string out = test::read_file(log);
   fs::remove(log);
-  return ss.str();
+  return out;
 }
 
 TEST(SampleCommand, GreedyGenerationIsTheSameWithAndWithoutTheCache) {

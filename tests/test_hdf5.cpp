@@ -18,6 +18,7 @@
 
 using namespace dilatron;
 using dilatron::test::error_message;
+using dilatron::test::xor_byte;
 namespace fs = std::filesystem;
 
 namespace {
@@ -281,14 +282,6 @@ size_t find_bytes(const std::string& path, const void* bytes, size_t n) {
   return data.find(std::string(static_cast<const char*>(bytes), n));
 }
 
-void flip_byte(const std::string& path, size_t offset) {
-  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
-  f.seekg(static_cast<std::streamoff>(offset));
-  const char c = static_cast<char>(f.get() ^ 0xff);
-  f.seekp(static_cast<std::streamoff>(offset));
-  f.put(c);
-}
-
 TEST_F(H5Errors, FlippedDataBytesAreRefusedNamingTheDataset) {
   // Every flip inside a dataset's stored values changes a value; the Fletcher32 checksum refuses each.
   const std::string path = file("data.h5");
@@ -306,7 +299,7 @@ TEST_F(H5Errors, FlippedDataBytesAreRefusedNamingTheDataset) {
   fs::copy_file(path, clean);
   for (size_t i = 0; i < nbytes; i += 13) {
     fs::copy_file(clean, path, fs::copy_options::overwrite_existing);
-    flip_byte(path, at + i);
+    xor_byte(path, at + i, 0xff);
     const h5::File f = h5::File::open(path);
     const std::string msg = error_message([&] { f.read("model/w"); });
     ASSERT_NE(msg.find("'model/w'"), std::string::npos) << "byte " << i << ": " << msg;
@@ -338,13 +331,13 @@ std::vector<size_t> silent_flips(const std::string& path, const std::vector<std:
   size_t refused = 0;
   for (size_t i = 0; i < values.size(); ++i) {
     if (values[i]) continue;
-    flip_byte(path, i);
+    xor_byte(path, i, 0xff);
     try {
       if (!read_all()) silent.push_back(i);
     } catch (const Error&) {
       ++refused;
     }
-    flip_byte(path, i);  // back
+    xor_byte(path, i, 0xff);  // back
   }
   EXPECT_GT(refused, 0u);
   return silent;
@@ -416,11 +409,11 @@ TEST_F(H5Errors, ChecksummedStringAttributesRefuseCorruption) {
   const size_t at = find_bytes(path, config.data(), config.size());
   ASSERT_NE(at, std::string::npos) << "the string is not stored verbatim";
   for (size_t i = 0; i < config.size(); ++i) {
-    flip_byte(path, at + i);
+    xor_byte(path, at + i, 0xff);
     const std::string msg = error_message([&] { h5::File::open(path).get_attr_string("/", "config"); });
     EXPECT_NE(msg.find("in '" + path + "'"), std::string::npos) << "byte " << i << ": " << msg;
     EXPECT_NE(msg.find("checksum"), std::string::npos) << "byte " << i << ": " << msg;
-    flip_byte(path, at + i);  // back
+    xor_byte(path, at + i, 0xff);  // back
   }
   {
     h5::File f = h5::File::open(path, h5::Mode::ReadWrite);
@@ -430,7 +423,7 @@ TEST_F(H5Errors, ChecksummedStringAttributesRefuseCorruption) {
             "attribute 'config' of '/' in '" + path + "' does not match its checksum ('config.fnv1a64'): the file "
             "is corrupted");
   fs::copy_file(clean, path, fs::copy_options::overwrite_existing);
-  flip_byte(path, find_bytes(path, plain.data(), plain.size()) + 15);
+  xor_byte(path, find_bytes(path, plain.data(), plain.size()) + 15, 0xff);
   std::string flipped = plain;
   flipped[15] = static_cast<char>(flipped[15] ^ 0xff);
   EXPECT_EQ(h5::File::open(path).get_attr_string("/", "plain"), flipped);  // nothing to check it by

@@ -30,6 +30,19 @@ void expect_gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& f
 
 Tensor int64_tensor(const std::vector<int64_t>& v, const Shape& shape) { return Tensor::from_vector(v, shape); }
 
+// What `results` returns on one thread equals what it returns on several (at least two); the
+// thread count is restored after.
+template <typename F>
+void expect_same_on_one_and_many_threads(F&& results) {
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const auto serial = results();
+  omp_set_num_threads(std::max(threads, 2));
+  const auto parallel = results();
+  omp_set_num_threads(threads);
+  EXPECT_EQ(serial, parallel);
+}
+
 // Naive softmax of every row of a contiguous [M, K] buffer, in double.
 std::vector<double> naive_softmax_rows(const std::vector<double>& x, int64_t K) {
   std::vector<double> y(x.size());
@@ -322,21 +335,14 @@ TEST(NnOpsLayerNorm, BackwardIsBitwiseIndependentOfThreadCount) {
   Tensor w = Tensor::randn({96}, gen, DType::Float32);
   Tensor b = Tensor::randn({96}, gen, DType::Float32);
   Tensor dy = Tensor::randn({1001, 96}, gen, DType::Float32);
-  auto grads = [&] {
+  expect_same_on_one_and_many_threads([&] {
     std::vector<Tensor> ps{x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_(),
                            b.detach().clone().requires_grad_()};
     layer_norm(ps[0], ps[1], ps[2]).backward(dy);
     std::vector<std::vector<float>> out;
     for (auto& p : ps) out.push_back(p.grad().to_vector<float>());
     return out;
-  };
-  const int threads = omp_get_max_threads();
-  omp_set_num_threads(1);
-  const auto serial = grads();
-  omp_set_num_threads(std::max(threads, 2));
-  const auto parallel = grads();
-  omp_set_num_threads(threads);
-  EXPECT_EQ(serial, parallel);
+  });
 }
 
 // ---------------------------------------------------------------- embedding
@@ -371,18 +377,11 @@ TEST(NnOpsEmbedding, BackwardIsBitwiseIndependentOfThreadCount) {
   for (auto& i : iv) i = static_cast<int64_t>(gen.next_below(50));
   Tensor idx = int64_tensor(iv, {4000});
   Tensor dy = Tensor::randn({4000, 160}, gen, DType::Float32);
-  auto grad = [&] {
+  expect_same_on_one_and_many_threads([&] {
     w.set_grad(Tensor());
     embedding(w, idx).backward(dy);
     return w.grad().to_vector<float>();
-  };
-  const int threads = omp_get_max_threads();
-  omp_set_num_threads(1);
-  const auto serial = grad();
-  omp_set_num_threads(std::max(threads, 2));
-  const auto parallel = grad();
-  omp_set_num_threads(threads);
-  EXPECT_EQ(serial, parallel);
+  });
 }
 
 TEST(NnOpsEmbedding, ErrorsNameTheOffendingIndex) {

@@ -23,8 +23,12 @@
 #include "dilatron/hdf5.h"
 #include "dilatron/ops.h"
 #include "dilatron/trainer.h"
+#include "test_helpers.h"
 
 using namespace dilatron;
+using dilatron::test::error_message;
+using dilatron::test::read_file;
+using dilatron::test::xor_byte;
 namespace fs = std::filesystem;
 
 namespace {
@@ -44,6 +48,30 @@ TrainOptions quiet(const fs::path& dir) {
   return o;
 }
 
+// c trained in dir until step `stop`, where it checkpoints and returns: a run to resume.
+TrainResult train_until(const RunConfig& c, const fs::path& dir, int64_t stop) {
+  TrainOptions o = quiet(dir);
+  o.stop_at_step = stop;
+  return train(c, o);
+}
+
+// The tiny config trained in dir to step 2 of 4; its checkpoint.
+std::string partial_run(const fs::path& dir) {
+  return train_until(load_config(kTiny, {"train.steps=4"}), dir, 2).last_checkpoint;
+}
+
+// Options that resume the run in dir from its latest checkpoint (--resume auto).
+TrainOptions resuming(const fs::path& dir) {
+  TrainOptions o = quiet(dir);
+  o.resume = "auto";
+  return o;
+}
+
+// Whether /usr/bin/python3 can import `modules` (e.g. "h5py, numpy"); the tests that need them skip without.
+bool python_imports(const std::string& modules) {
+  return std::system(("/usr/bin/python3 -c 'import " + modules + "' >/dev/null 2>&1").c_str()) == 0;
+}
+
 std::vector<std::vector<double>> parameters_of(const std::string& ckpt) {
   const RunConfig c = parse_config(read_checkpoint_summary(ckpt).config_toml, ckpt);
   auto model = build_model(c, std::make_shared<Generator>(0));
@@ -53,26 +81,9 @@ std::vector<std::vector<double>> parameters_of(const std::string& ckpt) {
   return out;
 }
 
-std::string expect_error(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected a dilatron::Error";
-  return "";
-}
-
 // A message that contains every part.
 void expect_mentions(const std::string& msg, std::initializer_list<std::string> parts) {
   for (const std::string& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
-}
-
-std::string read_text(const fs::path& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
 }
 
 // A tiny two-stage curriculum: 128 tokens x 2 under a shorter schedule, then the model's 256 x 4
@@ -113,12 +124,8 @@ struct SplitRun {
 };
 SplitRun split_and_resume(const RunConfig& c, const fs::path& dir, int64_t stop) {
   SplitRun r;
-  TrainOptions first = quiet(dir);
-  first.stop_at_step = stop;
-  r.part1 = train(c, first);
-  TrainOptions second = quiet(dir);
-  second.resume = "auto";
-  r.part2 = train(c, second);
+  r.part1 = train_until(c, dir, stop);
+  r.part2 = train(c, resuming(dir));
   r.joined = r.part1.losses;
   r.joined.insert(r.joined.end(), r.part2.losses.begin(), r.part2.losses.end());
   return r;
@@ -146,7 +153,7 @@ TEST(Training, CurriculumStagesShowInMetricsAndCheckpoints) {
   const TrainResult r = train(c, quiet(dir));
   ASSERT_EQ(r.losses.size(), 5u);
   std::vector<std::string> steps, evals;
-  std::istringstream lines(read_text(dir / "metrics.jsonl"));
+  std::istringstream lines(read_file(dir / "metrics.jsonl"));
   for (std::string line; std::getline(lines, line);) (line.find("\"loss\"") != std::string::npos ? steps : evals).push_back(line);
   ASSERT_EQ(steps.size(), 5u);
   for (size_t i = 0; i < steps.size(); ++i) {
@@ -163,7 +170,7 @@ TEST(Training, CurriculumStagesShowInMetricsAndCheckpoints) {
 
 TEST(Training, StageTooShortForTheTaskNamesTheStage) {
   const RunConfig c = load_config(kTiny, {"train.stages=[{steps=1, seq_len=64}, {steps=1}]", "train.steps=2"});
-  const std::string msg = expect_error([&] { train(c, quiet(fresh_dir("stages_short"))); });
+  const std::string msg = error_message([&] { train(c, quiet(fresh_dir("stages_short"))); });
   EXPECT_NE(msg.find("train.stages[0].seq_len = 64"), std::string::npos) << msg;
 }
 
@@ -187,17 +194,14 @@ TEST(Training, CurriculumResumeIsExactInAndBetweenStages) {
 
 TEST(Training, ResumeUnderDifferentStagesIsAnError) {
   const fs::path dir = fresh_dir("stages_changed");
-  TrainOptions o = quiet(dir);
-  o.stop_at_step = 4;
-  train(load_config(kTiny, two_stages(3, 2, {"train.checkpoint_every=0"})), o);  // step 4 is in stage 2
-  o.stop_at_step = -1;
-  o.resume = "auto";
+  train_until(load_config(kTiny, two_stages(3, 2, {"train.checkpoint_every=0"})), dir, 4);  // step 4 is in stage 2
+  TrainOptions o = resuming(dir);
   const RunConfig changed = load_config(kTiny, two_stages(5, 2));
   // A changed config needs allow_config_change; with it, the stages must still agree with the checkpoint.
-  const std::string refused = expect_error([&] { train(changed, o); });
+  const std::string refused = error_message([&] { train(changed, o); });
   EXPECT_NE(refused.find("train.stages[0].steps: 3 -> 5"), std::string::npos) << refused;
   o.allow_config_change = true;
-  const std::string msg = expect_error([&] { train(changed, o); });
+  const std::string msg = error_message([&] { train(changed, o); });
   EXPECT_NE(msg.find("stage 2 at step 4"), std::string::npos) << msg;
   EXPECT_NE(msg.find("in stage 1"), std::string::npos) << msg;
 }
@@ -206,35 +210,29 @@ TEST(Training, ResumeUnderDifferentStagesIsAnError) {
 // log_every and checkpoint_every freely; an unchanged config resumes silently.
 TEST(Training, ResumeRefusesAChangedModelKeyNamingEveryChange) {
   const fs::path dir = fresh_dir("resume_model_change");
-  TrainOptions o = quiet(dir);
-  o.stop_at_step = 2;
-  const std::string ckpt = train(load_config(kTiny, {"train.steps=4"}), o).last_checkpoint;
-  const std::string config = read_text(dir / "config.toml");
-  o.stop_at_step = -1;
-  o.resume = "auto";
+  const std::string ckpt = partial_run(dir);
+  const std::string config = read_file(dir / "config.toml");
+  TrainOptions o = resuming(dir);
   o.allow_config_change = true;  // allows train.*, never model.*
   // Dropout leaves every shape as it was: only the policy can refuse it.
-  const std::string msg = expect_error(
+  const std::string msg = error_message(
       [&] { train(load_config(kTiny, {"train.steps=4", "model.dropout=0.1", "train.lr=0.001"}), o); });
   expect_mentions(msg, {ckpt, "model.* keys cannot change", "model.dropout: 0.0 -> 0.1", "train.lr: 0.003 -> 0.001"});
-  EXPECT_EQ(read_text(dir / "config.toml"), config);
+  EXPECT_EQ(read_file(dir / "config.toml"), config);
   EXPECT_FALSE(fs::exists(dir / "config-changes.log"));
 }
 
 TEST(Training, ResumeChangingOnlyFreeKeysNeedsNoFlagAndIsRecorded) {
   const fs::path dir = fresh_dir("resume_free_change");
-  TrainOptions o = quiet(dir);
-  o.stop_at_step = 2;
-  train(load_config(kTiny, {"train.steps=4"}), o);
-  o.stop_at_step = -1;
-  o.resume = "auto";
+  partial_run(dir);
+  TrainOptions o = resuming(dir);
   EXPECT_EQ(train(load_config(kTiny, {"train.steps=4"}), o).steps_done, 4);  // unchanged: as before
   EXPECT_FALSE(fs::exists(dir / "config-changes.log"));
   const RunConfig c = load_config(kTiny, {"train.steps=4", "train.log_every=5", "train.checkpoint_every=1"});
   EXPECT_EQ(train(c, o).steps_done, 4);
-  expect_mentions(read_text(dir / "config-changes.log"),
+  expect_mentions(read_file(dir / "config-changes.log"),
                   {"resumed at step 4 from '", "train.checkpoint_every: 20 -> 1", "train.log_every: 1 -> 5"});
-  EXPECT_EQ(read_text(dir / "config.toml"), c.toml);
+  EXPECT_EQ(read_file(dir / "config.toml"), c.toml);
 }
 
 TEST(Config, ChangesCompareEffectiveValuesWithDefaults) {
@@ -273,7 +271,7 @@ class CheckpointErrors : public ::testing::Test {
   std::string load_into_fresh_model(const RunConfig& c, const std::string& path) {
     auto model = build_model(c, std::make_shared<Generator>(0));
     const auto before = model->named_parameters().front().second.to_vector<double>();
-    const std::string msg = expect_error([&] { load_checkpoint(path, *model, nullptr); });
+    const std::string msg = error_message([&] { load_checkpoint(path, *model, nullptr); });
     EXPECT_EQ(model->named_parameters().front().second.to_vector<double>(), before) << "a failed load changed the model";
     return msg;
   }
@@ -310,7 +308,7 @@ TEST_F(CheckpointErrors, DifferentModelShapeNamesTheParameter) {
 // The shape is checked before the read: a dataset declaring 2^40 rows (h5py makes one without data) is
 // refused naming it, not allocated (an out-of-memory error that named neither file nor dataset).
 TEST_F(CheckpointErrors, HugeDeclaredShapeIsRefusedBeforeReading) {
-  if (std::system("/usr/bin/python3 -c 'import h5py' >/dev/null 2>&1") != 0)
+  if (!python_imports("h5py"))
     GTEST_SKIP() << "python3-h5py is not installed (scripts/install-deps.sh installs it)";
   const std::string bad = (dir_ / "huge.h5").string();
   fs::copy_file(ckpt_, bad);
@@ -324,14 +322,14 @@ TEST_F(CheckpointErrors, HugeDeclaredShapeIsRefusedBeforeReading) {
   expect_mentions(load_into_fresh_model(config_, bad),
                   {bad, "'model/blocks.0.fc.weight' has shape [1099511627776, 32] but the model expects [64, 32]"});
   // A plain read of a shape whose size in bytes overflows names the dataset too.
-  expect_mentions(expect_error([&] { h5::File::open(bad).read("huge"); }),
+  expect_mentions(error_message([&] { h5::File::open(bad).read("huge"); }),
                   {"cannot read dataset 'huge' in '" + bad + "': its shape [2305843009213693952, 4] is too large"});
 }
 
 TEST_F(CheckpointErrors, ResumeFromMissingFileIsAnErrorAndWritesNothing) {
   TrainOptions o = quiet(dir_);
   o.resume = (dir_ / "nope.h5").string();
-  const std::string msg = expect_error([&] { train(config_, o); });
+  const std::string msg = error_message([&] { train(config_, o); });
   EXPECT_NE(msg.find("nope.h5"), std::string::npos) << msg;
 }
 
@@ -341,18 +339,10 @@ namespace {
 size_t data_offset(const std::string& ckpt, const std::string& dataset) {
   const Tensor t = h5::File::open(ckpt).read(dataset);
   const std::string bytes(static_cast<const char*>(t.raw_data()), static_cast<size_t>(t.numel()) * sizeof(float));
-  const std::string file = read_text(ckpt);
+  const std::string file = read_file(ckpt);
   const size_t at = file.find(bytes);
   EXPECT_NE(at, std::string::npos) << dataset << " is not stored verbatim in " << ckpt;
   return at;
-}
-
-void flip_byte(const std::string& path, size_t offset) {
-  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
-  f.seekg(static_cast<std::streamoff>(offset));
-  const char c = static_cast<char>(f.get() ^ 0x10);
-  f.seekp(static_cast<std::streamoff>(offset));
-  f.put(c);
 }
 
 }  // namespace
@@ -363,12 +353,12 @@ TEST_F(CheckpointErrors, FlippedByteInAParameterIsRefusedNamingTheDataset) {
     fs::copy_file(ckpt_, bad, fs::copy_options::overwrite_existing);
     const size_t at = data_offset(bad, dataset);
     ASSERT_NE(at, std::string::npos);
-    flip_byte(bad, at + 37);
+    xor_byte(bad, at + 37, 0x10);
     // Resuming reads the optimizer state too; both refuse before changing anything.
     auto model = build_model(config_, std::make_shared<Generator>(0));
     optim::AdamW opt(model->named_parameters(), {});
     const auto before = model->named_parameters().front().second.to_vector<double>();
-    const std::string msg = expect_error([&] { load_checkpoint(bad, *model, &opt); });
+    const std::string msg = error_message([&] { load_checkpoint(bad, *model, &opt); });
     EXPECT_NE(msg.find("'" + dataset + "'"), std::string::npos) << msg;
     EXPECT_NE(msg.find("flipped.h5"), std::string::npos) << msg;
     EXPECT_NE(msg.find("checksum"), std::string::npos) << msg;
@@ -383,13 +373,12 @@ TEST_F(CheckpointErrors, EmptyOrGarbageLatestIsAnErrorNamingItAndResumeRefuses) 
   for (const std::string& content : {std::string(), std::string("\n"), std::string("\x01\x7fgar bage\n"),
                                     std::string("../config.toml\n")}) {
     std::ofstream(latest, std::ios::binary | std::ios::trunc) << content;
-    const std::string msg = expect_error([&] { CheckpointDir((dir_ / "checkpoints").string(), 2).latest(); });
+    const std::string msg = error_message([&] { CheckpointDir((dir_ / "checkpoints").string(), 2).latest(); });
     EXPECT_NE(msg.find(latest.string()), std::string::npos) << msg;
     EXPECT_NE(msg.find("does not name a checkpoint"), std::string::npos) << msg;
     // --resume auto refuses: starting from step 0 would overwrite the run's checkpoints.
-    TrainOptions o = quiet(dir_);
-    o.resume = "auto";
-    const std::string resume = expect_error([&] { train(load_config(kTiny, {"train.steps=4"}), o); });
+    TrainOptions o = resuming(dir_);
+    const std::string resume = error_message([&] { train(load_config(kTiny, {"train.steps=4"}), o); });
     EXPECT_NE(resume.find(latest.string()), std::string::npos) << resume;
     EXPECT_EQ(fs::file_size(ckpt_), size);
     EXPECT_EQ(fs::last_write_time(ckpt_), mtime);
@@ -399,14 +388,11 @@ TEST_F(CheckpointErrors, EmptyOrGarbageLatestIsAnErrorNamingItAndResumeRefuses) 
 TEST(Training, FailedWriteOfLatestLeavesNoNewCheckpoint) {
   const fs::path dir = fresh_dir("latest_fails");
   const RunConfig c = load_config(kTiny, {"train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5"});
-  TrainOptions first = quiet(dir);
-  first.stop_at_step = 2;
-  train(c, first);
+  train_until(c, dir, 2);
   const fs::path ckpts = dir / "checkpoints";
   fs::create_directories(ckpts / "latest.tmp");  // writing latest.tmp fails
-  TrainOptions second = quiet(dir);
-  second.resume = "auto";
-  const std::string msg = expect_error([&] { train(c, second); });
+  TrainOptions second = resuming(dir);
+  const std::string msg = error_message([&] { train(c, second); });
   EXPECT_NE(msg.find("latest.tmp"), std::string::npos) << msg;
   EXPECT_FALSE(fs::exists(ckpts / "ckpt-000000004.h5")) << "a checkpoint that `latest` does not name was left";
   EXPECT_EQ(CheckpointDir(ckpts.string(), 5).latest().value(), (ckpts / "ckpt-000000002.h5").string());
@@ -417,7 +403,7 @@ TEST(Training, MetricsWriteErrorStopsTheRunNamingTheFile) {
   const fs::path dir = fresh_dir("metrics_full");
   fs::create_directories(dir);
   fs::create_symlink("/dev/full", dir / "metrics.jsonl");  // every write fails with ENOSPC
-  const std::string msg = expect_error([&] { train(load_config(kTiny, {"train.steps=3"}), quiet(dir)); });
+  const std::string msg = error_message([&] { train(load_config(kTiny, {"train.steps=3"}), quiet(dir)); });
   EXPECT_NE(msg.find((dir / "metrics.jsonl").string()), std::string::npos) << msg;
   EXPECT_NE(msg.find("No space left"), std::string::npos) << msg;
 }
@@ -425,7 +411,7 @@ TEST(Training, MetricsWriteErrorStopsTheRunNamingTheFile) {
 // The "step" of each line of a metrics.jsonl.
 static std::vector<int64_t> metric_steps(const fs::path& path) {
   std::vector<int64_t> steps;
-  std::istringstream in(read_text(path));
+  std::istringstream in(read_file(path));
   for (std::string line; std::getline(in, line);) steps.push_back(std::stoll(line.substr(line.find(':') + 1)));
   return steps;
 }
@@ -433,16 +419,13 @@ static std::vector<int64_t> metric_steps(const fs::path& path) {
 TEST(Training, ResumeDropsTheMetricsOfStepsPastTheCheckpoint) {
   const fs::path dir = fresh_dir("metrics_resume");
   const RunConfig c = load_config(kTiny, {"train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=5"});
-  TrainOptions first = quiet(dir);
-  first.stop_at_step = 5;
-  train(c, first);
+  train_until(c, dir, 5);
   // As if killed after step 5 and halfway through step 6's line, before checkpoint 5 was written.
   const fs::path ckpts = dir / "checkpoints";
   fs::remove(ckpts / "ckpt-000000005.h5");
   std::ofstream(ckpts / "latest", std::ios::trunc) << "ckpt-000000004.h5\n";
   std::ofstream(dir / "metrics.jsonl", std::ios::app) << "{\"step\": 6, \"stage\": 1, \"lo";
-  TrainOptions second = quiet(dir);
-  second.resume = "auto";
+  TrainOptions second = resuming(dir);
   EXPECT_EQ(train(c, second).first_step, 4);
   EXPECT_EQ(metric_steps(dir / "metrics.jsonl"), (std::vector<int64_t>{1, 2, 3, 4, 5, 6}));
 }
@@ -454,8 +437,7 @@ TEST(Training, FreshStartAfterAKillBeforeTheFirstCheckpointLogsEachStepOnce) {
   const RunConfig c = load_config(kTiny, {"train.steps=3"});
   fs::create_directories(dir);
   std::ofstream(dir / "metrics.jsonl") << "{\"step\": 1, \"stage\": 1, \"loss\": 5.5}\n{\"step\": 2, \"st";
-  TrainOptions o = quiet(dir);
-  o.resume = "auto";
+  TrainOptions o = resuming(dir);
   EXPECT_EQ(train(c, o).first_step, 0);
   EXPECT_EQ(metric_steps(dir / "metrics.jsonl"), (std::vector<int64_t>{1, 2, 3}));
 }
@@ -479,7 +461,7 @@ TEST(Training, OrphanedCheckpointTemporariesAreRemovedOnStart) {
 
 TEST(Config, ErrorsNameTheKey) {
   const auto err = [](const std::string& toml) {
-    return expect_error([&] { parse_config(toml, "bad.toml"); });
+    return error_message([&] { parse_config(toml, "bad.toml"); });
   };
   const std::string base = "[attention]\nschedule = \"16:1\"\n[model]\nseq_len = 64\n";
   EXPECT_NE(err(base + "d_modle = 3\n").find("model.d_modle"), std::string::npos);
@@ -542,7 +524,7 @@ steps = 5
 TEST(Config, CurriculumStageErrorsNameTheStageAndKey) {
   const std::string base = "[attention]\nschedule = \"16:1,64:4\"\n[model]\nseq_len = 64\nn_layers = 2\n";
   const auto err = [&](const std::string& stages) {
-    return expect_error([&] { parse_config(base + "[[train.stages]]\nsteps = 2\n" + stages, "bad.toml"); });
+    return error_message([&] { parse_config(base + "[[train.stages]]\nsteps = 2\n" + stages, "bad.toml"); });
   };
   const auto expect_has = [](const std::string& msg, std::initializer_list<const char*> parts) {
     for (const char* p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
@@ -557,18 +539,18 @@ TEST(Config, CurriculumStageErrorsNameTheStageAndKey) {
   expect_has(err("[[train.stages]]\nsteps = 2\nlayers = { 9 = \"8:1\" }\n"), {"train.stages[1].layers.9", "names no layer"});
   expect_has(err("[[train.stages]]\nsteps = 2\nlayers = { 1 = 5 }\n"), {"train.stages[1].layers.1", "5"});
   expect_has(err("[train]\nsteps = 10\n"), {"train.steps", "is 10", "sum to 2"});
-  expect_has(expect_error([&] { parse_config(base + "[train]\nstages = 3\n", "bad.toml"); }), {"train.stages", "array of tables"});
-  expect_has(expect_error([&] { parse_config(base + "[train]\nstages = [{steps = 1}, 2]\n", "bad.toml"); }),
+  expect_has(error_message([&] { parse_config(base + "[train]\nstages = 3\n", "bad.toml"); }), {"train.stages", "array of tables"});
+  expect_has(error_message([&] { parse_config(base + "[train]\nstages = [{steps = 1}, 2]\n", "bad.toml"); }),
              {"train.stages[1]", "a table"});
   // Coverage at the stage's seq_len: dilation 4 alone (one head) misses positions of layer 0; a
   // per-stage override of layer 1 alone.
   const std::string one_head = "[attention]\nschedule = \"64:1\"\n[model]\nseq_len = 64\nn_layers = 2\nn_heads = 1\nd_model = 8\n";
-  expect_has(expect_error([&] {
+  expect_has(error_message([&] {
                parse_config(one_head + "[[train.stages]]\nsteps = 1\n[[train.stages]]\nsteps = 1\nseq_len = 32\n"
                                        "schedule = \"32:4\"\n", "bad.toml");
              }),
              {"train.stages[1]", "seq_len 32", "layer 0", "unattended"});
-  expect_has(expect_error([&] {
+  expect_has(error_message([&] {
                parse_config(one_head + "[[train.stages]]\nsteps = 1\nlayers = { 1 = \"64:2\" }\n", "bad.toml");
              }),
              {"train.stages[0]", "layer 1"});
@@ -599,18 +581,18 @@ TEST(Config, PasskeyQuestionsAndAnswerWeight) {
   EXPECT_EQ(d.data.answer_weight, 1.0);
 
   // Three questions do not fit tiny's 128 tokens: the error names the key, its value and seq_len.
-  std::string msg = expect_error([&] { load_config(kTiny, {"data.questions=3"}); });
+  std::string msg = error_message([&] { load_config(kTiny, {"data.questions=3"}); });
   EXPECT_NE(msg.find("'data.questions' = 3"), std::string::npos) << msg;
   EXPECT_NE(msg.find("model.seq_len = 128"), std::string::npos) << msg;
   EXPECT_NE(msg.find("seq_len >= " + std::to_string(data::PasskeyTask::min_seq_len(5, 3))), std::string::npos) << msg;
   EXPECT_NO_THROW(load_config(kTiny, {"data.questions=3", "data.task=\"text\""}));  // a text run ignores it
-  msg = expect_error([&] { load_config(kTiny, {"data.questions=0"}); });
+  msg = error_message([&] { load_config(kTiny, {"data.questions=0"}); });
   EXPECT_NE(msg.find("'data.questions' must be in [1"), std::string::npos) << msg;
   for (const std::string bad : {"0", "-2", "nan", "inf"}) {
-    msg = expect_error([&] { load_config(kTiny, {"data.answer_weight=" + bad}); });
+    msg = error_message([&] { load_config(kTiny, {"data.answer_weight=" + bad}); });
     EXPECT_NE(msg.find("'data.answer_weight' must be a finite number > 0, got"), std::string::npos) << msg;
   }
-  msg = expect_error([&] { load_config(kTiny, {"data.answer_weight=\"heavy\""}); });
+  msg = error_message([&] { load_config(kTiny, {"data.answer_weight=\"heavy\""}); });
   EXPECT_NE(msg.find("data.answer_weight"), std::string::npos) << msg;
 }
 
@@ -618,7 +600,7 @@ TEST(Config, PasskeyQuestionsAndAnswerWeight) {
 // defaults: `--set train=x` trained 1000 steps.
 TEST(Config, OverridesOfWholeSectionsAndMalformedKeysAreErrors) {
   const auto err = [](std::vector<std::string> overrides) {
-    return expect_error([&] { load_config(kTiny, overrides); });
+    return error_message([&] { load_config(kTiny, overrides); });
   };
   expect_mentions(err({"train=x"}), {"--set train=x", "'train' names a section"});
   expect_mentions(err({"model=5"}), {"--set model=5", "'model' names a section"});
@@ -629,17 +611,17 @@ TEST(Config, OverridesOfWholeSectionsAndMalformedKeysAreErrors) {
   expect_mentions(err({"model..seq_len=5"}), {"malformed key 'model..seq_len'"});
   const std::string layered = "[model]\nseq_len = 64\nn_layers = 2\n[attention]\nschedule = \"16:1\"\n"
                               "[attention.layers]\n1 = \"64:1\"\n";
-  expect_mentions(expect_error([&] { parse_config(layered, "layers.toml", {"attention.layers=5"}); }),
+  expect_mentions(error_message([&] { parse_config(layered, "layers.toml", {"attention.layers=5"}); }),
                   {"--set attention.layers=5", "'attention.layers' is a section"});
   // A table with keys still works, and so does a section given as a value in the file... as an error.
   EXPECT_EQ(parse_config(layered, "layers.toml", {"attention.layers={0=\"32:1\"}"}).model.layer_schedules[0],
             parse_schedule("32:1"));
-  expect_mentions(expect_error([&] { parse_config("train = 5\n[attention]\nschedule = \"16:1\"\n", "flat.toml"); }),
+  expect_mentions(error_message([&] { parse_config("train = 5\n[attention]\nschedule = \"16:1\"\n", "flat.toml"); }),
                   {"flat.toml", "key 'train' must be a table"});
 }
 
 TEST(Config, MinLrAboveLrNamesBothKeys) {
-  expect_mentions(expect_error([&] { load_config(kTiny, {"train.min_lr=0.01"}); }),
+  expect_mentions(error_message([&] { load_config(kTiny, {"train.min_lr=0.01"}); }),
                   {"tiny.toml", "'train.min_lr' must be <= train.lr = 0.003", "got 0.01"});
   EXPECT_NO_THROW(load_config(kTiny, {"train.min_lr=0.003"}));
 }
@@ -647,13 +629,13 @@ TEST(Config, MinLrAboveLrNamesBothKeys) {
 // eval.lengths that cannot hold a passkey sample failed only at the first evaluation, mid-run.
 TEST(Config, EvalLengthsMustHoldThePasskeyTaskAtConfigTime) {
   const int64_t shortest = data::PasskeyTask::min_seq_len(data::PasskeyOptions{}.digits, 1);
-  expect_mentions(expect_error([&] { load_config(kTiny, {"eval.lengths=[128, " + std::to_string(shortest - 1) + "]"}); }),
+  expect_mentions(error_message([&] { load_config(kTiny, {"eval.lengths=[128, " + std::to_string(shortest - 1) + "]"}); }),
                   {"'eval.lengths'", "length " + std::to_string(shortest - 1), "needs at least " + std::to_string(shortest)});
   EXPECT_NO_THROW(load_config(kTiny, {"eval.lengths=[" + std::to_string(shortest) + "]"}));
-  expect_mentions(expect_error([&] { load_config(kTiny, {"eval.lengths=[128, 1000000000]"}); }),
+  expect_mentions(error_message([&] { load_config(kTiny, {"eval.lengths=[128, 1000000000]"}); }),
                   {"'eval.lengths'", "1000000000"});
   // An eval.min_distance that no sample of a length can meet.
-  expect_mentions(expect_error([&] { load_config(kTiny, {"eval.min_distance=128"}); }),
+  expect_mentions(error_message([&] { load_config(kTiny, {"eval.min_distance=128"}); }),
                   {"'eval.min_distance'", "length 128", "min_distance 128 cannot be met"});
   EXPECT_NO_THROW(load_config(kTiny, {"data.task=\"text\"", "eval.lengths=[16]"}));  // text runs do not use them
 }
@@ -665,7 +647,7 @@ TEST(Training, NegativeCheckpointStepNamesTheFileAndAttribute) {
     h5::File f = h5::File::open(ckpt, h5::Mode::ReadWrite);
     f.set_attr("/", "step", int64_t{-3});
   }
-  expect_mentions(expect_error([&] { read_checkpoint_summary(ckpt); }), {ckpt, "'step'", "-3"});
+  expect_mentions(error_message([&] { read_checkpoint_summary(ckpt); }), {ckpt, "'step'", "-3"});
 }
 
 // Everything that can fail is built before out_dir is written: a run that cannot start leaves a new
@@ -685,13 +667,13 @@ TEST(Training, ARunThatCannotStartWritesNothing) {
     SCOPED_TRACE(overrides.back());
     const RunConfig c = load_config(kTiny, overrides);
     const fs::path fresh = fresh_dir("cannot_start");
-    expect_mentions(expect_error([&] { train(c, quiet(fresh)); }), {why});
+    expect_mentions(error_message([&] { train(c, quiet(fresh)); }), {why});
     EXPECT_FALSE(fs::exists(fresh));
   }
 
   const fs::path dir = fresh_dir("cannot_start_existing");
   train(load_config(kTiny, {"train.steps=2"}), quiet(dir));
-  const std::string config = read_text(dir / "config.toml"), metrics = read_text(dir / "metrics.jsonl");
+  const std::string config = read_file(dir / "config.toml"), metrics = read_file(dir / "metrics.jsonl");
   const auto listing = [&] {
     std::vector<std::string> names;
     for (const auto& e : fs::recursive_directory_iterator(dir)) names.push_back(e.path().string());
@@ -701,11 +683,10 @@ TEST(Training, ARunThatCannotStartWritesNothing) {
   const std::vector<std::string> before = listing();
   for (const auto& overrides : std::vector<std::vector<std::string>>{{"data.min_distance=128"}, {"model.d_ff=96"}}) {
     SCOPED_TRACE(overrides.back());
-    TrainOptions o = quiet(dir);
-    o.resume = "auto";  // d_ff = 96: the checkpoint does not fit, and the run's config must stay its own
-    expect_error([&] { train(load_config(kTiny, overrides), o); });
-    EXPECT_EQ(read_text(dir / "config.toml"), config);
-    EXPECT_EQ(read_text(dir / "metrics.jsonl"), metrics);
+    TrainOptions o = resuming(dir);  // d_ff = 96: the checkpoint does not fit, and the run's config must stay its own
+    error_message([&] { train(load_config(kTiny, overrides), o); });
+    EXPECT_EQ(read_file(dir / "config.toml"), config);
+    EXPECT_EQ(read_file(dir / "metrics.jsonl"), metrics);
     EXPECT_EQ(listing(), before);
   }
 }
@@ -737,7 +718,7 @@ TEST(Model, WeightedLossIsTheHandComputedWeightedMean) {
   EXPECT_NEAR(model->loss(batch, weights).item(), weighted / total_weight, 1e-12);
   EXPECT_NEAR(model->loss(batch, weights.to(DType::Float32)).item(), weighted / total_weight, 1e-6);
   EXPECT_NEAR(model->loss(batch).item(), plain / 16.0, 1e-12);
-  const std::string msg = expect_error([&] { model->loss(batch, Tensor::ones({2, 9}, DType::Float64)); });
+  const std::string msg = error_message([&] { model->loss(batch, Tensor::ones({2, 9}, DType::Float64)); });
   EXPECT_NE(msg.find("[2, 8]"), std::string::npos) << msg;
 }
 
@@ -763,18 +744,6 @@ TEST(Training, SeveralQuestionsAndAnswerWeightTrainAndReportResidues) {
   }
   EXPECT_EQ(evals, 2);
 }
-
-namespace {
-
-// Reads a whole file.
-std::string slurp(const fs::path& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-}  // namespace
 
 TEST(Evaluation, ResidueBreakdownAddsUpOverTheLargestDilationOfAnyLayer) {
   // Layer 1 has the largest dilation, 16; layer 0 keeps tiny's 16:1,64:4,128:8.
@@ -822,7 +791,7 @@ TEST(Evaluation, ResidueBreakdownAddsUpOverTheLargestDilationOfAnyLayer) {
 }
 
 TEST(Evaluation, ReportJsonParsesAndMatchesThePrintedTable) {
-  if (std::system("/usr/bin/python3 -c 'import json' >/dev/null 2>&1") != 0)
+  if (!python_imports("json"))
     GTEST_SKIP() << "python3 is not installed (scripts/install-deps.sh installs it)";
   const fs::path dir = fresh_dir("report_json");
   fs::create_directories(dir);
@@ -839,7 +808,7 @@ TEST(Evaluation, ReportJsonParsesAndMatchesThePrintedTable) {
     const std::string cmd = "/usr/bin/python3 " + std::string(DILATRON_SOURCE_DIR) + "/tests/passkey_json_check.py " +
                             (dir / "report.json").string() + " " + (dir / "report.txt").string() + " '" + name +
                             "' 42 > " + (dir / "check.log").string() + " 2>&1";
-    EXPECT_EQ(std::system(cmd.c_str()), 0) << slurp(dir / "check.log");
+    EXPECT_EQ(std::system(cmd.c_str()), 0) << read_file(dir / "check.log");
   }
 }
 
@@ -880,7 +849,7 @@ TEST(Model, SetAttentionSchedulesMatchesAModelBuiltWithThem) {
   for (int64_t& id : ids) id = static_cast<int64_t>(gen.next_below(256));
   const Tensor tokens = Tensor::from_vector(ids, {2, 128});
   EXPECT_EQ(model->forward(tokens).to_vector<double>(), reference->forward(tokens).to_vector<double>());
-  EXPECT_NE(expect_error([&] { model->set_attention_schedules({{{16, 1}}}); }).find("1 layer schedules"), std::string::npos);
+  EXPECT_NE(error_message([&] { model->set_attention_schedules({{{16, 1}}}); }).find("1 layer schedules"), std::string::npos);
 }
 
 // `--set attention.schedule=9223372036854775807:1` trained attending to nothing (the segment count
@@ -909,7 +878,7 @@ TEST(Model, HugeSegmentsAndDilationsActAsTheSequenceLength) {
 TEST(Model, XposRejectsLengthsWhoseScaleLeavesFloat32) {
   RunConfig c = load_config(kTiny, {"model.seq_len=200000", "attention.schedule=\"16:1\""});
   auto model = build_model(c, std::make_shared<Generator>(0));
-  const std::string msg = expect_error([&] { model->forward(Tensor::zeros({1, 200000}, DType::Int64)); });
+  const std::string msg = error_message([&] { model->forward(Tensor::zeros({1, 200000}, DType::Int64)); });
   EXPECT_NE(msg.find("200000"), std::string::npos) << msg;
   EXPECT_NE(msg.find("rotary"), std::string::npos) << msg;
 }
@@ -964,8 +933,7 @@ TEST_F(TrainCommand, SigintLeavesALoadableCheckpoint) {
   ASSERT_TRUE(latest.has_value());
   EXPECT_GT(parameters_of(*latest).size(), 0u);
   // And the run resumes from it.
-  TrainOptions o = quiet(dir);
-  o.resume = "auto";
+  TrainOptions o = resuming(dir);
   o.allow_config_change = true;  // fewer steps
   const int64_t stopped_at = read_checkpoint_summary(*latest).state.step;
   const TrainResult r = train(load_config(kTiny, {"train.checkpoint_every=0", "train.steps=" + std::to_string(stopped_at + 2)}), o);
@@ -981,18 +949,18 @@ TEST_F(TrainCommand, TrainPrintsTheStagesAndInspectShowsTheStage) {
                          " --set model.seq_len=256 --set 'train.stages=[{steps=2, seq_len=128, schedule=\"128:1\"}, {steps=1}]'"
                          " --set train.steps=3"
                          " > " + log + " 2>&1");
-  const std::string out = read_text(log);
+  const std::string out = read_file(log);
   ASSERT_EQ(status, 0) << out;
   EXPECT_NE(out.find("stage 1/2: steps 1-2, batch 4 x 128 tokens, attention 128:1"), std::string::npos) << out;
   EXPECT_NE(out.find("stage 2/2: steps 3-3, batch 4 x 256 tokens, attention 16:1,64:4,128:8"), std::string::npos) << out;
   EXPECT_NE(out.find("stage 2/2 | step 3/3"), std::string::npos) << out;  // the progress line
   ASSERT_EQ(run(binary() + " inspect " + dir.string() + " > " + (dir / "inspect.txt").string() + " 2>&1"), 0);
-  const std::string inspect = read_text(dir / "inspect.txt");
+  const std::string inspect = read_file(dir / "inspect.txt");
   EXPECT_NE(inspect.find("step: 3\nstage: 2 of 2\n"), std::string::npos) << inspect;
 }
 
 TEST_F(TrainCommand, H5pyReadsEveryParameterInspectLists) {
-  if (run("/usr/bin/python3 -c 'import h5py' >/dev/null 2>&1") != 0)
+  if (!python_imports("h5py"))
     GTEST_SKIP() << "python3-h5py is not installed (scripts/install-deps.sh installs it)";
   const fs::path dir = fresh_dir("h5py_ckpt");
   const std::string ckpt = train(load_config(kTiny, {"train.steps=2"}), quiet(dir)).last_checkpoint;
@@ -1001,28 +969,22 @@ TEST_F(TrainCommand, H5pyReadsEveryParameterInspectLists) {
                           DILATRON_SOURCE_DIR + "/tests/h5py_checkpoint.py " + ckpt + " " + dir.string() +
                           "/inspect.txt > " + out + " 2>&1";
   const int status = run(cmd);
-  std::ifstream log(out);
-  std::stringstream ss;
-  ss << log.rdbuf();
-  EXPECT_EQ(status, 0) << ss.str();
+  EXPECT_EQ(status, 0) << read_file(out);
 }
 
 TEST_F(TrainCommand, AttentionCommandMatchesTheDenseContractInNumpy) {
-  if (run("/usr/bin/python3 -c 'import h5py, numpy' >/dev/null 2>&1") != 0)
+  if (!python_imports("h5py, numpy"))
     GTEST_SKIP() << "python3-h5py / python3-numpy are not installed (scripts/install-deps.sh installs them)";
   const fs::path dir = fresh_dir("attention_cli");
   fs::create_directories(dir);
   const std::string cmd = "/usr/bin/python3 " + std::string(DILATRON_SOURCE_DIR) + "/scripts/attention_example.py " +
                           binary() + " " + dir.string() + " > " + dir.string() + "/log 2>&1";
   const int status = run(cmd);
-  std::ifstream log(dir / "log");
-  std::stringstream ss;
-  ss << log.rdbuf();
-  EXPECT_EQ(status, 0) << ss.str();
+  EXPECT_EQ(status, 0) << read_file(dir / "log");
 }
 
 TEST_F(TrainCommand, EvalJsonIsTheReportItPrints) {
-  if (run("/usr/bin/python3 -c 'import json' >/dev/null 2>&1") != 0)
+  if (!python_imports("json"))
     GTEST_SKIP() << "python3 is not installed (scripts/install-deps.sh installs it)";
   const fs::path dir = fresh_dir("eval_json");
   const std::string ckpt = train(load_config(kTiny, {"train.steps=2"}), quiet(dir)).last_checkpoint;
@@ -1030,16 +992,16 @@ TEST_F(TrainCommand, EvalJsonIsTheReportItPrints) {
   EXPECT_EQ(run(binary() + " eval " + dir.string() + " --samples 12 --lengths 128,160 --json " + json.string() + " > " +
                 text.string() + " 2>&1"),
             0)
-      << slurp(text);
+      << read_file(text);
   EXPECT_FALSE(fs::exists(json.string() + ".tmp"));
   EXPECT_EQ(run("/usr/bin/python3 " + std::string(DILATRON_SOURCE_DIR) + "/tests/passkey_json_check.py " +
                 json.string() + " " + text.string() + " " + ckpt + " 2 > " + log.string() + " 2>&1"),
             0)
-      << slurp(log);
-  EXPECT_NE(slurp(text).find("mod 8 (the largest dilation)"), std::string::npos) << slurp(text);
+      << read_file(log);
+  EXPECT_NE(read_file(text).find("mod 8 (the largest dilation)"), std::string::npos) << read_file(text);
   // --json is the passkey report's: a text evaluation refuses it.
   EXPECT_NE(run(binary() + " eval " + ckpt + " --task text --json " + json.string() + " > " + log.string() + " 2>&1"), 0);
-  EXPECT_NE(slurp(log).find("--json"), std::string::npos) << slurp(log);
+  EXPECT_NE(read_file(log).find("--json"), std::string::npos) << read_file(log);
 }
 
 TEST_F(TrainCommand, AttentionCommandNamesTheMissingDataset) {
@@ -1054,11 +1016,9 @@ TEST_F(TrainCommand, AttentionCommandNamesTheMissingDataset) {
   const int status = run(binary() + " attention --in " + (dir / "in.h5").string() + " --out " +
                          (dir / "out.h5").string() + " --schedule 4:1 > " + log + " 2>&1");
   EXPECT_NE(status, 0);
-  std::ifstream in(log);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  EXPECT_NE(ss.str().find("'v'"), std::string::npos) << ss.str();
-  EXPECT_NE(ss.str().find("in.h5"), std::string::npos) << ss.str();
+  const std::string out = read_file(log);
+  EXPECT_NE(out.find("'v'"), std::string::npos) << out;
+  EXPECT_NE(out.find("in.h5"), std::string::npos) << out;
   EXPECT_FALSE(fs::exists(dir / "out.h5"));
 }
 
@@ -1085,13 +1045,13 @@ TEST_F(TrainCommand, EvalRejectsBadBatchSamplesAndLengthsUpFront) {
   for (const auto& [args, want] : cases) {
     const int status = run("timeout 120 " + binary() + " eval " + dir.string() + " " + args + " > " + log + " 2>&1");
     ASSERT_TRUE(WIFEXITED(status)) << args;
-    EXPECT_EQ(WEXITSTATUS(status), 1) << args << ": " << read_text(log);
-    EXPECT_NE(read_text(log).find(want), std::string::npos) << args << ": " << read_text(log);
+    EXPECT_EQ(WEXITSTATUS(status), 1) << args << ": " << read_file(log);
+    EXPECT_NE(read_file(log).find(want), std::string::npos) << args << ": " << read_file(log);
   }
   // A directory for --text says so.
   EXPECT_EQ(WEXITSTATUS(run(binary() + " eval " + dir.string() + " --text " + dir.string() + " > " + log + " 2>&1")), 1);
-  EXPECT_NE(read_text(log).find("is a directory"), std::string::npos) << read_text(log);
-  EXPECT_EQ(run(binary() + " eval " + dir.string() + " --samples 2 --batch 1 > " + log + " 2>&1"), 0) << read_text(log);
+  EXPECT_NE(read_file(log).find("is a directory"), std::string::npos) << read_file(log);
+  EXPECT_EQ(run(binary() + " eval " + dir.string() + " --samples 2 --batch 1 > " + log + " 2>&1"), 0) << read_file(log);
 }
 
 // --out is renamed over: the command refuses to replace anything but a regular file other than --in.
@@ -1124,16 +1084,16 @@ TEST_F(TrainCommand, AttentionOutRefusesSpecialFilesSymlinksAndTheInput) {
   };
   for (const auto& [out, want] : cases) {
     EXPECT_EQ(attention(out), 1) << out;
-    EXPECT_NE(read_text(log).find(want), std::string::npos) << out << ": " << read_text(log);
+    EXPECT_NE(read_file(log).find(want), std::string::npos) << out << ": " << read_file(log);
   }
   EXPECT_TRUE(fs::is_directory(dir / "adir"));
   EXPECT_TRUE(fs::is_fifo(dir / "fifo"));
   EXPECT_TRUE(fs::is_symlink(dir / "link.h5"));
-  EXPECT_EQ(read_text(dir / "victim.txt"), "keep me");
+  EXPECT_EQ(read_file(dir / "victim.txt"), "keep me");
   EXPECT_EQ(h5::File::open(in.string(), h5::Mode::ReadOnly).list("/", false).size(), 3u);
   // A new path, and then the regular file it made, are written.
-  EXPECT_EQ(attention(dir / "out.h5"), 0) << read_text(log);
-  EXPECT_EQ(attention(dir / "out.h5"), 0) << read_text(log);
+  EXPECT_EQ(attention(dir / "out.h5"), 0) << read_file(log);
+  EXPECT_EQ(attention(dir / "out.h5"), 0) << read_file(log);
   // Integer q without --dtype names the dataset, not --dtype.
   {
     h5::File f = h5::File::create((dir / "int.h5").string());
@@ -1142,8 +1102,8 @@ TEST_F(TrainCommand, AttentionOutRefusesSpecialFilesSymlinksAndTheInput) {
   const int status = run(binary() + " attention --in " + (dir / "int.h5").string() + " --out " +
                          (dir / "int_out.h5").string() + " --schedule 4:1 > " + log + " 2>&1");
   EXPECT_EQ(WEXITSTATUS(status), 1);
-  EXPECT_NE(read_text(log).find("dataset 'q' is int64"), std::string::npos) << read_text(log);
-  EXPECT_EQ(read_text(log).find("--dtype"), std::string::npos) << read_text(log);
+  EXPECT_NE(read_file(log).find("dataset 'q' is int64"), std::string::npos) << read_file(log);
+  EXPECT_EQ(read_file(log).find("--dtype"), std::string::npos) << read_file(log);
 }
 
 // SIGTERM (a scheduler's stop) checkpoints like SIGINT and exits 143; while a run holds its directory,
@@ -1162,22 +1122,22 @@ TEST_F(TrainCommand, SigtermSavesAndASecondRunOnTheSameDirectoryIsRefused) {
   // Wait for the first step's metrics line.
   bool started = false;
   for (int i = 0; i < 1200 && !started; ++i) {
-    started = read_text(dir / "metrics.jsonl").find('\n') != std::string::npos;
+    started = read_file(dir / "metrics.jsonl").find('\n') != std::string::npos;
     if (!started) ::usleep(100000);
   }
   if (started) {
     const int second = run(binary() + " train " + kTiny + " --out " + dir.string() + " --set train.steps=2 > " + log2 +
                            " 2>&1");
-    EXPECT_EQ(WEXITSTATUS(second), 1) << read_text(log2);
-    EXPECT_NE(read_text(log2).find("is in use by another dilatron train"), std::string::npos) << read_text(log2);
+    EXPECT_EQ(WEXITSTATUS(second), 1) << read_file(log2);
+    EXPECT_NE(read_file(log2).find("is in use by another dilatron train"), std::string::npos) << read_file(log2);
   }
   ::kill(pid, SIGTERM);
   int status = 0;
   ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-  ASSERT_TRUE(started) << read_text(log);
-  ASSERT_TRUE(WIFEXITED(status)) << read_text(log);
-  EXPECT_EQ(WEXITSTATUS(status), 143) << read_text(log);
-  const std::string out = read_text(log);
+  ASSERT_TRUE(started) << read_file(log);
+  ASSERT_TRUE(WIFEXITED(status)) << read_file(log);
+  EXPECT_EQ(WEXITSTATUS(status), 143) << read_file(log);
+  const std::string out = read_file(log);
   EXPECT_NE(out.find("no checkpoint in " + (dir / "checkpoints").string() + "; starting fresh"), std::string::npos)
       << out;
   const auto latest = CheckpointDir((dir / "checkpoints").string(), 1).latest();
@@ -1186,8 +1146,7 @@ TEST_F(TrainCommand, SigtermSavesAndASecondRunOnTheSameDirectoryIsRefused) {
   EXPECT_GE(stopped_at, 1);
   EXPECT_NE(out.find("interrupted by SIGTERM at step " + std::to_string(stopped_at) + ";"), std::string::npos) << out;
   // The lock went with the process, and the run resumes where it stopped.
-  TrainOptions o = quiet(dir);
-  o.resume = "auto";
+  TrainOptions o = resuming(dir);
   o.allow_config_change = true;  // fewer steps
   const TrainResult r =
       train(load_config(kTiny, {"train.checkpoint_every=0", "train.steps=" + std::to_string(stopped_at + 2)}), o);
@@ -1204,10 +1163,10 @@ TEST_F(TrainCommand, EmptyOrGarbageLatestIsAClearErrorNotACrash) {
     for (const std::string cmd : {"inspect", "eval", "sample"}) {
       const fs::path log = dir / (cmd + ".log");
       const int status = run(binary() + " " + cmd + " " + dir.string() + " > " + log.string() + " 2>&1");
-      ASSERT_TRUE(WIFEXITED(status)) << cmd << ": " << slurp(log);
-      EXPECT_EQ(WEXITSTATUS(status), 1) << cmd << ": " << slurp(log);
-      EXPECT_NE(slurp(log).find("dilatron: error: '" + latest + "' does not name a checkpoint"), std::string::npos)
-          << cmd << ": " << slurp(log);
+      ASSERT_TRUE(WIFEXITED(status)) << cmd << ": " << read_file(log);
+      EXPECT_EQ(WEXITSTATUS(status), 1) << cmd << ": " << read_file(log);
+      EXPECT_NE(read_file(log).find("dilatron: error: '" + latest + "' does not name a checkpoint"), std::string::npos)
+          << cmd << ": " << read_file(log);
     }
   }
 }
@@ -1232,10 +1191,10 @@ TEST_F(TrainCommand, AttentionRemovesOrphanedTemporariesBesideOut) {
   ASSERT_EQ(run(binary() + " attention --in " + (dir / "in.h5").string() + " --out " + (dir / "out.h5").string() +
                 " --schedule 4:1 > " + log.string() + " 2>&1"),
             0)
-      << slurp(log);
+      << read_file(log);
   EXPECT_FALSE(fs::exists(orphan));
   EXPECT_TRUE(fs::exists(other));
-  EXPECT_NE(slurp(log).find("removed '" + orphan.string() + "'"), std::string::npos) << slurp(log);
+  EXPECT_NE(read_file(log).find("removed '" + orphan.string() + "'"), std::string::npos) << read_file(log);
 }
 
 TEST_F(TrainCommand, CorruptedOrInconsistentCheckpointsAreRefusedByInspectEvalAndSample) {
@@ -1246,7 +1205,7 @@ TEST_F(TrainCommand, CorruptedOrInconsistentCheckpointsAreRefusedByInspectEvalAn
   fs::copy_file(ckpt, flipped);
   const size_t at = data_offset(flipped, "optimizer/blocks.0.fc.weight/m");
   ASSERT_NE(at, std::string::npos);
-  flip_byte(flipped, at + 5);
+  xor_byte(flipped, at + 5, 0x10);
   fs::copy_file(ckpt, other);
   {
     h5::File f = h5::File::open(other, h5::Mode::ReadWrite);
@@ -1261,7 +1220,7 @@ TEST_F(TrainCommand, CorruptedOrInconsistentCheckpointsAreRefusedByInspectEvalAn
     for (const std::string& cmd : commands) {
       const fs::path log = dir / (cmd + ".log");
       const int status = run(binary() + " " + cmd + " " + path + " > " + log.string() + " 2>&1");
-      const std::string out = slurp(log);
+      const std::string out = read_file(log);
       ASSERT_TRUE(WIFEXITED(status)) << cmd << " " << path << ": " << out;
       EXPECT_EQ(WEXITSTATUS(status), 1) << cmd << " " << path << ": " << out;
       EXPECT_NE(out.find(path), std::string::npos) << out;
@@ -1280,11 +1239,11 @@ TEST_F(TrainCommand, CorruptedStoredConfigIsRefusedByInspectEvalAndResume) {
   const std::string toml = read_checkpoint_summary(ckpt).config_toml;
   const size_t lr = toml.find("\nlr = 0.003");
   ASSERT_NE(lr, std::string::npos) << toml;
-  const size_t at = read_text(ckpt).find(toml);
+  const size_t at = read_file(ckpt).find(toml);
   ASSERT_NE(at, std::string::npos) << "the config is not stored verbatim in " << ckpt;
   const std::string flipped = (dir / "flipped.h5").string(), unhashed = (dir / "unhashed.h5").string();
   fs::copy_file(ckpt, flipped);
-  flip_byte(flipped, at + lr + 10);  // '3' ^ 0x10 = '#': "lr = 0.00#..."
+  xor_byte(flipped, at + lr + 10, 0x10);  // '3' ^ 0x10 = '#': "lr = 0.00#..."
   fs::copy_file(ckpt, unhashed);
   {
     h5::File f = h5::File::open(unhashed, h5::Mode::ReadWrite);
@@ -1298,9 +1257,9 @@ TEST_F(TrainCommand, CorruptedStoredConfigIsRefusedByInspectEvalAndResume) {
     for (const std::string& cmd : {"inspect " + path, "eval " + path,
                                    "train " + kTiny + " --set train.steps=2 --resume " + path + " --out " + resumed.string()}) {
       const int status = run(binary() + " " + cmd + " > " + log.string() + " 2>&1");
-      ASSERT_TRUE(WIFEXITED(status)) << cmd << ": " << slurp(log);
-      EXPECT_EQ(WEXITSTATUS(status), 1) << cmd << ": " << slurp(log);
-      expect_mentions(slurp(log), {want, "checksum"});
+      ASSERT_TRUE(WIFEXITED(status)) << cmd << ": " << read_file(log);
+      EXPECT_EQ(WEXITSTATUS(status), 1) << cmd << ": " << read_file(log);
+      expect_mentions(read_file(log), {want, "checksum"});
     }
   EXPECT_FALSE(fs::exists(resumed));
 }
@@ -1309,30 +1268,28 @@ TEST_F(TrainCommand, CorruptedStoredConfigIsRefusedByInspectEvalAndResume) {
 // continues under the new lr, recording the change.
 TEST_F(TrainCommand, ResumeWithAChangedLrNeedsAllowConfigChangeAndIsRecorded) {
   const fs::path dir = fresh_dir("resume_lr");
-  TrainOptions first = quiet(dir);
-  first.stop_at_step = 2;
-  const std::string ckpt = train(load_config(kTiny, {"train.steps=4"}), first).last_checkpoint;
-  const std::string config = read_text(dir / "config.toml");
+  const std::string ckpt = partial_run(dir);
+  const std::string config = read_file(dir / "config.toml");
   const fs::path log = dir.string() + ".log";
   const std::string resume = binary() + " train " + kTiny + " --out " + dir.string() +
                              " --resume auto --set train.steps=4 --set train.lr=0.001";
   int status = run(resume + " > " + log.string() + " 2>&1");
-  ASSERT_TRUE(WIFEXITED(status)) << slurp(log);
-  EXPECT_EQ(WEXITSTATUS(status), 1) << slurp(log);
-  expect_mentions(slurp(log), {"dilatron: error: resuming from '" + ckpt + "'", "train.lr: 0.003 -> 0.001",
+  ASSERT_TRUE(WIFEXITED(status)) << read_file(log);
+  EXPECT_EQ(WEXITSTATUS(status), 1) << read_file(log);
+  expect_mentions(read_file(log), {"dilatron: error: resuming from '" + ckpt + "'", "train.lr: 0.003 -> 0.001",
                                "--allow-config-change"});
-  EXPECT_EQ(read_text(dir / "config.toml"), config);
+  EXPECT_EQ(read_file(dir / "config.toml"), config);
   EXPECT_FALSE(fs::exists(dir / "config-changes.log"));
 
   status = run(resume + " --allow-config-change > " + log.string() + " 2>&1");
-  ASSERT_EQ(status, 0) << slurp(log);
-  expect_mentions(slurp(log), {"config changed on resume at step 2: train.lr: 0.003 -> 0.001"});
-  expect_mentions(read_text(dir / "config-changes.log"),
+  ASSERT_EQ(status, 0) << read_file(log);
+  expect_mentions(read_file(log), {"config changed on resume at step 2: train.lr: 0.003 -> 0.001"});
+  expect_mentions(read_file(dir / "config-changes.log"),
                   {"resumed at step 2 from '" + ckpt + "'\n  train.lr: 0.003 -> 0.001\n"});
-  EXPECT_EQ(read_text(dir / "config.toml"), load_config(kTiny, {"train.steps=4", "train.lr=0.001"}).toml);
+  EXPECT_EQ(read_file(dir / "config.toml"), load_config(kTiny, {"train.steps=4", "train.lr=0.001"}).toml);
   // Steps 3 and 4 ran at the new schedule's rates (warmup 5 is cut to the run's 4 steps, as train() does).
   const optim::WarmupCosine schedule(0.001, 4, 4, 3e-4);
-  std::istringstream lines(read_text(dir / "metrics.jsonl"));
+  std::istringstream lines(read_file(dir / "metrics.jsonl"));
   std::vector<std::string> lrs;
   for (std::string line; std::getline(lines, line);) {
     const size_t at = line.find("\"lr\": ");
@@ -1373,7 +1330,7 @@ TEST_F(TrainCommand, DiskFullIsAnErrorNotACrashAndLeavesAConsistentRun) {
     const int status = run(binary() + " train " + kTiny + " --out " + run_dir.string() +
                            " --set train.steps=8 --set train.checkpoint_every=2 --set train.keep_checkpoints=3 > " +
                            log.string() + " 2>&1");
-    const std::string out = slurp(log);
+    const std::string out = read_file(log);
     ASSERT_TRUE(WIFEXITED(status)) << kb << "k: " << out;
     ASSERT_TRUE(WEXITSTATUS(status) == 0 || WEXITSTATUS(status) == 1) << kb << "k: exit " << WEXITSTATUS(status) << "\n" << out;
     if (WEXITSTATUS(status) == 1) {
@@ -1389,7 +1346,7 @@ TEST_F(TrainCommand, DiskFullIsAnErrorNotACrashAndLeavesAConsistentRun) {
       EXPECT_EQ(name.find(".tmp"), std::string::npos) << kb << "k: " << e.path();
       if (name.starts_with("ckpt-")) ckpts.push_back(name);
     }
-    const std::string metrics = fs::exists(run_dir / "metrics.jsonl") ? slurp(run_dir / "metrics.jsonl") : "";
+    const std::string metrics = fs::exists(run_dir / "metrics.jsonl") ? read_file(run_dir / "metrics.jsonl") : "";
     EXPECT_TRUE(metrics.empty() || metrics.back() == '\n') << kb << "k: metrics.jsonl cut short";
     const auto latest = CheckpointDir((run_dir / "checkpoints").string(), 1).latest();
     if (!latest) {

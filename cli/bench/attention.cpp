@@ -4,7 +4,6 @@
 
 #include <cmath>
 #include <cstdio>
-#include <memory>
 #include <string>
 #include <vector>
 
@@ -38,21 +37,18 @@ void run_attention_bench(const AttentionArgs& a) {
               "| of peak | reps fwd/fwd+bwd | attention memory MiB |\n");
   std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   std::fflush(stdout);
-  const double started = now_seconds();
-  double last_s = 0.0, last_flops = 0.0;
+  Budget budget(a.budget);
   for (const int64_t N : a.n) {
     const AttentionFlops f = attention_flops(schedule, a.shape.batch, a.shape.heads, N, a.shape.dim, a.shape.causal);
     const int64_t pairs = a.shape.batch * visited_pairs(schedule, a.shape.heads, N, a.shape.causal);
-    if (!fits_budget(a.budget, started, last_s, last_flops, f.forward)) {
+    if (!budget.fits(f.forward)) {
       std::printf("| %lld | %lld | skipped: over the %.0f s budget | | | | | | | |\n", static_cast<long long>(N),
                   static_cast<long long>(pairs), a.budget);
       JsonLine("attention").add("n", N).add("skipped", "budget").append_to(a.json);
       continue;
     }
-    const double t0 = now_seconds();
-    const AttentionTiming t = time_attention(a.shape, N, a.reps, a.long_s, true);
-    last_s = now_seconds() - t0;
-    last_flops = f.forward;
+    const AttentionTiming t =
+        budget.measure(f.forward, [&] { return time_attention(a.shape, N, a.reps, a.long_s, true); });
     const double fwd_gflops = f.forward / t.forward_s * 1e-9;
     const double fb_gflops = f.forward_backward() / t.forward_backward_s * 1e-9;
     auto frac = [&](double g) { return peak.gflops > 0.0 ? g / peak.gflops : NAN; };
@@ -61,15 +57,7 @@ void run_attention_bench(const AttentionArgs& a) {
                 100.0 * frac(fwd_gflops), 1e3 * t.forward_backward_s, fb_gflops, 100.0 * frac(fb_gflops),
                 t.forward_reps, t.forward_backward_reps, static_cast<double>(t.peak_extra_bytes) / (1 << 20));
     std::fflush(stdout);
-    JsonLine("attention")
-        .add("n", N)
-        .add("batch", a.shape.batch)
-        .add("heads", a.shape.heads)
-        .add("dim", a.shape.dim)
-        .add("schedule", a.shape.schedule)
-        .add("causal", a.shape.causal)
-        .add("device", a.shape.device)
-        .add("threads", omp_get_max_threads())
+    shape_json_line("attention", N, a.shape)
         .add("visited_pairs", pairs)
         .add("forward_flops", f.forward)
         .add("forward_backward_flops", f.forward_backward())
@@ -90,9 +78,10 @@ void run_attention_bench(const AttentionArgs& a) {
 }  // namespace
 
 void add_attention(CLI::App& bench) {
-  auto at = std::make_shared<AttentionArgs>();
-  CLI::App* attention = bench.add_subcommand(
-      "attention", "Forward and forward+backward time of dilated attention, GFLOP/s over visited pairs, % of peak");
+  auto [attention, at] = add_command(
+      bench, "attention",
+      "Forward and forward+backward time of dilated attention, GFLOP/s over visited pairs, % of peak",
+      run_attention_bench);
   attention->add_option("--n", at->n, "sequence lengths, e.g. 16384,65536,262144")->delimiter(',');
   add_shape_options(attention, at->shape);
   attention->add_option("--reps", at->reps, "timed repetitions after one warm-up run (median)");
@@ -100,7 +89,6 @@ void add_attention(CLI::App& bench) {
   attention->add_option("--peak", at->peak, "peak GFLOP/s to divide by (default: measured, 0.5 s, on the CPU)");
   attention->add_option("--budget", at->budget, "skip the sizes that would end past this many seconds (0: none)");
   attention->add_option("--json", at->json, "append one JSON line per N to this file");
-  attention->callback([at] { run_attention_bench(*at); });
 }
 
 }  // namespace dilatron::cli::bench

@@ -1,4 +1,6 @@
 // Timing the attention op: what the attention and scaling figures measure.
+#include <omp.h>
+
 #include <functional>
 #include <vector>
 
@@ -89,9 +91,22 @@ void add_shape_options(CLI::App* cmd, AttentionShape& s) {
   cmd->add_option("--device", s.device, "cpu or cuda[:N]");
 }
 
-bool fits_budget(double budget_s, double started, double last_s, double last_flops, double flops) {
-  if (budget_s <= 0.0 || last_s <= 0.0) return true;
-  return now_seconds() - started + last_s * flops / last_flops <= budget_s;
+JsonLine shape_json_line(const std::string& bench, int64_t N, const AttentionShape& s) {
+  JsonLine line(bench);
+  line.add("n", N)
+      .add("batch", s.batch)
+      .add("heads", s.heads)
+      .add("dim", s.dim)
+      .add("schedule", s.schedule)
+      .add("causal", s.causal)
+      .add("device", s.device)
+      .add("threads", omp_get_max_threads());
+  return line;
+}
+
+bool Budget::fits(double flops) const {
+  if (seconds_ <= 0.0 || last_s_ <= 0.0) return true;
+  return now_seconds() - started_ + last_s_ * flops / last_flops_ <= seconds_;
 }
 
 }  // namespace dilatron::cli::bench

@@ -1,6 +1,6 @@
-// What the `dilatron bench` figures share: a clock, medians, JSON lines, the FP32 peak (peak.cpp)
-// and the attention timing (attention_timing.cpp); and the function by which each figure's file
-// adds its subcommand to `bench` (bench.cpp).
+// What the `dilatron bench` figures share: a clock, medians, JSON lines, the FP32 peak (peak.cpp),
+// the attention timing and the --budget over sizes (attention_timing.cpp); and the function by which
+// each figure's file adds its subcommand to `bench` (bench.cpp).
 #pragma once
 
 #include <CLI/CLI.hpp>
@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "commands.h"
 #include "dilatron/error.h"
 
 namespace dilatron::cli::bench {
@@ -82,10 +83,28 @@ struct AttentionTiming {
 AttentionTiming time_attention(const AttentionShape& s, int64_t N, int reps, double long_s, bool forward);
 std::string shape_label(const AttentionShape& s);
 void add_shape_options(CLI::App* cmd, AttentionShape& s);
+// The JSON line of one length N of s: bench, n, the shape and the thread count; the figures follow.
+JsonLine shape_json_line(const std::string& bench, int64_t N, const AttentionShape& s);
 
-// Only the sizes whose cost, estimated from the last one measured (time scales with the FLOPs),
-// still fits the budget (0: no budget).
-bool fits_budget(double budget_s, double started, double last_s, double last_flops, double flops);
+// A --budget in seconds over a series of sizes: a size fits when its cost, estimated from the last
+// one measured (time scales with the FLOPs), still ends within it; any size fits with none (0).
+class Budget {
+ public:
+  explicit Budget(double seconds) : seconds_(seconds), started_(now_seconds()) {}
+  bool fits(double flops) const;
+  // f() for a size of `flops`, its time kept for the next estimate.
+  template <typename F>
+  auto measure(double flops, F&& f) {
+    const double t0 = now_seconds();
+    auto result = f();
+    last_s_ = now_seconds() - t0;
+    last_flops_ = flops;
+    return result;
+  }
+
+ private:
+  double seconds_, started_, last_s_ = 0.0, last_flops_ = 0.0;
+};
 
 // Each figure's subcommand of `bench`.
 void add_peak(CLI::App& bench);

@@ -109,9 +109,10 @@ void run_decode_bench(const DecodeBenchArgs& a) {
 }  // namespace
 
 void add_decode(CLI::App& bench) {
-  auto de = std::make_shared<DecodeBenchArgs>();
-  CLI::App* decode = bench.add_subcommand(
-      "decode", "Generation tokens/s and KV-cache memory at several context lengths, against recomputing without the cache");
+  auto [decode, de] = add_command(
+      bench, "decode",
+      "Generation tokens/s and KV-cache memory at several context lengths, against recomputing without the cache",
+      run_decode_bench);
   decode->add_option("source", de->source, "a config (.toml, random weights) or a checkpoint / run directory")->required();
   decode->add_option("--contexts", de->contexts, "context lengths (prompt tokens), e.g. 1024,4096,16384,65536")
       ->delimiter(',');
@@ -120,7 +121,6 @@ void add_decode(CLI::App& bench) {
   decode->add_option("--no-cache-max", de->no_cache_max, "time the uncached token only up to this context");
   decode->add_option("--set", de->set, "override a config key: section.key=value (repeatable; configs only)");
   decode->add_option("--json", de->json, "append one JSON line per context to this file");
-  decode->callback([de] { run_decode_bench(*de); });
 }
 
 }  // namespace dilatron::cli::bench

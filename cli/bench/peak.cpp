@@ -157,11 +157,10 @@ Peak measure_peak(double seconds) {
 }
 
 void add_peak(CLI::App& bench) {
-  auto p = std::make_shared<PeakArgs>();
-  CLI::App* peak = bench.add_subcommand("peak", "The machine's FP32 FMA peak over all threads (register-only loop)");
+  auto [peak, p] =
+      add_command(bench, "peak", "The machine's FP32 FMA peak over all threads (register-only loop)", run_peak);
   peak->add_option("--seconds", p->seconds, "how long to run the loop (in trials of 0.25 s; the best one counts)");
   peak->add_option("--json", p->json, "append the result as a JSON line to this file");
-  peak->callback([p] { run_peak(*p); });
 }
 
 }  // namespace dilatron::cli::bench

@@ -9,7 +9,6 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
-#include <memory>
 #include <string>
 #include <vector>
 
@@ -108,19 +107,15 @@ void run_scaling(const ScalingArgs& a) {
               "attention memory MiB | inputs MiB |\n");
   std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   std::fflush(stdout);
-  const double started = now_seconds();
-  double last_s = 0.0, last_flops = 0.0;
+  Budget budget(a.budget);
   for (const int64_t N : a.n) {
     const AttentionFlops f = attention_flops(schedule, a.shape.batch, a.shape.heads, N, a.shape.dim, a.shape.causal);
-    if (!fits_budget(a.budget, started, last_s, last_flops, f.forward)) {
+    if (!budget.fits(f.forward)) {
       std::printf("| %lld | skipped: over the %.0f s budget | | | | | | |\n", static_cast<long long>(N), a.budget);
       JsonLine("scaling").add("n", N).add("skipped", "budget").append_to(a.json);
       continue;
     }
-    const double t0 = now_seconds();
-    const ChildResult r = run_scaling_in_child(a, N);
-    last_s = now_seconds() - t0;
-    last_flops = f.forward;
+    const ChildResult r = budget.measure(f.forward, [&] { return run_scaling_in_child(a, N); });
     if (!r.error.empty()) {
       std::printf("| %lld | failed: %s | | | | | | |\n", static_cast<long long>(N), r.error.c_str());
       JsonLine("scaling").add("n", N).add("skipped", r.error).append_to(a.json);
@@ -133,15 +128,7 @@ void run_scaling(const ScalingArgs& a) {
                 f.forward_backward() / r.forward_backward_s * 1e-9, rss / (1 << 20), rss / tokens,
                 static_cast<double>(r.attention_peak_bytes) / (1 << 20), static_cast<double>(r.input_bytes) / (1 << 20));
     std::fflush(stdout);
-    JsonLine("scaling")
-        .add("n", N)
-        .add("batch", a.shape.batch)
-        .add("heads", a.shape.heads)
-        .add("dim", a.shape.dim)
-        .add("schedule", a.shape.schedule)
-        .add("causal", a.shape.causal)
-        .add("device", a.shape.device)
-        .add("threads", omp_get_max_threads())
+    shape_json_line("scaling", N, a.shape)
         .add("forward_backward_s", r.forward_backward_s)
         .add("us_per_token", 1e6 * r.forward_backward_s / tokens)
         .add("forward_backward_gflops", f.forward_backward() / r.forward_backward_s * 1e-9)
@@ -155,15 +142,14 @@ void run_scaling(const ScalingArgs& a) {
 }  // namespace
 
 void add_scaling(CLI::App& bench) {
-  auto sc = std::make_shared<ScalingArgs>();
-  CLI::App* scaling = bench.add_subcommand(
-      "scaling", "Forward+backward time per token and peak memory against N (each N in a fresh process)");
+  auto [scaling, sc] = add_command(
+      bench, "scaling", "Forward+backward time per token and peak memory against N (each N in a fresh process)",
+      run_scaling);
   scaling->add_option("--n", sc->n, "sequence lengths, e.g. 65536,131072,262144,524288,1048576")->delimiter(',');
   add_shape_options(scaling, sc->shape);
   scaling->add_option("--budget", sc->budget, "skip the sizes that would end past this many seconds (0: none)");
   scaling->add_option("--json", sc->json, "append one JSON line per N to this file");
   scaling->add_flag("--child", sc->child, "internal: measure one N in this process")->group("");
-  scaling->callback([sc] { run_scaling(*sc); });
 }
 
 }  // namespace dilatron::cli::bench

@@ -124,8 +124,8 @@ void run_train_bench(const TrainBenchArgs& a) {
 }  // namespace
 
 void add_train(CLI::App& bench) {
-  auto tr = std::make_shared<TrainBenchArgs>();
-  CLI::App* train = bench.add_subcommand("train", "Training tokens/s of a config (the trainer's loop, median step)");
+  auto [train, tr] =
+      add_command(bench, "train", "Training tokens/s of a config (the trainer's loop, median step)", run_train_bench);
   train->add_option("config", tr->config, "config file, e.g. configs/passkey.toml")->required()->check(CLI::ExistingFile);
   train->add_option("--steps", tr->steps, "steps to run");
   train->add_option("--warmup", tr->warmup, "first steps left out of the median");
@@ -133,7 +133,6 @@ void add_train(CLI::App& bench) {
   train->add_option("--json", tr->json, "append the result as a JSON line to this file");
   train->add_flag("--profile", tr->profile, "also break the steps after the warm-up into ops (forward, backward), "
                   "data, optimizer and framework time");
-  train->callback([tr] { run_train_bench(*tr); });
 }
 
 }  // namespace dilatron::cli::bench
