@@ -84,69 +84,67 @@ std::pair<T, double> row_max_sumexp(const T* x, T* buf, int64_t K) {
 
 // ---------------------------------------------------------------- softmax family
 
-void CpuBackend::softmax_last(Tensor& out, const Tensor& in) {
-  const auto [M, K] = check_softmax("softmax_last", out, in);
+// f(x_row, y_row, K) over the M rows of K elements of a [M, K] input and output, in their float type.
+template <typename F>
+void forward_rows(const Tensor& in, Tensor& out, int64_t M, int64_t K, F&& f) {
   dispatch_float(in.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T* x = in.data<T>();
     T* y = out.data<T>();
-    for_each_row(M, K, [&](int64_t m) {
-      const T* xr = x + m * K;
-      T* yr = y + m * K;
-      const double s = row_max_sumexp(xr, yr, K).second;
-      const T inv = static_cast<T>(1.0 / s);
-      for (int64_t k = 0; k < K; ++k) yr[k] *= inv;
-    });
+    for_each_row(M, K, [&](int64_t m) { f(x + m * K, y + m * K); });
+  });
+}
+
+// f(y_row, dy_row, dx_row) over the rows of a backward from the forward's output y.
+template <typename F>
+void backward_rows(const Tensor& y, const Tensor& dy, Tensor& dx, int64_t M, int64_t K, F&& f) {
+  dispatch_float(y.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T *yp = y.data<T>(), *dyp = dy.data<T>();
+    T* dxp = dx.data<T>();
+    for_each_row(M, K, [&](int64_t m) { f(yp + m * K, dyp + m * K, dxp + m * K); });
+  });
+}
+
+void CpuBackend::softmax_last(Tensor& out, const Tensor& in) {
+  const auto [M, K] = check_softmax("softmax_last", out, in);
+  forward_rows(in, out, M, K, [K = K](const auto* xr, auto* yr) {
+    using T = std::remove_pointer_t<decltype(yr)>;
+    const double s = row_max_sumexp(xr, yr, K).second;
+    const T inv = static_cast<T>(1.0 / s);
+    for (int64_t k = 0; k < K; ++k) yr[k] *= inv;
   });
 }
 
 // dx = y * (dy - <dy, y>)
 void CpuBackend::softmax_backward_last(Tensor& dx, const Tensor& y, const Tensor& dy) {
   const auto [M, K] = check_softmax_backward("softmax_backward_last", dx, y, dy);
-  dispatch_float(y.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    const T *yp = y.data<T>(), *dyp = dy.data<T>();
-    T* dxp = dx.data<T>();
-    for_each_row(M, K, [&](int64_t m) {
-      const T *yr = yp + m * K, *dyr = dyp + m * K;
-      T* dxr = dxp + m * K;
-      const T d = static_cast<T>(row_sum(K, [&](int64_t k) { return static_cast<double>(dyr[k]) * yr[k]; }));
-      for (int64_t k = 0; k < K; ++k) dxr[k] = yr[k] * (dyr[k] - d);
-    });
+  backward_rows(y, dy, dx, M, K, [K = K](const auto* yr, const auto* dyr, auto* dxr) {
+    using T = std::remove_pointer_t<decltype(dxr)>;
+    const T d = static_cast<T>(row_sum(K, [&](int64_t k) { return static_cast<double>(dyr[k]) * yr[k]; }));
+    for (int64_t k = 0; k < K; ++k) dxr[k] = yr[k] * (dyr[k] - d);
   });
 }
 
 void CpuBackend::log_softmax_last(Tensor& out, const Tensor& in) {
   const auto [M, K] = check_softmax("log_softmax_last", out, in);
-  dispatch_float(in.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    const T* x = in.data<T>();
-    T* y = out.data<T>();
-    for_each_row(M, K, [&](int64_t m) {
-      const T* xr = x + m * K;
-      T* yr = y + m * K;
-      const auto [mx, s] = row_max_sumexp(xr, yr, K);
-      // (x - max) - log(s) rather than x - lse: no rounding of a large lse in float32.
-      const T log_s = static_cast<T>(std::log(s));
-      for (int64_t k = 0; k < K; ++k) yr[k] = (xr[k] - mx) - log_s;
-    });
+  forward_rows(in, out, M, K, [K = K](const auto* xr, auto* yr) {
+    using T = std::remove_pointer_t<decltype(yr)>;
+    const auto [mx, s] = row_max_sumexp(xr, yr, K);
+    // (x - max) - log(s) rather than x - lse: no rounding of a large lse in float32.
+    const T log_s = static_cast<T>(std::log(s));
+    for (int64_t k = 0; k < K; ++k) yr[k] = (xr[k] - mx) - log_s;
   });
 }
 
 // y = log_softmax(x): dx = dy - softmax(x) * sum(dy), with softmax(x) = exp(y).
 void CpuBackend::log_softmax_backward_last(Tensor& dx, const Tensor& y, const Tensor& dy) {
   const auto [M, K] = check_softmax_backward("log_softmax_backward_last", dx, y, dy);
-  dispatch_float(y.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    const T *yp = y.data<T>(), *dyp = dy.data<T>();
-    T* dxp = dx.data<T>();
-    for_each_row(M, K, [&](int64_t m) {
-      const T *yr = yp + m * K, *dyr = dyp + m * K;
-      T* dxr = dxp + m * K;
-      const T sum = static_cast<T>(row_sum(K, [&](int64_t k) { return static_cast<double>(dyr[k]); }));
-      exp_shifted(dxr, yr, T(0), K);
-      for (int64_t k = 0; k < K; ++k) dxr[k] = dyr[k] - dxr[k] * sum;
-    });
+  backward_rows(y, dy, dx, M, K, [K = K](const auto* yr, const auto* dyr, auto* dxr) {
+    using T = std::remove_pointer_t<decltype(dxr)>;
+    const T sum = static_cast<T>(row_sum(K, [&](int64_t k) { return static_cast<double>(dyr[k]); }));
+    exp_shifted(dxr, yr, T(0), K);
+    for (int64_t k = 0; k < K; ++k) dxr[k] = dyr[k] - dxr[k] * sum;
   });
 }
 
