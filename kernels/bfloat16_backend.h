@@ -16,6 +16,8 @@
 
 namespace dilatron::kernels {
 
+inline bool is_bf16(const Tensor& t) { return t.defined() && t.dtype() == DType::BFloat16; }
+
 // The float32 stand-ins of one bf16 call.
 class Float32Compute {
  public:
@@ -23,8 +25,8 @@ class Float32Compute {
 
   // t as float32 (a contiguous copy) when it is bf16, else t itself (undefined stays undefined).
   Tensor in(const Tensor& t) const {
-    if (!t.defined() || t.dtype() != DType::BFloat16) return t;
-    Tensor f = Tensor::empty(t.shape(), TensorOptions(DType::Float32).with_device(t.device()));
+    if (!is_bf16(t)) return t;
+    Tensor f = float32_like(t);
     backend_.copy(f, t);
     return f;
   }
@@ -36,9 +38,8 @@ class Float32Compute {
   // A float32 stand-in for a bf16 output, rounded into it by finish() (holding t's values first when
   // the kernel reads them: gemm with beta != 0); any other t is itself.
   Tensor& out(Tensor& t, bool read = false) {
-    if (!t.defined() || t.dtype() != DType::BFloat16) return t;
-    outs_.emplace_back(&t,
-                       read ? in(t) : Tensor::empty(t.shape(), TensorOptions(DType::Float32).with_device(t.device())));
+    if (!is_bf16(t)) return t;
+    outs_.emplace_back(&t, read ? in(t) : float32_like(t));
     return outs_.back().second;
   }
   void finish() {
@@ -46,11 +47,13 @@ class Float32Compute {
   }
 
  private:
+  static Tensor float32_like(const Tensor& t) {
+    return Tensor::empty(t.shape(), TensorOptions(DType::Float32).with_device(t.device()));
+  }
+
   Backend& backend_;
   std::deque<std::pair<Tensor*, Tensor>> outs_;  // a deque keeps the references out() hands out valid
 };
-
-inline bool is_bf16(const Tensor& t) { return t.defined() && t.dtype() == DType::BFloat16; }
 
 template <typename Base>
 class BFloat16Backend final : public Base {
