@@ -34,6 +34,7 @@ struct TrainArgs {
   std::string resume;
   std::string out;
   bool allow_config_change = false;
+  int64_t stop_at_step = -1;
 };
 
 // The curriculum, one line per stage (nothing without [[train.stages]]).
@@ -60,6 +61,7 @@ void run_train(const TrainArgs& a) {
   o.out_dir = a.out.empty() ? "runs/" + std::filesystem::path(a.config).stem().string() : a.out;
   o.resume = a.resume;
   o.allow_config_change = a.allow_config_change;
+  o.stop_at_step = a.stop_at_step;
   o.stop = &g_stop;
   for (const int sig : {SIGINT, SIGTERM}) std::signal(sig, on_stop_signal);
   std::fprintf(stderr, "training %s -> %s (%lld steps, batch %lld x %lld tokens)\n", a.config.c_str(),
@@ -69,6 +71,11 @@ void run_train(const TrainArgs& a) {
   const TrainResult r = train(cfg, o);
   for (const int sig : {SIGINT, SIGTERM}) std::signal(sig, SIG_DFL);
   std::printf("checkpoint: %s\n", r.last_checkpoint.c_str());
+  if (r.interrupted && !g_stop.load()) {  // --stop-at-step: a planned stop, not a failure
+    std::fprintf(stderr, "stopped at step %lld (--stop-at-step); continue with --resume\n",
+                 static_cast<long long>(r.steps_done));
+    return;
+  }
   if (r.interrupted) {
     const int sig = g_signal ? static_cast<int>(g_signal) : SIGINT;
     std::fprintf(stderr, "interrupted by %s at step %lld; resume with --resume auto\n",
@@ -242,6 +249,10 @@ void add_train_commands(CLI::App& app) {
   train->add_flag("--allow-config-change", t->allow_config_change,
                   "resume although the config differs from the checkpoint's (not in model.*); the changes are "
                   "recorded in OUT/config-changes.log");
+  train->add_option("--stop-at-step", t->stop_at_step,
+                    "checkpoint and exit (code 0) on reaching this step, e.g. to share a curriculum's first stage "
+                    "between runs")
+      ->check(CLI::NonNegativeNumber);
 
   auto [eval, e] = add_command(app, "eval", "Evaluate a checkpoint: passkey accuracy or text loss", run_eval);
   add_checkpoint_argument(eval, e->ckpt);

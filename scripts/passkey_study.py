@@ -12,6 +12,12 @@ accuracy by residue alignment ((answer - needle) mod the largest dilation), and 
 
 `--set` goes to every run (e.g. --set train.device=\"cuda\" on a GPU). Runs that already have an
 evaluation (OUT/NAME/eval.json) are not run again, so an interrupted study resumes where it stopped.
+
+When the config's first curriculum stage sets its own attention schedule (configs/passkey.toml's
+dense 512-token stage), that stage is the same in every run: it is trained once (OUT/shared-stage-1,
+`dilatron train --stop-at-step`) and every run resumes from its checkpoint with its own schedule
+(`--allow-config-change`, recorded in the run's config-changes.log). A run's train time counts the
+shared stage too.
 """
 import argparse
 import concurrent.futures
@@ -22,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +66,34 @@ def run_config(base, schedule, layers):
     return text
 
 
-def run_one(args, name, schedule, layers, base):
+def shared_stage_steps(base):
+    """Steps of the first curriculum stage when it has its own schedule (then no run's [attention] reaches it)."""
+    stages = tomllib.loads(base).get("train", {}).get("stages", [])
+    return stages[0]["steps"] if stages and "schedule" in stages[0] else 0
+
+
+def train_shared_stage(args, base, steps):
+    """Trains the shared first stage once; returns (its last checkpoint, its seconds)."""
+    run_dir = os.path.join(args.out, "shared-stage-1")
+    done = os.path.join(run_dir, "seconds")
+    if not os.path.exists(done):
+        os.makedirs(run_dir, exist_ok=True)
+        config = os.path.join(run_dir, "study.toml")
+        with open(config, "w") as f:
+            f.write(base)
+        t0 = time.time()
+        with open(os.path.join(run_dir, "train.log"), "w") as f:
+            subprocess.run([args.dilatron, "train", config, "--out", run_dir, "--resume", "auto",
+                            "--stop-at-step", str(steps), *args.sets], stdout=f, stderr=subprocess.STDOUT, check=True)
+        with open(done, "w") as f:
+            f.write(f"{time.time() - t0:.1f}\n")
+    with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
+        checkpoint = os.path.join(run_dir, "checkpoints", f.read().strip())
+    with open(done) as f:
+        return checkpoint, float(f.read())
+
+
+def run_one(args, name, schedule, layers, base, shared):
     run_dir = os.path.join(args.out, name)
     result = os.path.join(run_dir, "eval.json")
     if os.path.exists(result):
@@ -68,13 +102,20 @@ def run_one(args, name, schedule, layers, base):
     config = os.path.join(run_dir, "study.toml")
     with open(config, "w") as f:
         f.write(run_config(base, schedule, layers))
-    sets = [x for s in args.set for x in ("--set", s)]
     log = os.path.join(run_dir, "train.log")
+    resume, seconds = ["--resume", "auto"], 0.0
+    if shared and not os.path.exists(os.path.join(run_dir, "checkpoints", "latest")):
+        checkpoint, seconds = shared
+        # The shared stage's training rows; not its evaluations, which used the base config's schedule.
+        with open(os.path.join(os.path.dirname(os.path.dirname(checkpoint)), "metrics.jsonl")) as src, \
+                open(os.path.join(run_dir, "metrics.jsonl"), "w") as dst:
+            dst.writelines(line for line in src if "tokens_per_s" in json.loads(line))
+        resume = ["--resume", checkpoint, "--allow-config-change"]
     t0 = time.time()
     with open(log, "w") as f:
-        subprocess.run([args.dilatron, "train", config, "--out", run_dir, "--resume", "auto", *sets],
+        subprocess.run([args.dilatron, "train", config, "--out", run_dir, *resume, *args.sets],
                        stdout=f, stderr=subprocess.STDOUT, check=True)
-    seconds = time.time() - t0
+    seconds += time.time() - t0
     with open(log, "a") as f:
         subprocess.run([args.dilatron, "eval", run_dir, "--json", result + ".tmp", *args.eval_args],
                        stdout=f, stderr=subprocess.STDOUT, check=True)
@@ -189,6 +230,7 @@ def main():
     args.report = args.report or os.path.join(args.out, "report.md")
     args.plot = args.plot or os.path.splitext(args.report)[0] + ".png"
     args.eval_args = args.eval_args.split()
+    args.sets = [x for s in args.set for x in ("--set", s)]
     only = set(filter(None, args.only.split(",")))
     unknown = only - {s[0] for s in STUDY}
     if unknown:
@@ -197,8 +239,12 @@ def main():
     with open(args.config) as f:
         base = f.read()
     os.makedirs(args.out, exist_ok=True)
+    shared_steps = shared_stage_steps(base)
+    pending = [s for s in study if not os.path.exists(os.path.join(args.out, s[0], "eval.json"))]
+    shared = train_shared_stage(args, base, shared_steps) if shared_steps and pending else None
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(run_one, args, name, schedule, layers, base): name for name, _, schedule, layers in study}
+        futures = {pool.submit(run_one, args, name, schedule, layers, base, shared): name
+                   for name, _, schedule, layers in study}
         for fut in concurrent.futures.as_completed(futures):
             try:
                 name, how = fut.result()

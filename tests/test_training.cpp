@@ -959,6 +959,26 @@ TEST_F(TrainCommand, TrainPrintsTheStagesAndInspectShowsTheStage) {
   EXPECT_NE(inspect.find("step: 3\nstage: 2 of 2\n"), std::string::npos) << inspect;
 }
 
+TEST_F(TrainCommand, StopAtStepCheckpointsExitsZeroAndResumes) {
+  const fs::path dir = fresh_dir("stop_at_step");
+  fs::create_directories(dir);
+  const std::string log = (dir / "train.log").string();
+  const std::string cmd = binary() + " train " + kTiny + " --out " + dir.string() +
+                          " --set train.steps=5 --set train.checkpoint_every=0 --stop-at-step 3";
+  int status = run(cmd + " > " + log + " 2>&1");
+  ASSERT_EQ(status, 0) << read_file(log);
+  EXPECT_NE(read_file(log).find("stopped at step 3 (--stop-at-step)"), std::string::npos) << read_file(log);
+  const auto latest = CheckpointDir((dir / "checkpoints").string(), 1).latest();
+  ASSERT_TRUE(latest.has_value());
+  EXPECT_EQ(read_checkpoint_summary(*latest).state.step, 3);
+  status = run(binary() + " train " + kTiny + " --out " + dir.string() +
+               " --set train.steps=5 --set train.checkpoint_every=0 --resume auto > " + log + " 2>&1");
+  ASSERT_EQ(status, 0) << read_file(log);
+  EXPECT_EQ(read_checkpoint_summary(*CheckpointDir((dir / "checkpoints").string(), 1).latest()).state.step, 5);
+  EXPECT_NE(run(binary() + " train " + kTiny + " --out " + dir.string() + " --stop-at-step -1 > " + log + " 2>&1"), 0);
+  EXPECT_NE(read_file(log).find("--stop-at-step"), std::string::npos) << read_file(log);  // names the option
+}
+
 TEST_F(TrainCommand, H5pyReadsEveryParameterInspectLists) {
   if (!python_imports("h5py"))
     GTEST_SKIP() << "python3-h5py is not installed (scripts/install-deps.sh installs it)";
