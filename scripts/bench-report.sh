@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The benchmark report: FMA peak, attention against the PyTorch twin, scaling in N, training
-# throughput against the twin. Writes OUTDIR/report.md (Markdown tables), OUTDIR/scaling.png (time
-# per token and peak memory against N) and OUTDIR/results.jsonl (every measurement, and the machine
-# and run they come from, one JSON object a line: what report.md is made from).
+# The benchmark report: FMA peak, attention against the PyTorch twins, scaling in N, training
+# throughput against the twins. The twins run on a current PyTorch from PyPI (scripts/torch-venv.sh,
+# installed on first use): the einsum twin (bench/torch/dilated_attention.py, scores materialised per
+# segment) and the SDPA twin (bench/torch/sdpa_attention.py, PyTorch's fused flash kernel per gathered
+# branch, checked against the einsum twin by bench/torch/check_sdpa.py before it is timed).
+# Writes OUTDIR/report.md (Markdown tables), OUTDIR/scaling.png (time per token and peak memory
+# against N) and OUTDIR/results.jsonl (every measurement, and the machine and run they come from,
+# one JSON object a line: what report.md is made from).
 #
 #   scripts/bench-report.sh OUTDIR
 #
@@ -22,7 +26,9 @@
 #                        memory), so that a size that does not fit fails alone instead of
 #                        pushing the machine into swap or the OOM killer
 #   BENCH_SCALING_BUDGET seconds for the whole scaling sweep (default 0: no limit)
-#   OMP_NUM_THREADS      threads for dilatron and the twin alike (default: all cores)
+#   BENCH_TWIN_PYTHON    the python (with torch) that runs the twins, instead of scripts/torch-venv.sh's;
+#                        e.g. /usr/bin/python3 for Debian's torch 1.13 (which has no SDPA twin)
+#   OMP_NUM_THREADS      threads for dilatron and the twins alike (default: all cores)
 #
 # The figures are only as good as the machine is quiet: the report records the load average at the
 # start and the end of the run.
@@ -32,7 +38,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 [ $# -eq 1 ] || { echo "usage: $0 OUTDIR" >&2; exit 2; }
 mkdir -p "$1"
 out="$(cd "$1" && pwd)"
-py=/usr/bin/python3  # Debian's, where python3-torch installs
+py=/usr/bin/python3  # the report's own scripting (json only)
 command -v gnuplot >/dev/null || { echo "bench-report: needs gnuplot (scripts/install-deps.sh)" >&2; exit 1; }
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 json="$out/results.jsonl"
@@ -72,15 +78,23 @@ twin_mem_gb="${BENCH_TWIN_MEM_GB:-$((avail_kb * 3 / 4 / 1024 / 1024))}"
 scaling_budget="${BENCH_SCALING_BUDGET:-0}"
 
 : > "$json"
-have_twin=1
-"$py" -c "import torch" 2>/dev/null || { have_twin=0; note "no torch for $py: the twin is left out"; }
+twin_py="${BENCH_TWIN_PYTHON:-}"
+[ -n "$twin_py" ] || twin_py=$("$root/scripts/torch-venv.sh") || twin_py=/usr/bin/python3
+twin_impls=""
+if "$twin_py" -c "import torch" 2>/dev/null; then
+  twin_impls="einsum"
+  if "$twin_py" "$root/bench/torch/check_sdpa.py" >> "$log" 2>&1; then twin_impls="einsum sdpa"
+  else note "the SDPA twin is left out: bench/torch/check_sdpa.py failed (PyTorch < 2.2?): $(tail -1 "$log")"; fi
+else
+  note "no torch for $twin_py: the twins are left out"
+fi
 commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
 [ -n "$(git -C "$root" --no-optional-locks status --porcelain --untracked-files=no 2>/dev/null)" ] &&
   commit="$commit (+ uncommitted changes)"
 record bench=machine cpu="$(lscpu | sed -n 's/^Model name: *//p' | head -1)" \
   threads:="$OMP_NUM_THREADS" nproc:="$(nproc)" memory_gib:="$(awk '/^MemTotal:/ {printf "%.1f", $2 / 1048576}' /proc/meminfo)" \
   date="$(date -u '+%Y-%m-%d %H:%M UTC')" commit="$commit" \
-  torch="$("$py" -c "import torch; print(torch.__version__)" 2>/dev/null || echo "not installed")" \
+  torch="$("$twin_py" -c "import torch; print(torch.__version__)" 2>/dev/null || echo "not installed")" \
   mode="$([ "$quick" = 1 ] && echo "quick (BENCH_QUICK=1)" || echo full)" \
   load_start="$(cut -d' ' -f1-3 /proc/loadavg)" schedule="$schedule" config="$config"
 started=$(date +%s)
@@ -95,46 +109,47 @@ peak=$("$py" -c 'import json,sys; print([json.loads(l) for l in open(sys.argv[1]
 # Attention: dilatron, then the twin on the same shape (B = 1, H = 8, D = 64, causal, the schedule),
 # one size at a time. The twin's inputs are torch.randn of the same shape (its own generator): the
 # same distribution, not the same bits, which a timing does not depend on.
-twin_last_s=0
-twin_last_n=0
-twin_failed=""
+declare -A twin_last_s twin_last_n twin_failed
 for n in ${att_n//,/ }; do
   note "attention N = $n"
   "$dilatron" bench attention --n "$n" --heads 8 --dim 64 --schedule "$schedule" --causal --peak "$peak" \
     --json "$json" | tee -a "$log"
-  [ "$have_twin" = 1 ] || continue
-  skip=""
-  if [ -n "$twin_failed" ]; then
-    skip="not run: a smaller N was $twin_failed"
-  elif [ "$twin_last_n" -gt 0 ] && [ $((twin_last_s * n / twin_last_n)) -gt "$twin_budget" ]; then
-    # The twin's cost grows linearly in N (dense per segment): estimated from the previous size.
-    skip="not run: estimated $((twin_last_s * n / twin_last_n)) s, over the $twin_budget s budget"
-  fi
-  if [ -n "$skip" ]; then
-    note "twin attention N = $n: $skip"
-    record bench=twin_attention n:="$n" skipped="$skip"
-    continue
-  fi
-  note "twin attention N = $n"
-  t0=$(date +%s)
-  set +e
-  timeout "$twin_budget" prlimit --as=$((twin_mem_gb * 1024 * 1024 * 1024)) \
-    "$py" bench/torch/bench_twin.py --threads "$OMP_NUM_THREADS" attention --n "$n" --heads 8 --dim 64 \
-    --schedule "$schedule" --causal --reps 1 > "$work/twin.out" 2> "$work/twin.err"
-  rc=$?
-  set -e
-  twin_last_s=$(($(date +%s) - t0))
-  twin_last_n=$n
-  cat "$work/twin.err" >> "$log"
-  tee -a "$log" < "$work/twin.out" >> "$json"
-  if [ $rc -ne 0 ]; then
-    if [ $rc -eq 124 ]; then twin_failed="stopped after the $twin_budget s budget"
-    elif grep -qiE "out of memory|can't allocate|cannot allocate|MemoryError|bad_alloc" "$work/twin.err"; then
-      twin_failed="out of memory (limit $twin_mem_gb GiB)"
-    else twin_failed="failed (exit $rc): $(tail -1 "$work/twin.err" | tr -d '"\\')"; fi
-    note "twin attention N = $n: $twin_failed"
-    record bench=twin_attention n:="$n" skipped="$twin_failed"
-  fi
+  for impl in $twin_impls; do
+    skip=""
+    last_s=${twin_last_s[$impl]:-0} last_n=${twin_last_n[$impl]:-0}
+    if [ -n "${twin_failed[$impl]:-}" ]; then
+      skip="not run: a smaller N was ${twin_failed[$impl]}"
+    elif [ "$last_n" -gt 0 ] && [ $((last_s * n / last_n)) -gt "$twin_budget" ]; then
+      # A twin's cost grows linearly in N (attention per segment): estimated from the previous size.
+      skip="not run: estimated $((last_s * n / last_n)) s, over the $twin_budget s budget"
+    fi
+    if [ -n "$skip" ]; then
+      note "$impl twin attention N = $n: $skip"
+      record bench=twin_attention impl="$impl" n:="$n" skipped="$skip"
+      continue
+    fi
+    note "$impl twin attention N = $n"
+    t0=$(date +%s)
+    set +e
+    timeout "$twin_budget" prlimit --as=$((twin_mem_gb * 1024 * 1024 * 1024)) \
+      "$twin_py" bench/torch/bench_twin.py --impl "$impl" --threads "$OMP_NUM_THREADS" attention --n "$n" \
+      --heads 8 --dim 64 --schedule "$schedule" --causal --reps 1 > "$work/twin.out" 2> "$work/twin.err"
+    rc=$?
+    set -e
+    twin_last_s[$impl]=$(($(date +%s) - t0))
+    twin_last_n[$impl]=$n
+    cat "$work/twin.err" >> "$log"
+    tee -a "$log" < "$work/twin.out" >> "$json"
+    if [ $rc -ne 0 ]; then
+      if [ $rc -eq 124 ]; then failed="stopped after the $twin_budget s budget"
+      elif grep -qiE "out of memory|can't allocate|cannot allocate|MemoryError|bad_alloc" "$work/twin.err"; then
+        failed="out of memory (limit $twin_mem_gb GiB)"
+      else failed="failed (exit $rc): $(tail -1 "$work/twin.err" | tr -d '"\\')"; fi
+      twin_failed[$impl]=$failed
+      note "$impl twin attention N = $n: $failed"
+      record bench=twin_attention impl="$impl" n:="$n" skipped="$failed"
+    fi
+  done
 done
 
 note "peak"
@@ -146,11 +161,11 @@ note "scaling N = $scale_n"
 
 note "train $config, $train_steps steps"
 "$dilatron" bench train "$config" --steps "$train_steps" --warmup 2 --json "$json" 2>> "$log" | tee -a "$log"
-if [ "$have_twin" = 1 ]; then
-  note "twin train $config, $train_steps steps"
-  "$py" bench/torch/bench_twin.py --threads "$OMP_NUM_THREADS" train --config "$config" --steps "$train_steps" \
-    2>> "$log" | tee -a "$log" >> "$json"
-fi
+for impl in $twin_impls; do
+  note "$impl twin train $config, $train_steps steps"
+  "$twin_py" bench/torch/bench_twin.py --impl "$impl" --threads "$OMP_NUM_THREADS" train --config "$config" \
+    --steps "$train_steps" 2>> "$log" | tee -a "$log" >> "$json"
+done
 note "peak"
 "$dilatron" bench peak --seconds 2 --json "$json" | tee -a "$log"
 record bench=run elapsed_s:=$(($(date +%s) - started)) load_end="$(cut -d' ' -f1-3 /proc/loadavg)"
@@ -181,7 +196,7 @@ P.append(f"| memory | {M.get('memory_gib', '?')} GiB |")
 P.append(f"| ISA of the peak loop | {peak['isa']} |")
 P.append(f"| date | {M.get('date', '?')} |")
 P.append(f"| commit | {M.get('commit', '?')} |")
-P.append(f"| PyTorch (the twin) | {M.get('torch', '?')} |")
+P.append(f"| PyTorch (the twins) | {M.get('torch', '?')} |")
 P.append(f"| load average (1, 5, 15 min) | {M.get('load_start', '?')} at the start, "
          f"{run.get('load_end', '?')} at the end |")
 P.append(f"| mode | {M.get('mode', '?')}, {run.get('elapsed_s', 0):.0f} s of benchmarks |")
@@ -195,35 +210,42 @@ P.append(f"`dilatron bench peak`: {peak['threads']} threads of a register-only l
 
 P.append("## Attention\n")
 P.append(f"B = 1, H = 8, D = 64, float32, causal, schedule `{M.get('schedule', '?')}`. GFLOP/s are effective: 4·D flops per "
-         "visited (query, key) pair forward, 3.5x that forward+backward (attention_flops). The twin is "
-         "bench/torch/bench_twin.py (dense softmax attention per segment, autograd) on the same shape, same "
-         "threads, in the same run; *twin / dilatron* > 1 means dilatron is faster.\n")
-P.append("| N | fwd ms | fwd GFLOP/s | fwd of peak | fwd+bwd ms | fwd+bwd GFLOP/s | fwd+bwd of peak "
-         "| twin fwd ms | twin fwd+bwd ms | twin / dilatron fwd | twin / dilatron fwd+bwd |")
-P.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+         "visited (query, key) pair forward, 3.5x that forward+backward (attention_flops).\n")
+P.append("| N | fwd ms | fwd GFLOP/s | fwd of peak | fwd+bwd ms | fwd+bwd GFLOP/s | fwd+bwd of peak |")
+P.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+mine = {}
+for r in of("attention"):
+    if "skipped" in r:
+        P.append(f"| {r['n']} | skipped: {r['skipped']} | | | | | |"); continue
+    mine[r["n"]] = r
+    P.append(f"| {r['n']} | {1e3 * r['forward_s']:.1f} | {r['forward_gflops']:.2f} | "
+             f"{100 * r['forward_fraction_of_peak']:.1f}% | {1e3 * r['forward_backward_s']:.1f} | "
+             f"{r['forward_backward_gflops']:.2f} | {100 * r['forward_backward_fraction_of_peak']:.1f}% |")
+P.append("\ndilatron's times are medians of 3 runs after a warm-up run, or the first run alone when it takes "
+         "over 5 s.\n")
+IMPLS = {"einsum": "einsum twin (scores per segment)", "sdpa": "SDPA twin (fused flash kernel)"}
 twin = {}
 for r in of("twin_attention"):
-    twin.setdefault(r["n"], {})[r.get("pass", "skipped")] = r
-for r in of("attention"):
-    n = r["n"]
-    if "skipped" in r:
-        P.append(f"| {n} | skipped: {r['skipped']} | | | | | | | | | |"); continue
-    t = twin.get(n, {})
-    tf, tb = t.get("forward"), t.get("forward_backward")
-    why = t["skipped"]["skipped"] if "skipped" in t else "not run"
-    ms = lambda x: f"{1e3 * x['median_s']:.1f}" if x else "-"
-    ratio = lambda x, mine: f"**{x['median_s'] / mine:.2f}**" if x else "-"
-    twin_cells = (f"{ms(tf)} | {ms(tb)} | {ratio(tf, r['forward_s'])} | {ratio(tb, r['forward_backward_s'])}"
-                  if tf or tb else f"{why} | | |")
-    P.append(f"| {n} | {1e3 * r['forward_s']:.1f} | {r['forward_gflops']:.2f} | "
-             f"{100 * r['forward_fraction_of_peak']:.1f}% | {1e3 * r['forward_backward_s']:.1f} | "
-             f"{r['forward_backward_gflops']:.2f} | {100 * r['forward_backward_fraction_of_peak']:.1f}% | "
-             f"{twin_cells} |")
-    if (tf or tb) and "skipped" in t:
-        P[-1] = P[-1][:-1] + f"({why}) |"
-P.append("\ndilatron's times are medians of 3 runs after a warm-up run, or the first run alone when it takes "
-         "over 5 s; the twin's are one run after a warm-up run (its own). A twin size that would not fit the time "
-         "budget (BENCH_TWIN_BUDGET) or the memory limit (BENCH_TWIN_MEM_GB) says so instead.\n")
+    twin.setdefault((r.get("impl", "einsum"), r["n"]), {})[r.get("pass", "skipped")] = r
+if twin:
+    P.append(f"Against the PyTorch twins (PyTorch {M.get('torch', '?')}, same shape and threads, same run): the "
+             "einsum twin is bench/torch/dilated_attention.py (dense softmax attention per segment, scores "
+             "materialised, autograd); the SDPA twin is bench/torch/sdpa_attention.py (each branch's grid rows "
+             "gathered per head offset, PyTorch's fused CPU flash kernel with its log-sum-exp, merge, scatter; "
+             "autograd, the lse gradient included). *twin / dilatron* > 1 means dilatron is faster. One run "
+             "after a warm-up run (its own); a size that would not fit the time budget (BENCH_TWIN_BUDGET) or "
+             "the memory limit (BENCH_TWIN_MEM_GB) says so instead.\n")
+    P.append("| N | twin | fwd ms | fwd+bwd ms | twin / dilatron fwd | twin / dilatron fwd+bwd |")
+    P.append("| ---: | --- | ---: | ---: | ---: | ---: |")
+    for (impl, n), t in sorted(twin.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        tf, tb, r = t.get("forward"), t.get("forward_backward"), mine.get(n)
+        if not (tf or tb):
+            P.append(f"| {n} | {IMPLS.get(impl, impl)} | {t['skipped']['skipped']} | | | |"); continue
+        ms = lambda x: f"{1e3 * x['median_s']:.1f}" if x else "-"
+        ratio = lambda x, key: f"**{x['median_s'] / r[key]:.2f}**" if x and r else "-"
+        P.append(f"| {n} | {IMPLS.get(impl, impl)} | {ms(tf)} | {ms(tb)} | {ratio(tf, 'forward_s')} | "
+                 f"{ratio(tb, 'forward_backward_s')} |")
+    P.append("")
 
 P.append("## Scaling in N\n")
 P.append("B = 1, H = 4, D = 64, causal, the same schedule, forward+backward; each N in a fresh process. Peak RSS is "
@@ -243,20 +265,22 @@ P.append("\n![time per token and peak memory against N](scaling.png)\n")
 
 P.append("## Training\n")
 P.append(f"`{M.get('config', '?')}`, the same batch (batch_size x seq_len) and threads for both; tokens/s is the median over the "
-         "steps after 2 warm-up steps. dilatron runs its trainer's loop (passkey batches, AdamW, clipping); the twin "
-         "runs the same model in PyTorch with torch.optim.AdamW on random-token batches (which have nothing "
+         "steps after 2 warm-up steps. dilatron runs its trainer's loop (passkey batches, AdamW, clipping); the twins "
+         "run the same model in PyTorch with torch.optim.AdamW on random-token batches (which have nothing "
          "to learn: the losses say the runs are sane, they do not compare).\n")
 P.append("| | parameters | batch x seq_len | steps | median step s | tokens/s | loss first -> last |")
 P.append("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
-tr, tt = (of("train") or [None])[-1], (of("twin_train") or [None])[-1]
-for name, r in (("dilatron", tr), ("PyTorch twin", tt)):
+tr = (of("train") or [None])[-1]
+twins = {r.get("impl", "einsum"): r for r in of("twin_train")}
+for name, r in [("dilatron", tr)] + [(f"PyTorch {IMPLS.get(i, i)}", twins[i]) for i in sorted(twins)]:
     if r:
         P.append(f"| {name} | {r['parameters']} | {r['batch']} x {r['seq_len']} | {r['steps']} | {r['median_step_s']:.3f} "
                  f"| {r['tokens_per_s']:.0f} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
-if tr and tt:
-    P.append(f"\ndilatron / twin tokens/s: **{tr['tokens_per_s'] / tt['tokens_per_s']:.2f}**"
-             + ("" if tr["parameters"] == tt["parameters"] else
-                f" (parameter counts differ: {tr['parameters']} vs {tt['parameters']})"))
+for impl, tt in sorted(twins.items()):
+    if tr:
+        P.append(f"\ndilatron / {IMPLS.get(impl, impl)} tokens/s: **{tr['tokens_per_s'] / tt['tokens_per_s']:.2f}**"
+                 + ("" if tr["parameters"] == tt["parameters"] else
+                    f" (parameter counts differ: {tr['parameters']} vs {tt['parameters']})"))
 open(f"{out}/report.md", "w").write("\n".join(P) + "\n")
 with open(sys.argv[3], "w") as f:
     f.write("# N us_per_token peak_rss_MiB attention_MiB\n")

@@ -1,12 +1,15 @@
 #!/usr/bin/python3
 """Timings of the PyTorch twin, the baseline dilatron is compared with. One JSON line per result.
 
-  bench_twin.py attention --n 16384 [--heads 8 --dim 64 --schedule 1024:1,4096:4,16384:16 --causal]
-      forward (no grad) and forward+backward of dilated_attention, median of --reps, float32
-  bench_twin.py train --config configs/passkey.toml [--steps 20]
+  bench_twin.py [--impl einsum|sdpa] attention --n 16384 [--heads 8 --dim 64 --schedule ... --causal]
+      forward (no grad) and forward+backward of the op, median of --reps, float32
+  bench_twin.py [--impl einsum|sdpa] train --config configs/passkey.toml [--steps 20]
       the twin model trained with torch.optim.AdamW (dilatron's decay groups, betas and gradient
       clipping) on random-token batches of the config's batch_size x seq_len; tokens/s is the median
       over the steps after 2 warm-up steps
+
+--impl einsum (the default) is dilated_attention.py (scores materialised per segment, any PyTorch);
+--impl sdpa is sdpa_attention.py (PyTorch's fused flash kernel per gathered branch, PyTorch >= 2.2).
 """
 import argparse
 import json
@@ -37,24 +40,33 @@ def timed(fn, device):
     return time.perf_counter() - t0
 
 
+def attention_op(impl):
+    if impl == "sdpa":
+        from sdpa_attention import dilated_attention_sdpa
+        return dilated_attention_sdpa
+    return dilated_attention
+
+
 def bench_attention(a, device):
+    op = attention_op(a.impl)
     shape = (a.batch, a.n, a.heads, a.dim)
     g = torch.Generator().manual_seed(0)
     q, k, v, do = (torch.randn(shape, generator=g).to(device) for _ in range(4))
 
     def forward():
         with torch.no_grad():
-            dilated_attention(q, k, v, a.schedule, causal=a.causal)
+            op(q, k, v, a.schedule, causal=a.causal)
 
     def forward_backward():
         qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
-        o, _ = dilated_attention(qq, kk, vv, a.schedule, causal=a.causal)
+        o, _ = op(qq, kk, vv, a.schedule, causal=a.causal)
         o.backward(do)
 
     for name, fn in (("forward", forward), ("forward_backward", forward_backward)):
         fn()  # warm-up (allocator, threads)
         times = [timed(fn, device) for _ in range(a.reps)]
-        print(json.dumps({"bench": "twin_attention", "pass": name, "n": a.n, "batch": a.batch, "heads": a.heads,
+        print(json.dumps({"bench": "twin_attention", "impl": a.impl, "torch": torch.__version__, "pass": name,
+                          "n": a.n, "batch": a.batch, "heads": a.heads,
                           "dim": a.dim, "schedule": a.schedule, "causal": a.causal, "device": str(device),
                           "threads": torch.get_num_threads(), "reps": a.reps,
                           "median_s": statistics.median(times), "min_s": min(times)}), flush=True)
@@ -62,6 +74,7 @@ def bench_attention(a, device):
 
 def bench_train(a, device):
     c, doc = config_from_toml(Path(a.config).read_text())
+    c.attention_impl = a.impl
     t = doc.get("train", {})
     B, T = doc.get("data", {}).get("batch_size", 8), c.seq_len
     torch.manual_seed(0)
@@ -87,7 +100,8 @@ def bench_train(a, device):
 
         times.append(timed(train_step, device))
     steady = times[2:] if len(times) > 2 else times
-    print(json.dumps({"bench": "twin_train", "config": a.config, "steps": a.steps, "batch": B, "seq_len": T,
+    print(json.dumps({"bench": "twin_train", "impl": a.impl, "torch": torch.__version__, "config": a.config,
+                      "steps": a.steps, "batch": B, "seq_len": T,
                       "device": str(device), "threads": torch.get_num_threads(),
                       "parameters": sum(p.numel() for p in params.values()),
                       "median_step_s": statistics.median(steady), "tokens_per_s": B * T / statistics.median(steady),
@@ -97,6 +111,7 @@ def bench_train(a, device):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--impl", choices=("einsum", "sdpa"), default="einsum", help="the twin's attention")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     sub = ap.add_subparsers(dest="what", required=True)
     at = sub.add_parser("attention")

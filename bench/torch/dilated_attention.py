@@ -24,13 +24,13 @@ import re
 import torch
 
 __all__ = ["DILATED", "KEY_DILATED", "parse_schedule", "format_schedule", "relative_position_buckets",
-           "dilated_attention"]
+           "dilated_attention", "merge_branches", "branches"]
 
 DILATED, KEY_DILATED = "dilated", "key-dilated"
 _INT = re.compile(r"-?[0-9]+")
 
 
-def _branches(schedule):
+def branches(schedule):
     """A schedule as a validated list of (w, r, kind); pairs (w, r) are dilated branches."""
     out = []
     for i, br in enumerate(schedule):
@@ -66,14 +66,14 @@ def parse_schedule(text):
                              "'2048:1,4096:2' or '256:1,2048:8k'")
         schedule.append((int(w), int(r), kind))
     try:
-        return _branches(schedule)
+        return branches(schedule)
     except ValueError as e:
         raise ValueError(f"schedule '{text}': {e}") from None
 
 
 def format_schedule(schedule):
     """The inverse of parse_schedule (pairs count as dilated branches)."""
-    return ",".join(f"{w}:{r}" + ("k" if kind == KEY_DILATED else "") for w, r, kind in _branches(schedule))
+    return ",".join(f"{w}:{r}" + ("k" if kind == KEY_DILATED else "") for w, r, kind in branches(schedule))
 
 
 def relative_position_buckets(n, causal, num_buckets=32, max_distance=128):
@@ -104,7 +104,7 @@ def dilated_attention(q, k, v, schedule, causal=False, scale=None, bias=None, bi
     Returns (o [B, N, H, D], lse [B, H, N]). o is differentiable in q, k, v and bias (through the
     merge too: the branch weights are not detached); lse is -inf where no branch covers (t, h).
     """
-    schedule = parse_schedule(schedule) if isinstance(schedule, str) else _branches(schedule)
+    schedule = parse_schedule(schedule) if isinstance(schedule, str) else branches(schedule)
     B, N, H, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     # Masked scores get the most negative finite value, not -inf: a query row without any key (a
@@ -157,9 +157,16 @@ def dilated_attention(q, k, v, schedule, causal=False, scale=None, bias=None, bi
                 lse_b[:, :, off::r, off::r] = lse.transpose(2, 3)
         outs.append(o_b.view(B, S * w, H, D)[:, :N])
         lses.append(lse_b.view(B, S * w, H)[:, :N])
-    # Merge: o = sum_i exp(lse_i - lse) o_i with lse = log sum_i exp(lse_i), i.e. one softmax over all
-    # branches' (branch, key) pairs. The max is only for stability (it cancels), so it is detached;
-    # uncovered (t, h) have every lse_i = -inf, hence weight 0 and a zero denominator, guarded.
+    return merge_branches(outs, lses)
+
+
+def merge_branches(outs, lses):
+    """Branch outputs [B, N, H, D] and lses [B, N, H] -> (o [B, N, H, D], lse [B, H, N], detached).
+
+    o = sum_i exp(lse_i - lse) o_i with lse = log sum_i exp(lse_i), i.e. one softmax over all
+    branches' (branch, key) pairs. The max is only for stability (it cancels), so it is detached;
+    uncovered (t, h) have every lse_i = -inf, hence weight 0 and a zero denominator, guarded.
+    """
     lse_all = torch.stack(lses)  # [K, B, N, H]
     m = lse_all.detach().amax(0)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)

@@ -37,6 +37,9 @@ class ModelConfig:  # dilatron::ModelConfig's defaults (model.h), which a stored
     tie_embeddings: bool = True
     init_std: float = 0.02
     layer_schedules: list = field(default_factory=list)
+    # The twin's own choice, not dilatron's: "einsum" (dilated_attention.py, any feature) or "sdpa"
+    # (sdpa_attention.py, PyTorch >= 2.2's fused kernel; no bias).
+    attention_impl: str = "einsum"
 
 
 def geometric_schedule(w0, ratio, n):
@@ -124,8 +127,14 @@ class DilatedSelfAttention(nn.Module):
             q, k = self.rotary(q, False), self.rotary(k, True)
         if self.training and self.c.attn_dropout > 0:
             raise NotImplementedError("attention dropout (Philox bits) is not part of the torch twin")
-        o, _ = dilated_attention(q, k, v, self.schedule, causal=True, bias=getattr(self, "rel_bias", None),
-                                 bias_num_buckets=self.c.bias_buckets, bias_max_distance=self.c.bias_max_distance)
+        if self.c.attention_impl == "sdpa":
+            if self.c.rel_pos_bias:
+                raise NotImplementedError("the sdpa twin has no relative-position bias (use attention_impl einsum)")
+            from sdpa_attention import dilated_attention_sdpa  # needs PyTorch >= 2.2
+            o, _ = dilated_attention_sdpa(q, k, v, self.schedule, causal=True)
+        else:
+            o, _ = dilated_attention(q, k, v, self.schedule, causal=True, bias=getattr(self, "rel_bias", None),
+                                     bias_num_buckets=self.c.bias_buckets, bias_max_distance=self.c.bias_max_distance)
         return self.proj(o.reshape(B, N, E))
 
 
