@@ -201,6 +201,22 @@ TEST_F(BenchCommand, AttentionReportsTheLibrarysFlopCount) {
   }
 }
 
+TEST_F(BenchCommand, AttentionTimesEachDtypeAtEveryN) {
+  const auto lines = bench("attention --n 97,300 --heads 2 --dim 16 --schedule 64:1,256:4k --reps 1 --peak 100"
+                           " --dtype float32,bfloat16");
+  ASSERT_EQ(lines.size(), 4u) << log_;
+  const char* expected[][2] = {{"97", "float32"}, {"97", "bfloat16"}, {"300", "float32"}, {"300", "bfloat16"}};
+  for (size_t i = 0; i < lines.size(); ++i) {
+    EXPECT_EQ(field(lines[i], "n"), std::stod(expected[i][0])) << lines[i];
+    EXPECT_NE(lines[i].find(std::string("\"dtype\": \"") + expected[i][1] + "\""), std::string::npos) << lines[i];
+    EXPECT_GT(field(lines[i], "forward_backward_s"), 0.0) << lines[i];
+  }
+  EXPECT_NE(log_.find("float32 and bfloat16"), std::string::npos) << log_;
+  const std::string log = (dir_ / "bad.log").string();
+  EXPECT_NE(std::system((binary() + " bench attention --n 97 --dtype float16 > " + log + " 2>&1").c_str()), 0);
+  EXPECT_NE(test::read_file(log).find("float16"), std::string::npos) << test::read_file(log);
+}
+
 TEST_F(BenchCommand, ScalingMeasuresEachNInItsOwnProcess) {
   // A 16x larger N must show in the child's peak resident set: it is that process's own, not
   // the parent's (or the previous child's) high-water mark.

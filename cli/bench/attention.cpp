@@ -16,6 +16,7 @@ namespace {
 struct AttentionArgs {
   AttentionShape shape;
   std::vector<int64_t> n = {16384, 65536, 262144};
+  std::vector<std::string> dtypes = {"float32"};
   int reps = 3;
   double long_s = 5.0, peak = 0.0, budget = 0.0;
   std::string json;
@@ -31,47 +32,55 @@ void run_attention_bench(const AttentionArgs& a) {
   } else if (cpu) {
     peak = measure_peak(0.5);
   }
-  std::printf("Dilated attention, %s, %d threads", shape_label(a.shape).c_str(), omp_get_max_threads());
+  AttentionShape label = a.shape;
+  label.dtype.clear();
+  for (const std::string& d : a.dtypes) label.dtype += (label.dtype.empty() ? "" : " and ") + d;
+  std::printf("Dilated attention, %s, %d threads", shape_label(label).c_str(), omp_get_max_threads());
   if (peak.gflops > 0.0) std::printf("; peak %.1f GFLOP/s (%s)", peak.gflops, peak.isa.c_str());
-  std::printf("\n\n| N | visited pairs | forward ms | forward GFLOP/s | of peak | fwd+bwd ms | fwd+bwd GFLOP/s "
+  std::printf("\n\n| N | dtype | visited pairs | forward ms | forward GFLOP/s | of peak | fwd+bwd ms | fwd+bwd GFLOP/s "
               "| of peak | reps fwd/fwd+bwd | attention memory MiB |\n");
-  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+  std::printf("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   std::fflush(stdout);
   Budget budget(a.budget);
   for (const int64_t N : a.n) {
-    const AttentionFlops f = attention_flops(schedule, a.shape.batch, a.shape.heads, N, a.shape.dim, a.shape.causal);
-    const int64_t pairs = a.shape.batch * visited_pairs(schedule, a.shape.heads, N, a.shape.causal);
-    if (!budget.fits(f.forward)) {
-      std::printf("| %lld | %lld | skipped: over the %.0f s budget | | | | | | | |\n", static_cast<long long>(N),
-                  static_cast<long long>(pairs), a.budget);
-      JsonLine("attention").add("n", N).add("skipped", "budget").append_to(a.json);
-      continue;
+    for (const std::string& dtype : a.dtypes) {
+      AttentionShape shape = a.shape;
+      shape.dtype = dtype;
+      const AttentionFlops f = attention_flops(schedule, shape.batch, shape.heads, N, shape.dim, shape.causal);
+      const int64_t pairs = shape.batch * visited_pairs(schedule, shape.heads, N, shape.causal);
+      if (!budget.fits(f.forward)) {
+        std::printf("| %lld | %s | %lld | skipped: over the %.0f s budget | | | | | | | |\n", static_cast<long long>(N),
+                    dtype.c_str(), static_cast<long long>(pairs), a.budget);
+        JsonLine("attention").add("n", N).add("dtype", dtype).add("skipped", "budget").append_to(a.json);
+        continue;
+      }
+      const AttentionTiming t =
+          budget.measure(f.forward, [&] { return time_attention(shape, N, a.reps, a.long_s, true); });
+      const double fwd_gflops = f.forward / t.forward_s * 1e-9;
+      const double fb_gflops = f.forward_backward() / t.forward_backward_s * 1e-9;
+      auto frac = [&](double g) { return peak.gflops > 0.0 ? g / peak.gflops : NAN; };
+      std::printf("| %lld | %s | %lld | %.1f | %.2f | %.1f%% | %.1f | %.2f | %.1f%% | %d/%d | %.1f |\n",
+                  static_cast<long long>(N), dtype.c_str(), static_cast<long long>(pairs), 1e3 * t.forward_s,
+                  fwd_gflops, 100.0 * frac(fwd_gflops), 1e3 * t.forward_backward_s, fb_gflops,
+                  100.0 * frac(fb_gflops), t.forward_reps, t.forward_backward_reps,
+                  static_cast<double>(t.peak_extra_bytes) / (1 << 20));
+      std::fflush(stdout);
+      shape_json_line("attention", N, shape)
+          .add("visited_pairs", pairs)
+          .add("forward_flops", f.forward)
+          .add("forward_backward_flops", f.forward_backward())
+          .add("forward_s", t.forward_s)
+          .add("forward_backward_s", t.forward_backward_s)
+          .add("forward_reps", t.forward_reps)
+          .add("forward_backward_reps", t.forward_backward_reps)
+          .add("forward_gflops", fwd_gflops)
+          .add("forward_backward_gflops", fb_gflops)
+          .add("peak_gflops", peak.gflops > 0.0 ? peak.gflops : NAN)
+          .add("forward_fraction_of_peak", frac(fwd_gflops))
+          .add("forward_backward_fraction_of_peak", frac(fb_gflops))
+          .add("attention_peak_bytes", t.peak_extra_bytes)
+          .append_to(a.json);
     }
-    const AttentionTiming t =
-        budget.measure(f.forward, [&] { return time_attention(a.shape, N, a.reps, a.long_s, true); });
-    const double fwd_gflops = f.forward / t.forward_s * 1e-9;
-    const double fb_gflops = f.forward_backward() / t.forward_backward_s * 1e-9;
-    auto frac = [&](double g) { return peak.gflops > 0.0 ? g / peak.gflops : NAN; };
-    std::printf("| %lld | %lld | %.1f | %.2f | %.1f%% | %.1f | %.2f | %.1f%% | %d/%d | %.1f |\n",
-                static_cast<long long>(N), static_cast<long long>(pairs), 1e3 * t.forward_s, fwd_gflops,
-                100.0 * frac(fwd_gflops), 1e3 * t.forward_backward_s, fb_gflops, 100.0 * frac(fb_gflops),
-                t.forward_reps, t.forward_backward_reps, static_cast<double>(t.peak_extra_bytes) / (1 << 20));
-    std::fflush(stdout);
-    shape_json_line("attention", N, a.shape)
-        .add("visited_pairs", pairs)
-        .add("forward_flops", f.forward)
-        .add("forward_backward_flops", f.forward_backward())
-        .add("forward_s", t.forward_s)
-        .add("forward_backward_s", t.forward_backward_s)
-        .add("forward_reps", t.forward_reps)
-        .add("forward_backward_reps", t.forward_backward_reps)
-        .add("forward_gflops", fwd_gflops)
-        .add("forward_backward_gflops", fb_gflops)
-        .add("peak_gflops", peak.gflops > 0.0 ? peak.gflops : NAN)
-        .add("forward_fraction_of_peak", frac(fwd_gflops))
-        .add("forward_backward_fraction_of_peak", frac(fb_gflops))
-        .add("attention_peak_bytes", t.peak_extra_bytes)
-        .append_to(a.json);
   }
 }
 
@@ -88,7 +97,12 @@ void add_attention(CLI::App& bench) {
   attention->add_option("--long-seconds", at->long_s, "a first run at least this long is the only one timed");
   attention->add_option("--peak", at->peak, "peak GFLOP/s to divide by (default: measured, 0.5 s, on the CPU)");
   attention->add_option("--budget", at->budget, "skip the sizes that would end past this many seconds (0: none)");
-  attention->add_option("--json", at->json, "append one JSON line per N to this file");
+  attention->add_option("--dtype", at->dtypes,
+                        "dtypes of q, k, v, each timed at every N, e.g. float32,bfloat16 (bfloat16: float32 "
+                        "compute, one rounding, on the CPU; the tensor-core kernels on CUDA)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"float32", "float64", "bfloat16"}));
+  attention->add_option("--json", at->json, "append one JSON line per (N, dtype) to this file");
 }
 
 }  // namespace dilatron::cli::bench

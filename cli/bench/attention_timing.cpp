@@ -39,18 +39,20 @@ double time_runs(const std::function<void()>& run, int reps, double long_s, int*
 AttentionTiming time_attention(const AttentionShape& s, int64_t N, int reps, double long_s, bool forward) {
   const Device device = Device::parse(s.device);
   const Shape shape{s.batch, N, s.heads, s.dim};
+  const DType dtype = dtype_from_name(s.dtype);
   const TensorOptions to = TensorOptions(DType::Float32).with_device(device);
   Generator gen(1);
-  Tensor q = Tensor::randn(shape, gen, to).requires_grad_(), k = Tensor::randn(shape, gen, to).requires_grad_(),
-         v = Tensor::randn(shape, gen, to).requires_grad_();
-  const Tensor dout = Tensor::randn(shape, gen, to);
+  // The same float32 draws for every dtype, rounded to it.
+  auto input = [&] { return Tensor::randn(shape, gen, to).to(dtype); };
+  Tensor q = input().requires_grad_(), k = input().requires_grad_(), v = input().requires_grad_();
+  const Tensor dout = input();
   DilatedAttentionOptions opts;
   opts.schedule = parse_schedule(s.schedule);
   opts.causal = s.causal;
   kernels::Backend& backend = kernels::backend(device);  // timed runs end when the device has finished
 
   AttentionTiming t;
-  t.input_bytes = 4 * shape_numel(shape) * static_cast<int64_t>(sizeof(float));
+  t.input_bytes = 4 * shape_numel(shape) * static_cast<int64_t>(dtype_size(dtype));
   if (forward) {
     t.forward_s = time_runs(
         [&] {
@@ -76,9 +78,9 @@ AttentionTiming time_attention(const AttentionShape& s, int64_t N, int reps, dou
 
 std::string shape_label(const AttentionShape& s) {
   char buf[256];
-  std::snprintf(buf, sizeof buf, "B = %lld, H = %lld, D = %lld, float32, %s, schedule %s, %s",
+  std::snprintf(buf, sizeof buf, "B = %lld, H = %lld, D = %lld, %s, %s, schedule %s, %s",
                 static_cast<long long>(s.batch), static_cast<long long>(s.heads), static_cast<long long>(s.dim),
-                s.causal ? "causal" : "non-causal", s.schedule.c_str(), s.device.c_str());
+                s.dtype.c_str(), s.causal ? "causal" : "non-causal", s.schedule.c_str(), s.device.c_str());
   return buf;
 }
 
@@ -100,6 +102,7 @@ JsonLine shape_json_line(const std::string& bench, int64_t N, const AttentionSha
       .add("schedule", s.schedule)
       .add("causal", s.causal)
       .add("device", s.device)
+      .add("dtype", s.dtype)
       .add("threads", omp_get_max_threads());
   return line;
 }

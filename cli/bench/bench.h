@@ -69,6 +69,7 @@ struct AttentionShape {
   std::string schedule = "1024:1,4096:4,16384:16";
   bool causal = true;
   std::string device = "cpu";
+  std::string dtype = "float32";  // of q, k, v (float32, float64 or bfloat16)
 };
 
 struct AttentionTiming {
