@@ -108,7 +108,7 @@ class BFloat16Backend final : public Base {
 
   void gemm(Tensor& out, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, double alpha,
             double beta) override {
-    if (!is_bf16(a)) return Base::gemm(out, a, b, trans_a, trans_b, alpha, beta);
+    if (!is_bf16(a) || Base::kNativeBf16Gemm) return Base::gemm(out, a, b, trans_a, trans_b, alpha, beta);
     via_float32([&](Float32Compute& f) {
       Base::gemm(f.out(out, /*read=*/beta != 0.0), f.in(a), f.in(b), trans_a, trans_b, alpha, beta);
     });

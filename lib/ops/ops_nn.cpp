@@ -242,8 +242,11 @@ Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin) {
   check_floating("rotary", "cos", cos);
   check_floating("rotary", "sin", sin);
   for (const Tensor* t : {&cos, &sin}) {
-    DILATRON_CHECK(t->shape() == table && t->dtype() == x.dtype() && t->device() == x.device(),
-                   "rotary: cos and sin must be ", dtype_name(x.dtype()), " ", shape_str(table), " on ",
+    // float32 tables for bf16 x keep the angles and scales unrounded; the output is rounded once.
+    const bool dtype_ok = t->dtype() == x.dtype() || t->dtype() == compute_dtype(x.dtype());
+    DILATRON_CHECK(t->shape() == table && dtype_ok && t->device() == x.device(),
+                   "rotary: cos and sin must be ", dtype_name(x.dtype()), " or ",
+                   dtype_name(compute_dtype(x.dtype())), " ", shape_str(table), " on ",
                    x.device().str(), " for x ", shape_str(x.shape()), ", got ", dtype_name(t->dtype()), " ",
                    shape_str(t->shape()), " on ", t->device().str());
     DILATRON_CHECK(!t->requires_grad(), "rotary: cos and sin are constant tables and take no gradient");
