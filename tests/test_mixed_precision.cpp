@@ -13,6 +13,7 @@
 #include "dilatron/checkpoint.h"
 #include "dilatron/config.h"
 #include "dilatron/hdf5.h"
+#include "dilatron/kernels/cuda.h"
 #include "dilatron/nn.h"
 #include "dilatron/ops.h"
 #include "dilatron/optim.h"
@@ -203,4 +204,23 @@ TEST(MixedPrecisionTraining, TracksTheFloat32RunAndLearns) {
   EXPECT_NE(h.losses, f.losses);  // bf16 did run
   for (size_t i = 0; i < f.losses.size(); ++i)
     EXPECT_LE(std::abs(h.losses[i] - f.losses[i]), mixed_precision_tolerance(c.model, f.losses[i])) << "step " << i + 1;
+}
+
+// The same bf16 run on the GPU (cuBLAS's bf16 gemm; the other ops' float32 kernels on converted
+// copies) against the CPU's: their roundings differ by at most a step where the float32 sums do, so
+// within the same tolerance. Skips without a GPU.
+TEST(CudaMixedPrecision, TinyRunTracksTheCpu) {
+  if (kernels::cuda_device_count() == 0)
+    GTEST_SKIP() << "no CUDA device: this machine has no GPU or no NVIDIA driver (cudaGetDeviceCount)";
+  const std::vector<std::string> base{"train.steps=20", "train.checkpoint_every=0", "train.dtype=\"bfloat16\""};
+  std::vector<std::string> gpu = base;
+  gpu.push_back("train.device=\"cuda\"");
+  const RunConfig c = tiny(base);
+  const TrainResult on_cpu = run(c, "cpu_bf16"), on_gpu = run(tiny(gpu), "cuda_bf16");
+  ASSERT_EQ(on_gpu.losses.size(), on_cpu.losses.size());
+  for (size_t i = 0; i < on_cpu.losses.size(); ++i)
+    EXPECT_LE(std::abs(on_gpu.losses[i] - on_cpu.losses[i]), mixed_precision_tolerance(c.model, on_cpu.losses[i]))
+        << "step " << i + 1;
+  const h5::File f = h5::File::open(on_gpu.last_checkpoint);
+  for (const std::string& d : f.list("/", /*recursive=*/true)) EXPECT_EQ(f.info(d).dtype, "float32") << d;
 }
