@@ -43,9 +43,14 @@ import json, sys
 def losses(name):
     return {r["step"]: r["loss"] for r in map(json.loads, open(f"{sys.argv[1]}/{name}/metrics.jsonl")) if "loss" in r}
 f, b, p = losses("float32"), losses("bfloat16"), losses("float32-lr")
+stats = {}
 for name, o in (("bfloat16", b), ("float32, lr * (1 + 2^-9)", p)):
     d = [abs(o[s] - f[s]) for s in sorted(f)]
-    print(f"{name} - float32 over {len(d)} steps: max |dloss| {max(d):.4f}, mean |dloss| {sum(d) / len(d):.4f}")
+    stats[name] = (max(d), sum(d) / len(d))
+    print(f"{name} - float32 over {len(d)} steps: max |dloss| {stats[name][0]:.4f}, mean |dloss| {stats[name][1]:.4f}")
+# The tolerance (docs/mixed-precision.md): twice the perturbed float32 run's max and mean.
+within = all(x <= 2 * y for x, y in zip(stats["bfloat16"], stats["float32, lr * (1 + 2^-9)"]))
+print("bfloat16 within twice the perturbed float32 run's max and mean:", "yes" if within else "NO")
 print("| step | float32 | bfloat16 | bf16 - f32 | float32, lr * (1 + 2^-9) | its - f32 |")
 print("| ---: | ---: | ---: | ---: | ---: | ---: |")
 for s in sorted(f):
