@@ -69,6 +69,14 @@ double mixed_precision_tolerance(const ModelConfig& m, double loss) {
   return std::sqrt(roundings) * std::ldexp(1.0, -9) * loss;
 }
 
+// Every dataset of a checkpoint (the model's float32 weights, AdamW's float32 moments), in order.
+std::vector<std::vector<float>> datasets_of(const std::string& ckpt) {
+  const h5::File f = h5::File::open(ckpt);
+  std::vector<std::vector<float>> out;
+  for (const std::string& d : f.list("/", /*recursive=*/true)) out.push_back(f.read(d).to_vector<float>());
+  return out;
+}
+
 RunConfig tiny(std::vector<std::string> overrides) { return load_config(kTiny, overrides); }
 
 double mean_of(const std::vector<double>& v, size_t first, size_t count) {
@@ -183,11 +191,13 @@ TEST(MixedPrecisionTraining, SameSeedIsBitIdenticalAndResumeIsExact) {
                             "model.dropout=0.1", "model.attn_dropout=0.1", "model.rel_pos_bias=true"});
   const TrainResult a = run(c, "det_a"), b = run(c, "det_b");
   EXPECT_EQ(a.losses, b.losses);
+  EXPECT_EQ(datasets_of(a.last_checkpoint), datasets_of(b.last_checkpoint));
   const TrainResult part1 = run(c, "split", 3), part2 = run(c, "split", -1, /*resume=*/true);
   EXPECT_EQ(part2.first_step, 3);
   std::vector<double> joined = part1.losses;
   joined.insert(joined.end(), part2.losses.begin(), part2.losses.end());
   EXPECT_EQ(joined, a.losses);  // bit-identical doubles
+  EXPECT_EQ(datasets_of(part2.last_checkpoint), datasets_of(a.last_checkpoint));
 }
 
 // 30 steps of the tiny config in float32 and in bf16 from the same seed. The bf16 run must learn (as
