@@ -64,9 +64,9 @@ void run_train(const TrainArgs& a) {
   o.stop_at_step = a.stop_at_step;
   o.stop = &g_stop;
   for (const int sig : {SIGINT, SIGTERM}) std::signal(sig, on_stop_signal);
-  std::fprintf(stderr, "training %s -> %s (%lld steps, batch %lld x %lld tokens)\n", a.config.c_str(),
+  std::fprintf(stderr, "training %s -> %s (%lld steps, batch %lld x %lld tokens, %s on %s)\n", a.config.c_str(),
                o.out_dir.c_str(), static_cast<long long>(cfg.train.steps), static_cast<long long>(cfg.data.batch_size),
-               static_cast<long long>(cfg.model.seq_len));
+               static_cast<long long>(cfg.model.seq_len), cfg.train.dtype.c_str(), cfg.train.device.c_str());
   print_stages(cfg);
   const TrainResult r = train(cfg, o);
   for (const int sig : {SIGINT, SIGTERM}) std::signal(sig, SIG_DFL);

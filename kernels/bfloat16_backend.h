@@ -3,7 +3,8 @@
 // (round to nearest even) when it is written back. So the CPU and CUDA backends compute bf16 with
 // the same float32 formulas and round at the same points, and the CPU is the parity reference.
 // Base handles bf16 itself where no arithmetic happens: copy (the conversions), fill, where, max_last
-// and the embedding gather. Outputs that keep statistics or losses (lse, layer_norm mean/rstd,
+// and the embedding gather; and gemm where Base::kNativeBf16Gemm (cuBLAS: float32 accumulation and
+// one rounding too, so parity holds up to summation order, as for float32). Outputs that keep statistics or losses (lse, layer_norm mean/rstd,
 // cross_entropy loss/lse) are float32 for bf16 inputs (compute_dtype), and pass through unconverted.
 // Host-only, so the CUDA backend's .cpp and .cu files include it too.
 #pragma once
@@ -108,7 +109,7 @@ class BFloat16Backend final : public Base {
 
   void gemm(Tensor& out, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, double alpha,
             double beta) override {
-    if (!is_bf16(a)) return Base::gemm(out, a, b, trans_a, trans_b, alpha, beta);
+    if (!is_bf16(a) || Base::kNativeBf16Gemm) return Base::gemm(out, a, b, trans_a, trans_b, alpha, beta);
     via_float32([&](Float32Compute& f) {
       Base::gemm(f.out(out, /*read=*/beta != 0.0), f.in(a), f.in(b), trans_a, trans_b, alpha, beta);
     });

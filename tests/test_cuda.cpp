@@ -222,6 +222,22 @@ TEST(CudaBFloat16, MatchesTheCpuReference) {
   EXPECT_LE(max_error(gpu.lse, cpu.lse), 1e-5);
 }
 
+// The bf16 gemm is cuBLAS's own (bf16 operands, float32 accumulation, one rounding), not the float32
+// one on converted copies: transposed operands, a broadcast batch and beta = 1 against the CPU's.
+TEST(CudaBFloat16, CublasGemmMatchesTheCpuReference) {
+  REQUIRE_CUDA();
+  constexpr DType kBF16 = DType::BFloat16;
+  const double one_step = std::ldexp(1.0, -7);
+  const Tensor a = randn({3, 7, 40}, 21).to(kBF16), b = randn({1, 24, 7}, 22).to(kBF16);
+  const Tensor c = randn({3, 40, 24}, 23).to(kBF16);
+  Tensor cpu = c.clone(), gpu = c.to(kGpu);
+  // out [3, 40, 24] = 0.5 a^T b^T + out: both operands transposed, b's batch broadcast.
+  kernels::backend(Device::cpu()).gemm(cpu, a, b, true, true, 0.5, 1.0);
+  kernels::backend(kGpu).gemm(gpu, a.to(kGpu), b.to(kGpu), true, true, 0.5, 1.0);
+  EXPECT_EQ(gpu.dtype(), kBF16);
+  EXPECT_LE(max_error(gpu.to(DType::Float32), cpu.to(DType::Float32)), one_step);
+}
+
 // Copies into strided views (cat and the narrow/split backward write their pieces this way), from
 // each side, converting dtypes.
 TEST(CudaMemory, CopiesIntoStridedViews) {

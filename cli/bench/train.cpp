@@ -92,17 +92,19 @@ void run_train_bench(const TrainBenchArgs& a) {
   const int64_t tokens_per_step = cfg.data.batch_size * cfg.model.seq_len;
   const int64_t params = build_model(cfg, std::make_shared<Generator>(0))->num_parameters();
 
-  std::printf("| config | device | threads | parameters | batch x seq_len | steps (warm-up) | median step s | "
-              "tokens/s | loss first -> last |\n");
-  std::printf("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
-  std::printf("| %s | %s | %d | %lld | %lld x %lld | %lld (%lld) | %.3f | %.0f | %.3f -> %.3f |\n", a.config.c_str(),
-              cfg.train.device.c_str(), omp_get_max_threads(), static_cast<long long>(params),
-              static_cast<long long>(cfg.data.batch_size), static_cast<long long>(cfg.model.seq_len),
+  std::printf("| config | device | dtype | threads | parameters | batch x seq_len | steps (warm-up) | "
+              "median step s | tokens/s | loss first -> last |\n");
+  std::printf("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
+  std::printf("| %s | %s | %s | %d | %lld | %lld x %lld | %lld (%lld) | %.3f | %.0f | %.3f -> %.3f |\n",
+              a.config.c_str(), cfg.train.device.c_str(), cfg.train.dtype.c_str(), omp_get_max_threads(),
+              static_cast<long long>(params), static_cast<long long>(cfg.data.batch_size),
+              static_cast<long long>(cfg.model.seq_len),
               static_cast<long long>(a.steps), static_cast<long long>(a.warmup),
               static_cast<double>(tokens_per_step) / tps, tps, r.losses.front(), r.losses.back());
   JsonLine("train")
       .add("config", a.config)
       .add("device", cfg.train.device)
+      .add("dtype", cfg.train.dtype)
       .add("threads", omp_get_max_threads())
       .add("parameters", params)
       .add("batch", cfg.data.batch_size)

@@ -33,7 +33,8 @@ class CudaBackend : public Backend {
   void max_last(Tensor& values, Tensor& indices, const Tensor& in) override;
   void sum_first(Tensor& out, const Tensor& in) override;
 
-  // gemm.cu
+  // gemm.cu: float32, float64 and bfloat16 (cuBLAS with float32 accumulation)
+  static constexpr bool kNativeBf16Gemm = true;
   void gemm(Tensor& out, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, double alpha,
             double beta) override;
 

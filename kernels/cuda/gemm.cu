@@ -65,17 +65,28 @@ void CudaBackend::gemm(Tensor& out, const Tensor& a, const Tensor& b, bool trans
 
   cuda::DeviceGuard guard(index_);
   cublasHandle_t h = cuda::cublas_handle();
+  // Column-major C^T [n, m] = op(B)^T [n, k] * op(A)^T [k, m]; each stored operand read as-is is
+  // already the transpose of the row-major matrix, so its op flag carries over unchanged.
+  const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const int n_i = static_cast<int>(n), m_i = static_cast<int>(m), k_i = static_cast<int>(k);
+  const int batch_i = static_cast<int>(batch);
+  const auto sa = static_cast<long long>(oa.batch_stride), sb = static_cast<long long>(ob.batch_stride);
+  const auto sc = static_cast<long long>(m * n);
+  if (out.dtype() == DType::BFloat16) {
+    // bf16 operands on the tensor cores with float32 accumulation, alpha and beta, out rounded once:
+    // the CPU's bf16 gemm (float32 products of the same operands, one rounding) up to summation order.
+    const float alpha_f = static_cast<float>(alpha), beta_f = static_cast<float>(beta);
+    CUBLAS_CHECK(cublasGemmStridedBatchedEx(h, op_b, op_a, n_i, m_i, k_i, &alpha_f, b.data<bfloat16>(), CUDA_R_16BF,
+                                            ob.ld, sb, a.data<bfloat16>(), CUDA_R_16BF, oa.ld, sa, &beta_f,
+                                            out.data<bfloat16>(), CUDA_R_16BF, n_i, sc, batch_i, CUBLAS_COMPUTE_32F,
+                                            CUBLAS_GEMM_DEFAULT));
+    return;
+  }
   dispatch_float(out.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T alpha_t = static_cast<T>(alpha), beta_t = static_cast<T>(beta);
-    // Column-major C^T [n, m] = op(B)^T [n, k] * op(A)^T [k, m]; each stored operand read as-is is
-    // already the transpose of the row-major matrix, so its op flag carries over unchanged.
-    CUBLAS_CHECK(gemm_strided_batched(h, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                      static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), &alpha_t,
-                                      b.data<T>(), ob.ld, static_cast<long long>(ob.batch_stride), a.data<T>(), oa.ld,
-                                      static_cast<long long>(oa.batch_stride),
-                                      &beta_t, out.data<T>(), static_cast<int>(n), static_cast<long long>(m * n),
-                                      static_cast<int>(batch)));
+    CUBLAS_CHECK(gemm_strided_batched(h, op_b, op_a, n_i, m_i, k_i, &alpha_t, b.data<T>(), ob.ld, sb, a.data<T>(),
+                                      oa.ld, sa, &beta_t, out.data<T>(), n_i, sc, batch_i));
   });
 }
 

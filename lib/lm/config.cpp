@@ -411,7 +411,9 @@ RunConfig parse_config(const std::string& text, const std::string& source, const
   r.read_range("train.log_every", t.log_every, 1, int64_t{1} << 40);
   r.read("train.device", t.device);
   r.read("train.dtype", t.dtype);
-  if (t.dtype != "float32" && t.dtype != "float64") r.fail("train.dtype", "must be \"float32\" or \"float64\", got \"" + t.dtype + "\"");
+  if (t.dtype != "float32" && t.dtype != "float64" && t.dtype != "bfloat16")
+    r.fail("train.dtype",
+           "must be \"float32\", \"float64\" or \"bfloat16\" (mixed precision), got \"" + t.dtype + "\"");
   try {
     Device::parse(t.device);
   } catch (const Error& e) {

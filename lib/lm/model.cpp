@@ -94,13 +94,13 @@ Tensor RotaryEmbedding::rotate(const Tensor& x, bool is_key, const Tables& tb) c
 
 Tensor RotaryEmbedding::apply(const Tensor& x, bool is_key) const {
   DILATRON_CHECK(x.dim() == 4, "rotary/xpos: expected [B, N, H, ", head_dim_, "], got ", shape_str(x.shape()));
-  return rotate(x, is_key, tables(x.size(1), x.dtype(), x.device()));
+  return rotate(x, is_key, tables(x.size(1), compute_dtype(x.dtype()), x.device()));
 }
 
 Tensor RotaryEmbedding::apply_at(const Tensor& x, bool is_key, int64_t first) const {
   DILATRON_CHECK(x.dim() == 4, "rotary/xpos: expected [B, N, H, ", head_dim_, "], got ", shape_str(x.shape()));
   const int64_t centre = kind_ == "xpos" ? max_decode_positions() / 2 : 0;  // half
-  return rotate(x, is_key, make_tables(first, x.size(1), centre, x.dtype(), x.device()));
+  return rotate(x, is_key, make_tables(first, x.size(1), centre, compute_dtype(x.dtype()), x.device()));
 }
 
 // ---------------------------------------------------------------- modules
@@ -157,7 +157,7 @@ Tensor DilatedSelfAttention::forward(const Tensor& x, AttentionCache* cache) {
   } else {
     opts.dropout = 0.0;
   }
-  Tensor o = dilated_attention(q.contiguous(), k.contiguous(), v.contiguous(), opts, rel_bias);
+  Tensor o = dilated_attention(q.contiguous(), k.contiguous(), v.contiguous(), opts, bias_like(q));
   return proj->forward(reshape(o, {b, n, d}));
 }
 
@@ -167,17 +167,23 @@ Tensor DilatedSelfAttention::decode(const Tensor& q, const Tensor& k, const Tens
     const int64_t t = cache.length();
     const Tensor qt = narrow(q, 1, i, 1), kt = narrow(k, 1, i, 1);
     cache.append(rotary_ ? rotary_->apply_at(kt, true, t) : kt, narrow(v, 1, i, 1));
-    outputs.push_back(dilated_attention_decode(rotary_ ? rotary_->apply_at(qt, false, t) : qt, cache, attn_, rel_bias));
+    outputs.push_back(
+        dilated_attention_decode(rotary_ ? rotary_->apply_at(qt, false, t) : qt, cache, attn_, bias_like(q)));
   }
   return outputs.size() == 1 ? outputs[0] : cat(outputs, 1);
 }
 
-AttentionCache DilatedSelfAttention::make_cache(int64_t batch) const {
-  return AttentionCache(attn_.schedule, batch, n_heads_, head_dim_, qkv->weight.options());
+Tensor DilatedSelfAttention::bias_like(const Tensor& q) const {
+  return rel_bias.defined() ? rel_bias.to(q.dtype()) : rel_bias;
+}
+
+AttentionCache DilatedSelfAttention::make_cache(int64_t batch, DType dtype) const {
+  return AttentionCache(attn_.schedule, batch, n_heads_, head_dim_, qkv->weight.options().with_dtype(dtype));
 }
 
 TransformerBlock::TransformerBlock(const ModelConfig& c, const Schedule& schedule, Generator& init,
-                                   std::shared_ptr<Generator> dropout_gen, TensorOptions opts) {
+                                   std::shared_ptr<Generator> dropout_gen, TensorOptions opts)
+    : compute_dtype_(opts.dtype) {
   ln1 = register_module("ln1", std::make_shared<nn::LayerNorm>(c.d_model, 1e-5, true, opts));
   attn = register_module("attn", std::make_shared<DilatedSelfAttention>(c, schedule, init, dropout_gen, opts));
   ln2 = register_module("ln2", std::make_shared<nn::LayerNorm>(c.d_model, 1e-5, true, opts));
@@ -188,14 +194,18 @@ TransformerBlock::TransformerBlock(const ModelConfig& c, const Schedule& schedul
   drop = register_module("drop", std::make_shared<nn::Dropout>(c.dropout, dropout_gen));
 }
 
+// Each branch runs in the compute dtype, from its layer norm's output to its projection's, and joins
+// the residual stream in the stream's dtype: autocast's rounding points.
 Tensor TransformerBlock::forward(const Tensor& x, AttentionCache* cache) {
-  Tensor h = add(x, drop->forward(attn->forward(ln1->forward(x), cache)));
-  return add(h, drop->forward(fc_out->forward(gelu(fc->forward(ln2->forward(h))))));
+  const auto branch_in = [&](const Tensor& normed) { return normed.to(compute_dtype_); };
+  const auto branch_out = [&](const Tensor& y) { return drop->forward(y.to(x.dtype())); };
+  Tensor h = add(x, branch_out(attn->forward(branch_in(ln1->forward(x)), cache)));
+  return add(h, branch_out(fc_out->forward(gelu(fc->forward(branch_in(ln2->forward(h)))))));
 }
 
 TransformerLM::TransformerLM(const ModelConfig& c, uint64_t seed, std::shared_ptr<Generator> dropout_gen,
                              TensorOptions opts)
-    : config_(c) {
+    : config_(c), compute_dtype_(opts.dtype) {
   DILATRON_CHECK(c.d_model % c.n_heads == 0, "model: n_heads = ", c.n_heads, " must divide d_model = ", c.d_model);
   DILATRON_CHECK(static_cast<int64_t>(c.layer_schedules.size()) == c.n_layers, "model: ", c.layer_schedules.size(),
                  " layer schedules for n_layers = ", c.n_layers);
@@ -229,9 +239,18 @@ Tensor TransformerLM::embed(const Tensor& tokens) {
   return drop->forward(tok->forward(tokens.contiguous()));
 }
 
+void TransformerLM::set_compute_dtype(DType dtype) {
+  const DType params = tok->weight.dtype();
+  DILATRON_CHECK(dtype == params || (dtype == DType::BFloat16 && params == DType::Float32), "TransformerLM: compute ",
+                 "dtype ", dtype_name(dtype), " over ", dtype_name(params), " parameters; expected the parameters' ",
+                 "dtype, or bfloat16 over float32 (mixed precision)");
+  compute_dtype_ = dtype;
+  for (const auto& block : blocks) block->set_compute_dtype(dtype);
+}
+
 Tensor TransformerLM::logits(const Tensor& x) {
-  const Tensor y = ln_f->forward(x);
-  return head ? head->forward(y) : matmul(y, transpose(tok->weight, 0, 1));
+  const Tensor y = ln_f->forward(x).to(compute_dtype_);
+  return head ? head->forward(y) : matmul(y, transpose(tok->weight.to(compute_dtype_), 0, 1));
 }
 
 Tensor TransformerLM::forward(const Tensor& tokens) { return logits(layers->forward(embed(tokens))); }
@@ -240,7 +259,7 @@ Tensor TransformerLM::forward(const Tensor& tokens, KVCache& cache) {
   DILATRON_CHECK(!is_training(), "TransformerLM: decoding with a cache needs eval mode (call eval() first)");
   autograd::NoGradGuard no_grad;
   if (cache.layers.empty())
-    for (const auto& block : blocks) cache.layers.push_back(block->attn->make_cache(tokens.size(0)));
+    for (const auto& block : blocks) cache.layers.push_back(block->attn->make_cache(tokens.size(0), compute_dtype_));
   DILATRON_CHECK(cache.layers.size() == blocks.size(), "TransformerLM: a cache of ", cache.layers.size(),
                  " layers for ", blocks.size());
   Tensor x = embed(tokens);
@@ -256,7 +275,8 @@ int64_t KVCache::bytes() const {
 
 Tensor TransformerLM::loss(const Tensor& batch, const Tensor& weights) {
   const int64_t b = batch.size(0), t = batch.size(1) - 1;
-  Tensor logits = forward(narrow(batch, 1, 0, t));
+  // float32 logits under mixed precision: autocast runs cross_entropy in float32.
+  Tensor logits = forward(narrow(batch, 1, 0, t)).to(tok->weight.dtype());
   Tensor targets = narrow(batch, 1, 1, t).contiguous();
   DILATRON_CHECK(!weights.defined() || weights.shape() == Shape({b, t}), "TransformerLM::loss: weights must be ",
                  shape_str({b, t}), " for batch ", shape_str(batch.shape()), ", got ", shape_str(weights.shape()));

@@ -35,8 +35,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// A bfloat16 run keeps float32 parameters (its master weights): compute_dtype.
 TensorOptions model_options(const RunConfig& c) {
-  return TensorOptions(dtype_from_name(c.train.dtype)).with_device(Device::parse(c.train.device));
+  return TensorOptions(compute_dtype(dtype_from_name(c.train.dtype))).with_device(Device::parse(c.train.device));
 }
 
 std::string format_eta(double seconds) {
@@ -311,6 +312,7 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
   auto dropout_gen = std::make_shared<Generator>(c.train.seed ^ 0x64726f706f7574ull);
   Generator data_gen(c.train.seed ^ 0x64617461ull);
   auto model = build_model(c, dropout_gen);
+  model->set_compute_dtype(dtype_from_name(c.train.dtype));  // training only: eval and sample run in float32
   optim::AdamWOptions ao;
   ao.beta1 = c.train.beta1;
   ao.beta2 = c.train.beta2;

@@ -80,8 +80,11 @@ Tensor Linear::forward(const Tensor& x) {
                  shape_str(x.shape()));
   Shape out_shape = x.shape();
   out_shape.back() = out_features;
-  Tensor y = matmul(reshape(x, {-1, in_features}), transpose(weight, 0, 1));
-  if (bias.defined()) y = add(y, bias);
+  // A bfloat16 input runs on bf16 copies of float32 parameters (mixed precision); the copies' backward
+  // accumulates float32 gradients into the parameters.
+  const DType dtype = x.dtype() == DType::BFloat16 ? x.dtype() : weight.dtype();
+  Tensor y = matmul(reshape(x, {-1, in_features}), transpose(weight.to(dtype), 0, 1));
+  if (bias.defined()) y = add(y, bias.to(dtype));
   return reshape(y, out_shape);
 }
 

@@ -2,6 +2,7 @@
 // kernels over the rows of the last dim; the kernels treat [..., K] as contiguous [M, K].
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "dilatron/autograd.h"
 #include "dilatron/kernels/backend.h"
@@ -241,9 +242,14 @@ Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin) {
   const Shape table{x.size(1), x.size(3) / 2};
   check_floating("rotary", "cos", cos);
   check_floating("rotary", "sin", sin);
+  // float32 tables for bf16 x keep the angles and scales unrounded; the output is rounded once.
+  const DType wide = compute_dtype(x.dtype());
+  const std::string dtypes =
+      wide == x.dtype() ? std::string(dtype_name(wide)) : std::string(dtype_name(x.dtype())) + " or " + dtype_name(wide);
   for (const Tensor* t : {&cos, &sin}) {
-    DILATRON_CHECK(t->shape() == table && t->dtype() == x.dtype() && t->device() == x.device(),
-                   "rotary: cos and sin must be ", dtype_name(x.dtype()), " ", shape_str(table), " on ",
+    DILATRON_CHECK(t->shape() == table && (t->dtype() == x.dtype() || t->dtype() == wide) &&
+                       t->device() == x.device(),
+                   "rotary: cos and sin must be ", dtypes, " ", shape_str(table), " on ",
                    x.device().str(), " for x ", shape_str(x.shape()), ", got ", dtype_name(t->dtype()), " ",
                    shape_str(t->shape()), " on ", t->device().str());
     DILATRON_CHECK(!t->requires_grad(), "rotary: cos and sin are constant tables and take no gradient");

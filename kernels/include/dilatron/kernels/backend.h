@@ -33,6 +33,10 @@ struct AdamWParams {
 
 class Backend {
  public:
+  // Whether gemm takes bfloat16 operands itself (float32 accumulation, out rounded once); otherwise
+  // BFloat16Backend runs it as a float32 gemm.
+  static constexpr bool kNativeBf16Gemm = false;
+
   virtual ~Backend() = default;
   virtual Device device() const = 0;
   // Waits until the device has finished all work issued so far (a no-op where work is synchronous).

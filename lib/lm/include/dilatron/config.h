@@ -47,6 +47,7 @@ struct TrainConfig {
   int64_t keep_checkpoints = 3;
   int64_t log_every = 1;
   std::string device = "cpu";
+  // float32, float64, or bfloat16: mixed precision over float32 parameters (TransformerLM::set_compute_dtype)
   std::string dtype = "float32";
   std::vector<StageConfig> stages;  // empty: one stage, the model's shape
 };

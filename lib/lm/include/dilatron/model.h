@@ -81,7 +81,7 @@ class DilatedSelfAttention : public nn::Module {
   // x [B, N, d_model]. With a cache (inference): an empty one is filled from x, the prompt, through
   // the flash forward (prefill); otherwise x holds the next positions, each decoded from the cache.
   Tensor forward(const Tensor& x, AttentionCache* cache = nullptr);
-  AttentionCache make_cache(int64_t batch) const;
+  AttentionCache make_cache(int64_t batch, DType dtype) const;  // dtype: the activations
   void set_schedule(const Schedule& schedule);  // validated; parameters do not depend on it
   const Schedule& schedule() const { return attn_.schedule; }
 
@@ -89,6 +89,7 @@ class DilatedSelfAttention : public nn::Module {
   Tensor rel_bias;  // [H, buckets] when enabled
 
  private:
+  Tensor bias_like(const Tensor& q) const;  // rel_bias in q's dtype (undefined without one)
   // q, k, v [B, N, H, D] before position encoding, of the N positions after the cache's.
   Tensor decode(const Tensor& q, const Tensor& k, const Tensor& v, AttentionCache& cache) const;
 
@@ -103,11 +104,15 @@ class TransformerBlock : public nn::Module {
   TransformerBlock(const ModelConfig& c, const Schedule& schedule, Generator& init,
                    std::shared_ptr<Generator> dropout_gen, TensorOptions opts);
   Tensor forward(const Tensor& x, AttentionCache* cache = nullptr);
+  void set_compute_dtype(DType dtype) { compute_dtype_ = dtype; }  // TransformerLM::set_compute_dtype
 
   std::shared_ptr<nn::LayerNorm> ln1, ln2;
   std::shared_ptr<DilatedSelfAttention> attn;
   std::shared_ptr<nn::Linear> fc, fc_out;
   std::shared_ptr<nn::Dropout> drop;
+
+ private:
+  DType compute_dtype_;
 };
 
 // One generation's attention caches, one per layer (TransformerLM::forward with a cache).
@@ -133,6 +138,13 @@ class TransformerLM : public nn::Module {
   Tensor loss(const Tensor& batch, const Tensor& weights = Tensor());
 
   const ModelConfig& config() const { return config_; }
+  // Mixed precision, as under torch.autocast: with dtype bfloat16 over float32 parameters, the
+  // attention and MLP branches (their GEMMs, attention, GELU) and the logits run in bfloat16 on bf16
+  // copies of the parameters, whose casts' backward accumulates float32 gradients. The residual stream,
+  // embedding, layer norms and the loss stay float32, like the parameters and the optimizer state.
+  // The parameters' own dtype (the default) switches it off.
+  void set_compute_dtype(DType dtype);
+  DType compute_dtype() const { return compute_dtype_; }
   // One schedule per layer, e.g. a curriculum stage's; config().layer_schedules follows.
   void set_attention_schedules(const std::vector<Schedule>& schedules);
 
@@ -148,6 +160,7 @@ class TransformerLM : public nn::Module {
   Tensor logits(const Tensor& x);      // final LayerNorm and the output head
 
   ModelConfig config_;
+  DType compute_dtype_;
 };
 
 }  // namespace dilatron

@@ -58,7 +58,8 @@ class Module {
 };
 
 // y = x W^T + b for x [..., in_features]. W is [out_features, in_features] (PyTorch's layout),
-// initialised like PyTorch: W and b uniform in +-1/sqrt(in_features).
+// initialised like PyTorch: W and b uniform in +-1/sqrt(in_features). A bfloat16 x over float32
+// parameters computes in bfloat16 (mixed precision, as torch.autocast casts them).
 class Linear : public Module {
  public:
   Linear(int64_t in_features, int64_t out_features, Generator& gen, bool bias = true, TensorOptions opts = {});

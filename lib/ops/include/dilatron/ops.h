@@ -100,7 +100,8 @@ Tensor embedding(const Tensor& weight, const Tensor& indices);
 Tensor dropout(const Tensor& x, double p, bool training, uint64_t seed, uint32_t offset);
 // Rotary / XPOS position embedding of x [B, N, H, D] (any strides): each pair (x[2i], x[2i+1]) at
 // position t becomes (x[2i] c - x[2i+1] s, x[2i+1] c + x[2i] s) with c = cos[t, i], s = sin[t, i]
-// ([N, D/2] tables, any scale folded in). The tables are constants: they take no gradient.
+// ([N, D/2] tables, any scale folded in; x's dtype, or float32 for bf16 x). The tables are
+// constants: they take no gradient.
 Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin);
 
 // ---- operators ----
