@@ -1,0 +1,301 @@
+// Data-parallel training (issue 15, docs/distributed.md): the process group's collectives and the
+// gradient sums in one process, then `mpirun -np 2` and `-np 3` runs of the dilatron command against
+// one process: the losses, the deterministic shards bit for bit (across a resume with another number
+// of ranks too), the bytes sent, refused splits, and a rank that dies or hangs.
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "dilatron/checkpoint.h"
+#include "dilatron/config.h"
+#include "dilatron/data_parallel.h"
+#include "dilatron/dist.h"
+#include "dilatron/optim.h"
+#include "dilatron/trainer.h"
+#include "test_helpers.h"
+
+using namespace dilatron;
+using dilatron::test::error_message;
+using dilatron::test::read_file;
+namespace fs = std::filesystem;
+
+namespace {
+
+const std::string kTinyConfig = std::string(DILATRON_SOURCE_DIR) + "/configs/tiny.toml";
+
+fs::path empty_dir(const std::string& name) {
+  fs::path p = fs::temp_directory_path() / ("dilatron_dist_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+Tensor tensor(const std::vector<float>& v) { return Tensor::from_vector(v, {static_cast<int64_t>(v.size())}); }
+
+}  // namespace
+
+// ---------------------------------------------------------------- one process
+
+TEST(ProcessGroup, OneProcessIsRankZeroOfOne) {
+  auto g = dist::single_process_group();
+  EXPECT_EQ(g->rank(), 0);
+  EXPECT_EQ(g->world_size(), 1);
+  Tensor t = tensor({1.5f, -2.0f});
+  g->all_reduce(t);
+  EXPECT_EQ(t.to_vector<float>(), (std::vector<float>{1.5f, -2.0f}));
+  Tensor out = Tensor::empty({2});
+  g->all_gather(t, out);
+  EXPECT_EQ(out.to_vector<float>(), (std::vector<float>{1.5f, -2.0f}));
+  EXPECT_EQ(g->stats().bytes_sent(), 0);
+  EXPECT_EQ(g->stats().all_reduce.calls, 1);
+}
+
+TEST(ProcessGroup, TimeoutMustBePositive) {
+  dist::InitOptions o;
+  o.timeout_s = 0.0;
+  EXPECT_NE(error_message([&] { dist::init_process_group(o); }).find("must be > 0 seconds, got 0"), std::string::npos);
+}
+
+TEST(DataParallelGradients, FlattenAndSetRoundTrip) {
+  Tensor a = Tensor::zeros({2, 2}).requires_grad_(), b = Tensor::zeros({3}).requires_grad_();
+  a.set_grad(Tensor::from_vector(std::vector<float>{1, 2, 3, 4}, {2, 2}));
+  b.set_grad(tensor({5, 6, 7}));
+  const Tensor flat = dist::flatten_gradients({a, b});
+  EXPECT_EQ(flat.to_vector<float>(), (std::vector<float>{1, 2, 3, 4, 5, 6, 7}));
+  dist::set_gradients({a, b}, tensor({-1, -2, -3, -4, -5, -6, -7}));
+  EXPECT_EQ(a.grad().shape(), Shape({2, 2}));
+  EXPECT_EQ(a.grad().to_vector<float>(), (std::vector<float>{-1, -2, -3, -4}));
+  EXPECT_EQ(b.grad().to_vector<float>(), (std::vector<float>{-5, -6, -7}));
+  EXPECT_NE(error_message([&] { dist::set_gradients({a, b}, tensor({1, 2})); }).find("fewer than the parameters hold"),
+            std::string::npos);
+}
+
+TEST(DataParallelGradients, ShardsAreSummedLeftToRight) {
+  // 1 + 1e8 - 1e8 + 1 in float: left to right gives 1 ((1 + 1e8) rounds to 1e8), pairwise 0.
+  auto g = dist::single_process_group();
+  const Tensor shards = Tensor::from_vector(std::vector<float>{1, 1e8f, -1e8f, 1}, {4, 1});
+  EXPECT_EQ(dist::sum_shards_in_order(*g, shards).to_vector<float>(), (std::vector<float>{1.0f}));
+}
+
+TEST(DataParallelConfig, DeterministicShardsMustDivideTheBatch) {
+  const std::string msg =
+      error_message([] { load_config(kTinyConfig, {"train.deterministic_shards=3"}); });  // data.batch_size = 4
+  EXPECT_NE(msg.find("train.deterministic_shards' must divide the batch size"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("got 3 for a batch of 4"), std::string::npos) << msg;
+}
+
+// One process with deterministic shards is the same run for K = 1 as without (one part, weight 1).
+TEST(DataParallelConfig, OneShardIsThePlainRun) {
+  const fs::path dir = empty_dir("one_shard");
+  TrainOptions o;
+  o.progress = false;
+  o.out_dir = (dir / "plain").string();
+  const TrainResult plain = train(load_config(kTinyConfig, {"train.steps=3"}), o);
+  o.out_dir = (dir / "sharded").string();
+  const TrainResult sharded = train(load_config(kTinyConfig, {"train.steps=3", "train.deterministic_shards=1"}), o);
+  EXPECT_EQ(plain.losses, sharded.losses);
+}
+
+// ---------------------------------------------------------------- mpirun
+
+#ifdef DILATRON_CLI  // the dilatron command is built (tests/CMakeLists.txt)
+namespace {
+
+struct Step {
+  double loss = 0.0;
+  std::string loss_text;  // as printed: what bit-identical runs must share
+  int64_t comm_bytes = -1;
+};
+
+// The training steps of a run's metrics.jsonl.
+std::vector<Step> steps_of(const fs::path& run) {
+  std::vector<Step> steps;
+  std::ifstream in(run / "metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    const size_t at = line.find("\"loss\": ");
+    if (at == std::string::npos) continue;
+    Step s;
+    s.loss_text = line.substr(at + 8, line.find(',', at) - at - 8);
+    s.loss = std::stod(s.loss_text);
+    if (const size_t c = line.find("\"comm_bytes\": "); c != std::string::npos) s.comm_bytes = std::stoll(line.substr(c + 14));
+    steps.push_back(s);
+  }
+  return steps;
+}
+
+// Every parameter of a checkpoint, as raw bytes.
+std::vector<std::string> checkpoint_bits(const std::string& ckpt) {
+  const RunConfig c = parse_config(read_checkpoint_summary(ckpt).config_toml, ckpt);
+  auto model = build_model(c, std::make_shared<Generator>(0));
+  load_checkpoint(ckpt, *model, nullptr);
+  std::vector<std::string> bits;
+  for (const auto& [name, p] : model->named_parameters())
+    bits.emplace_back(static_cast<const char*>(p.raw_data()), p.numel() * dtype_size(p.dtype()));
+  return bits;
+}
+
+std::string checkpoint_at(const fs::path& run, int64_t step) {
+  char name[32];
+  std::snprintf(name, sizeof name, "ckpt-%09lld.h5", static_cast<long long>(step));
+  return (run / "checkpoints" / name).string();
+}
+
+class MpiRun : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!dist::built_with_mpi())
+      GTEST_SKIP() << "dilatron was built without MPI (scripts/install-deps.sh installs Open MPI; rebuild)";
+    if (std::system("command -v mpirun > /dev/null 2>&1") != 0)
+      GTEST_SKIP() << "mpirun is not installed (scripts/install-deps.sh installs Open MPI)";
+  }
+
+  struct Outcome {
+    int status = -1;  // the exit code, or -1
+    std::string log;
+    double seconds = 0.0;
+  };
+
+  // `dilatron train` on the tiny config in `out`, under `mpirun -np ranks` (ranks > 0) or alone
+  // (ranks = 0); one OpenMP thread per process, as the ranks share the machine's cores.
+  static Outcome train_run(int ranks, const fs::path& out, const std::string& args, const std::string& env = "") {
+    const std::string launcher =
+        ranks > 0 ? "mpirun --oversubscribe --bind-to none -np " + std::to_string(ranks) + " " : "";
+    const std::string log = out.string() + ".log";
+    const std::string cmd = "OMP_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 " + env + " " +
+                            launcher + DILATRON_CLI + " train " + kTinyConfig + " --out " + out.string() + " " + args +
+                            " > " + log + " 2>&1";
+    const auto t0 = std::chrono::steady_clock::now();
+    const int status = std::system(cmd.c_str());
+    Outcome o;
+    o.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    o.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    o.log = read_file(log);
+    return o;
+  }
+
+  // The ring all-reduce's bytes per rank for n float32 gradients, plus the float64 loss's.
+  static double ring_bytes(int ranks, int64_t n) {
+    return 2.0 * (ranks - 1) / ranks * (4.0 * static_cast<double>(n) + 8.0);
+  }
+};
+
+int64_t tiny_parameters() {
+  return build_model(load_config(kTinyConfig), std::make_shared<Generator>(0))->num_parameters();
+}
+
+
+// P ranks sum float32 gradients in another order than one process: the target is 1e-6 relative per
+// step. metrics.jsonl prints 6 decimals, so the printed loss may also be off by half a unit there.
+void expect_losses_match(const std::vector<double>& reference, const std::vector<Step>& ranks) {
+  ASSERT_EQ(ranks.size(), reference.size());
+  for (size_t i = 0; i < reference.size(); ++i)
+    EXPECT_NEAR(ranks[i].loss, reference[i], 1e-6 * std::abs(reference[i]) + 5e-7) << "step " << i + 1;
+}
+
+}  // namespace
+
+TEST_F(MpiRun, TwoRanksMatchOneProcessAndSendTheRingsBytes) {
+  const fs::path dir = empty_dir("two_ranks");
+  const std::string args = "--set train.steps=50 --set train.checkpoint_every=0";
+  TrainOptions o;
+  o.progress = false;
+  o.out_dir = (dir / "one").string();
+  const TrainResult one = train(load_config(kTinyConfig, {"train.steps=50", "train.checkpoint_every=0"}), o);
+  const Outcome two = train_run(2, dir / "two", args);
+  ASSERT_EQ(two.status, 0) << two.log;
+  EXPECT_NE(two.log.find("data parallel: 2 ranks (mpi)"), std::string::npos) << two.log;
+  const std::vector<Step> steps = steps_of(dir / "two");
+  expect_losses_match(one.losses, steps);
+  // Rank 0's bytes per step: the ring's 2 (P - 1) / P of the gradients and the loss, to the byte for P = 2.
+  for (const Step& s : steps) EXPECT_EQ(static_cast<double>(s.comm_bytes), ring_bytes(2, tiny_parameters()));
+  // Rank 0 alone wrote: one metrics line per step, one progress line per step.
+  size_t progress_lines = 0;
+  for (size_t at = two.log.find("step 1/50"); at != std::string::npos; at = two.log.find("step 1/50", at + 1))
+    ++progress_lines;
+  EXPECT_EQ(progress_lines, 1u) << two.log;
+}
+
+TEST_F(MpiRun, ThreeRanksSplitABatchOfSix) {
+  const fs::path dir = empty_dir("three_ranks");
+  TrainOptions o;
+  o.progress = false;
+  o.out_dir = (dir / "one").string();
+  const TrainResult one =
+      train(load_config(kTinyConfig, {"train.steps=20", "train.checkpoint_every=0", "data.batch_size=6"}), o);
+  const Outcome three =
+      train_run(3, dir / "three", "--set train.steps=20 --set train.checkpoint_every=0 --set data.batch_size=6");
+  ASSERT_EQ(three.status, 0) << three.log;
+  const std::vector<Step> steps = steps_of(dir / "three");
+  expect_losses_match(one.losses, steps);
+  // Chunks of n / 3 elements (rounded) go round the ring four times.
+  for (const Step& s : steps) EXPECT_NEAR(static_cast<double>(s.comm_bytes), ring_bytes(3, tiny_parameters()), 16.0);
+}
+
+// Deterministic shards: one process, 2 ranks and 3 ranks train the same bits; a 2-rank run resumed by
+// 3 ranks at step 10 continues exactly as the uninterrupted one-process run.
+TEST_F(MpiRun, DeterministicShardsAreBitIdenticalForAnyRankCountAndAcrossAResume) {
+  const fs::path dir = empty_dir("deterministic");
+  const std::string args = "--set train.steps=20 --set train.checkpoint_every=10 --set train.keep_checkpoints=4 "
+                           "--set data.batch_size=6 --set train.deterministic_shards=6";
+  const Outcome one = train_run(0, dir / "one", args);
+  ASSERT_EQ(one.status, 0) << one.log;
+  const Outcome two = train_run(2, dir / "two", args);
+  ASSERT_EQ(two.status, 0) << two.log;
+  const Outcome resumed = train_run(3, dir / "resumed", args + " --resume " + checkpoint_at(dir / "two", 10));
+  ASSERT_EQ(resumed.status, 0) << resumed.log;
+  EXPECT_NE(resumed.log.find("resumed from"), std::string::npos) << resumed.log;
+
+  const std::vector<Step> a = steps_of(dir / "one"), b = steps_of(dir / "two"), c = steps_of(dir / "resumed");
+  ASSERT_EQ(a.size(), 20u);
+  ASSERT_EQ(b.size(), 20u);
+  ASSERT_EQ(c.size(), 10u);  // steps 11-20
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(b[i].loss_text, a[i].loss_text) << "step " << i + 1;
+  for (size_t i = 0; i < c.size(); ++i) EXPECT_EQ(c[i].loss_text, a[i + 10].loss_text) << "step " << i + 11;
+  const std::vector<std::string> reference = checkpoint_bits(checkpoint_at(dir / "one", 20));
+  EXPECT_TRUE(checkpoint_bits(checkpoint_at(dir / "two", 20)) == reference) << "2 ranks' parameters differ";
+  EXPECT_TRUE(checkpoint_bits(checkpoint_at(dir / "resumed", 20)) == reference) << "the resumed parameters differ";
+}
+
+TEST_F(MpiRun, BatchesTheRanksCannotSplitAreRefused) {
+  const fs::path dir = empty_dir("refused");
+  const Outcome odd = train_run(3, dir / "odd", "--set train.steps=2");  // data.batch_size = 4
+  EXPECT_NE(odd.status, 0);
+  EXPECT_NE(odd.log.find("the global batch size 4 (data.batch_size) must be a multiple of the number of ranks (3)"),
+            std::string::npos) << odd.log;
+  const Outcome shards = train_run(3, dir / "shards", "--set train.steps=2 --set data.batch_size=6 "
+                                                      "--set train.deterministic_shards=2");
+  EXPECT_NE(shards.status, 0);
+  EXPECT_NE(shards.log.find("train.deterministic_shards = 2 must be a multiple of the number of ranks (3)"),
+            std::string::npos) << shards.log;
+  const Outcome dropout = train_run(2, dir / "dropout", "--set train.steps=2 --set model.dropout=0.1");
+  EXPECT_NE(dropout.status, 0);
+  EXPECT_NE(dropout.log.find("model.dropout = 0.1 and model.attn_dropout = 0: data parallel training (2 ranks) needs "
+                             "both 0"), std::string::npos) << dropout.log;
+}
+
+TEST_F(MpiRun, ARankThatDiesEndsTheRun) {
+  const fs::path dir = empty_dir("dies");
+  const Outcome r = train_run(2, dir / "run", "--set train.steps=1000", "DILATRON_DIST_FAULT=1:3:exit");
+  EXPECT_LT(r.seconds, 60.0) << r.log;
+  EXPECT_EQ(r.status, 3) << r.log;  // mpirun passes on the exit code of the rank that died
+  EXPECT_EQ(steps_of(dir / "run").size(), 2u) << "rank 0 went on without rank 1";
+}
+
+TEST_F(MpiRun, ARankThatHangsTimesTheCollectiveOut) {
+  const fs::path dir = empty_dir("hangs");
+  const Outcome r =
+      train_run(2, dir / "run", "--set train.steps=1000 --dist-timeout 2", "DILATRON_DIST_FAULT=1:3:hang");
+  EXPECT_NE(r.status, 0) << r.log;
+  EXPECT_LT(r.seconds, 60.0) << r.log;
+  EXPECT_NE(r.log.find("error on rank 0 of 2: dist: all_reduce timed out after 2 s on rank 0 of 2: another rank died "
+                       "or hangs"), std::string::npos) << r.log;
+}
+#endif  // DILATRON_CLI
