@@ -18,7 +18,9 @@
 #include "dilatron/config.h"
 #include "dilatron/data_parallel.h"
 #include "dilatron/dist.h"
+#include "dilatron/ops.h"
 #include "dilatron/optim.h"
+#include "dilatron/sequence_parallel.h"
 #include "dilatron/trainer.h"
 #include "test_helpers.h"
 
@@ -102,6 +104,97 @@ TEST(DataParallelConfig, OneShardIsThePlainRun) {
   o.out_dir = (dir / "sharded").string();
   const TrainResult sharded = train(load_config(kTinyConfig, {"train.steps=3", "train.deterministic_shards=1"}), o);
   EXPECT_EQ(plain.losses, sharded.losses);
+}
+
+// ---------------------------------------------------------------- sequence parallel
+
+// Every rank of init_process_group's group runs this: one process under ctest (S = 1: every branch
+// local, the merge of the branches by their lse against the op's one softmax), S ranks when
+// MpiRun.SequenceParallel* starts this binary under mpirun. Each rank draws the whole sequence from
+// one seed, runs the op on it, and checks its part of o and of the gradients of sum(o * g) (the
+// bias gradient summed over the ranks), and the bytes it sent against the ring's count.
+TEST(SequenceParallelRank, MatchesTheOpOnTheWholeSequence) {
+  const auto group = dist::init_process_group();
+  const int S = group->world_size(), rank = group->rank();
+  const int64_t B = 2, n = 16, H = 4, D = 8, N = S * n;
+  // Local branches (segments 8 and n) and branches spanning every part (segments of N); with an even
+  // S also one spanning pairs of parts. Dilations that do not divide the segment leave ragged grids.
+  std::string schedule = "8:1,16:3k," + std::to_string(N) + ":4," + std::to_string(N) + ":3k";
+  if (S % 2 == 0) schedule += "," + std::to_string(2 * n) + ":2";
+  for (const DType dtype : {DType::Float64, DType::Float32}) {
+    const double tol = dtype == DType::Float64 ? 1e-12 : 1e-5;
+    for (const bool causal : {true, false}) {
+      SCOPED_TRACE(std::string(dtype_name(dtype)) + (causal ? " causal " : " ") + schedule + ", S = " +
+                   std::to_string(S));
+      DilatedAttentionOptions opts;
+      opts.schedule = parse_schedule(schedule);
+      opts.causal = causal;
+      opts.bias_num_buckets = 8;
+      opts.bias_max_distance = 32;
+      Generator gen(11);
+      const TensorOptions to(dtype);
+      const Tensor q = Tensor::randn({B, N, H, D}, gen, to), k = Tensor::randn({B, N, H, D}, gen, to),
+                   v = Tensor::randn({B, N, H, D}, gen, to), g = Tensor::randn({B, N, H, D}, gen, to);
+      const Tensor bias = Tensor::randn({H, 8}, gen, to);
+
+      std::vector<Tensor> full = {q.clone().requires_grad_(), k.clone().requires_grad_(), v.clone().requires_grad_(),
+                                  bias.clone().requires_grad_()};
+      const Tensor o_full = dilated_attention(full[0], full[1], full[2], opts, full[3]);
+      sum(mul(o_full, g)).backward();
+
+      const auto part = [&](const Tensor& t) { return t.narrow(1, rank * n, n).contiguous(); };
+      std::vector<Tensor> mine = {part(q).requires_grad_(), part(k).requires_grad_(), part(v).requires_grad_(),
+                                  bias.clone().requires_grad_()};
+      const int64_t bytes_before = group->stats().bytes_sent();
+      const Tensor o = dist::sequence_parallel_attention(mine[0], mine[1], mine[2], opts, *group, mine[3]);
+      sum(mul(o, part(g))).backward();
+      const int64_t bytes = group->stats().bytes_sent() - bytes_before;
+
+      const auto expect_close = [&](const Tensor& got, const Tensor& want, const char* what) {
+        const std::vector<double> a = got.to_vector<double>(), b = want.to_vector<double>();
+        ASSERT_EQ(a.size(), b.size()) << what;
+        double worst = 0.0;
+        for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::abs(a[i] - b[i]));
+        EXPECT_LE(worst, tol) << what << " differs from the op on the whole sequence";
+      };
+      expect_close(o, part(o_full.detach()), "o");
+      expect_close(mine[0].grad(), part(full[0].grad()), "dq");
+      expect_close(mine[1].grad(), part(full[1].grad()), "dk");
+      expect_close(mine[2].grad(), part(full[2].grad()), "dv");
+      Tensor dbias = mine[3].grad().contiguous();
+      group->all_reduce(dbias);
+      expect_close(dbias, full[3].grad(), "dbias (summed over the ranks)");
+
+      // Each spanning branch: an all-gather forward and a reduce-scatter backward, each sending
+      // (members - 1) blocks of 2 x B x H x ceil(n / r) x D elements.
+      int64_t expected = 0;
+      for (const AttentionBranch& br : opts.schedule) {
+        const int64_t w = std::min(br.segment, N), members = w / n;
+        if (n % w == 0) continue;
+        expected += 2 * (members - 1) * 2 * B * H * ((n + br.dilation - 1) / br.dilation) * D *
+                    static_cast<int64_t>(dtype_size(dtype));
+      }
+      EXPECT_EQ(bytes, expected);
+      if (S > 1) {
+        EXPECT_GT(bytes, 0);
+      }
+    }
+  }
+}
+
+TEST(SequenceParallelRank, RefusesWhatItCannotSplit) {
+  auto group = dist::single_process_group();
+  Generator gen(3);
+  const Tensor x = Tensor::randn({1, 12, 2, 4}, gen);
+  DilatedAttentionOptions opts;
+  opts.schedule = parse_schedule("8:2");  // neither divides 12 nor is a multiple of it
+  EXPECT_NE(error_message([&] { dist::sequence_parallel_attention(x, x, x, opts, *group); })
+                .find("branch 0 (8:2): its segment length 8 must divide the part length n = N / S = 12"),
+            std::string::npos);
+  opts.schedule = parse_schedule("4:1");
+  opts.dropout = 0.1;
+  EXPECT_NE(error_message([&] { dist::sequence_parallel_attention(x, x, x, opts, *group); }).find("dropout 0.1 is not supported"),
+            std::string::npos);
 }
 
 // ---------------------------------------------------------------- mpirun
@@ -279,6 +372,25 @@ TEST_F(MpiRun, BatchesTheRanksCannotSplitAreRefused) {
   EXPECT_NE(dropout.status, 0);
   EXPECT_NE(dropout.log.find("model.dropout = 0.1 and model.attn_dropout = 0: data parallel training (2 ranks) needs "
                              "both 0"), std::string::npos) << dropout.log;
+}
+
+// SequenceParallelRank above, on 2 and 3 ranks (this test binary under mpirun).
+TEST_F(MpiRun, SequenceParallelAttentionMatchesTheOpOnTwoAndThreeRanks) {
+  const fs::path self = fs::read_symlink("/proc/self/exe");
+  const fs::path dir = empty_dir("sequence_parallel");
+  for (const int ranks : {2, 3}) {
+    const std::string log = (dir / ("np" + std::to_string(ranks) + ".log")).string();
+    const std::string cmd = "OMP_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun "
+                            "--oversubscribe --bind-to none -np " + std::to_string(ranks) + " " + self.string() +
+                            " --gtest_color=no --gtest_filter=SequenceParallelRank.MatchesTheOpOnTheWholeSequence > " + log + " 2>&1";
+    const int status = std::system(cmd.c_str());
+    const std::string out = read_file(log);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "mpirun -np " << ranks << ":\n" << out;
+    size_t passed = 0;
+    for (size_t at = out.find("[  PASSED  ] 1 test"); at != std::string::npos; at = out.find("[  PASSED  ] 1 test", at + 1))
+      ++passed;
+    EXPECT_EQ(passed, static_cast<size_t>(ranks)) << out;  // every rank ran it and passed
+  }
 }
 
 TEST_F(MpiRun, ARankThatDiesEndsTheRun) {

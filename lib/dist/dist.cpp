@@ -13,13 +13,22 @@ class SingleProcessGroup final : public ProcessGroup {
   int world_size() const override { return 1; }
   int local_rank() const override { return 0; }
   std::string backend() const override { return "single"; }
-  void all_reduce(Tensor&) override { ++stats_.all_reduce.calls; }
+  void all_reduce(Tensor&) override { ++stats_->all_reduce.calls; }
   void all_gather(const Tensor& in, Tensor& out) override {
-    ++stats_.all_gather.calls;
+    ++stats_->all_gather.calls;
     out.copy_(in.reshape(out.shape()));
   }
-  void broadcast(Tensor&, int) override { ++stats_.broadcast.calls; }
-  void barrier() override { ++stats_.barrier.calls; }
+  void reduce_scatter(const Tensor& in, Tensor& out) override {
+    ++stats_->reduce_scatter.calls;
+    out.copy_(in.reshape(out.shape()));
+  }
+  void broadcast(Tensor&, int) override { ++stats_->broadcast.calls; }
+  void barrier() override { ++stats_->barrier.calls; }
+  std::unique_ptr<ProcessGroup> split(int) override {
+    auto group = std::make_unique<SingleProcessGroup>();
+    group->stats_ = stats_;
+    return group;
+  }
   [[noreturn]] void abort(int code) override { std::exit(code); }
 };
 

@@ -48,29 +48,24 @@ int message_count(int64_t elements, const char* collective) {
 
 class MpiGroup final : public ProcessGroup {
  public:
-  explicit MpiGroup(const InitOptions& o) : timeout_s_(o.timeout_s) {
+  // The world: initialises MPI, which the group finalises when it goes.
+  static std::unique_ptr<MpiGroup> world(const InitOptions& o) {
     int initialised = 0;
     MPI_Initialized(&initialised);
     DILATRON_CHECK(!initialised, "dist: MPI is already initialised (one process group per process)");
     int provided = 0;
     // Only the main thread calls MPI; OpenMP threads run the kernels between the calls.
     check_mpi(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided), "MPI_Init_thread");
-    check_mpi(MPI_Comm_dup(MPI_COMM_WORLD, &comm_), "MPI_Comm_dup");
-    // Errors come back as return codes (and become Errors) instead of ending the process.
-    MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
-    MPI_Comm_rank(comm_, &rank_);
-    MPI_Comm_size(comm_, &size_);
-    MPI_Comm local;
-    check_mpi(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &local), "MPI_Comm_split_type");
-    MPI_Comm_rank(local, &local_rank_);
-    MPI_Comm_free(&local);
+    MPI_Comm comm;
+    check_mpi(MPI_Comm_dup(MPI_COMM_WORLD, &comm), "MPI_Comm_dup");
+    return std::unique_ptr<MpiGroup>(new MpiGroup(comm, o.timeout_s, std::make_shared<CommStats>(), true));
   }
   ~MpiGroup() override {
 #ifdef DILATRON_WITH_NCCL
     nccl_.reset();
 #endif
     MPI_Comm_free(&comm_);
-    MPI_Finalize();
+    if (owns_mpi_) MPI_Finalize();
   }
   MpiGroup(const MpiGroup&) = delete;
   MpiGroup& operator=(const MpiGroup&) = delete;
@@ -82,9 +77,9 @@ class MpiGroup final : public ProcessGroup {
 
   void all_reduce(Tensor& t) override {
     check_payload(t, "all_reduce");
-    ++stats_.all_reduce.calls;
+    ++stats_->all_reduce.calls;
 #ifdef DILATRON_WITH_NCCL
-    if (t.device().is_cuda()) return nccl(t.device()).all_reduce(t, stats_.all_reduce);
+    if (t.device().is_cuda()) return nccl(t.device()).all_reduce(t, stats_->all_reduce);
 #endif
     on_host(t, [&](Tensor& h) {
       if (h.dtype() == DType::Float32)
@@ -101,9 +96,9 @@ class MpiGroup final : public ProcessGroup {
                    "dist: all_gather: out must hold world_size (", size_, ") x ", in.numel(), " ", dtype_name(in.dtype()),
                    " elements on ", in.device().str(), ", got ", out.numel(), " ", dtype_name(out.dtype()), " on ",
                    out.device().str());
-    ++stats_.all_gather.calls;
+    ++stats_->all_gather.calls;
 #ifdef DILATRON_WITH_NCCL
-    if (in.device().is_cuda()) return nccl(in.device()).all_gather(in, out, stats_.all_gather);
+    if (in.device().is_cuda()) return nccl(in.device()).all_gather(in, out, stats_->all_gather);
 #endif
     const Tensor in_host = in.to(Device::cpu());
     on_host(out, [&](Tensor& h) { ring_all_gather(in_host, h); });
@@ -112,9 +107,9 @@ class MpiGroup final : public ProcessGroup {
   void broadcast(Tensor& t, int root) override {
     check_payload(t, "broadcast");
     DILATRON_CHECK(root >= 0 && root < size_, "dist: broadcast: root ", root, " is not a rank of ", size_);
-    ++stats_.broadcast.calls;
+    ++stats_->broadcast.calls;
 #ifdef DILATRON_WITH_NCCL
-    if (t.device().is_cuda()) return nccl(t.device()).broadcast(t, root, stats_.broadcast);
+    if (t.device().is_cuda()) return nccl(t.device()).broadcast(t, root, stats_->broadcast);
 #endif
     on_host(t, [&](Tensor& h) {
       const int count = message_count(h.numel(), "broadcast");
@@ -125,7 +120,7 @@ class MpiGroup final : public ProcessGroup {
           if (r == root) continue;
           requests.emplace_back();
           check_mpi(MPI_Isend(h.raw_data(), count, type, r, kTag, comm_, &requests.back()), "MPI_Isend");
-          stats_.broadcast.bytes_sent += h.numel() * static_cast<int64_t>(dtype_size(h.dtype()));
+          stats_->broadcast.bytes_sent += h.numel() * static_cast<int64_t>(dtype_size(h.dtype()));
         }
       } else {
         requests.emplace_back();
@@ -136,10 +131,36 @@ class MpiGroup final : public ProcessGroup {
   }
 
   void barrier() override {
-    ++stats_.barrier.calls;
+    ++stats_->barrier.calls;
     std::vector<MPI_Request> requests(1);
     check_mpi(MPI_Ibarrier(comm_, requests.data()), "MPI_Ibarrier");
     wait(requests, "barrier");
+  }
+
+  void reduce_scatter(const Tensor& in, Tensor& out) override {
+    check_payload(in, "reduce_scatter");
+    check_payload(out, "reduce_scatter");
+    DILATRON_CHECK(in.numel() == out.numel() * size_ && out.dtype() == in.dtype() && out.device().is_cpu() &&
+                       in.device().is_cpu(),
+                   "dist: reduce_scatter: in must hold world_size (", size_, ") x ", out.numel(), " ",
+                   dtype_name(out.dtype()), " elements, both on the CPU; got ", in.numel(), " ", dtype_name(in.dtype()),
+                   " on ", in.device().str(), " and out on ", out.device().str());
+    ++stats_->reduce_scatter.calls;
+    Tensor work = in.clone();
+    const int64_t m = out.numel();
+    const auto begin = [&](int c) { return m * c; };
+    if (in.dtype() == DType::Float32)
+      ring_reduce_scatter(work.data<float>(), begin, 0, MPI_FLOAT, "reduce_scatter", stats_->reduce_scatter);
+    else
+      ring_reduce_scatter(work.data<double>(), begin, 0, MPI_DOUBLE, "reduce_scatter", stats_->reduce_scatter);
+    out.copy_(work.reshape({in.numel()}).narrow(0, rank_ * m, m).reshape(out.shape()));
+  }
+
+  std::unique_ptr<ProcessGroup> split(int color) override {
+    DILATRON_CHECK(color >= 0, "dist: split: color must be >= 0, got ", color);
+    MPI_Comm comm;
+    check_mpi(MPI_Comm_split(comm_, color, rank_, &comm), "MPI_Comm_split");
+    return std::unique_ptr<MpiGroup>(new MpiGroup(comm, timeout_s_, stats_, false));
   }
 
   [[noreturn]] void abort(int code) override {
@@ -151,6 +172,19 @@ class MpiGroup final : public ProcessGroup {
 
  private:
   static constexpr int kTag = 0x64;  // every message of the ring; MPI keeps messages of one pair in order
+
+  MpiGroup(MPI_Comm comm, double timeout_s, std::shared_ptr<CommStats> stats, bool owns_mpi)
+      : timeout_s_(timeout_s), comm_(comm), owns_mpi_(owns_mpi) {
+    stats_ = std::move(stats);
+    // Errors come back as return codes (and become Errors) instead of ending the process.
+    MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
+    MPI_Comm_rank(comm_, &rank_);
+    MPI_Comm_size(comm_, &size_);
+    MPI_Comm local;
+    check_mpi(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &local), "MPI_Comm_split_type");
+    MPI_Comm_rank(local, &local_rank_);
+    MPI_Comm_free(&local);
+  }
 
   // Runs f on t, or on a host copy of a CUDA tensor that is copied back.
   template <typename F>
@@ -193,26 +227,38 @@ class MpiGroup final : public ProcessGroup {
     count.bytes_sent += send_count * elem_size;
   }
 
-  // Ring all-reduce of n elements: P - 1 reduce-scatter steps leave chunk (r + 1) mod P summed on
-  // rank r, P - 1 all-gather steps pass the sums round. Each rank sends 2 (P - 1) / P of the data.
+  int mod(int c) const { return ((c % size_) + size_) % size_; }
+
+  // Ring reduce-scatter over the chunks [begin(c), begin(c + 1)) of data: in P - 1 steps each rank
+  // passes its partial sum of one chunk to the right and adds the left's, until rank r holds chunk
+  // (r + last) mod P summed over the ranks. Each rank sends (P - 1) / P of the data.
+  template <typename T, typename Begin>
+  void ring_reduce_scatter(T* data, const Begin& begin, int last, MPI_Datatype type, const char* collective,
+                           CollectiveCount& count) {
+    const auto length = [&](int c) { return message_count(begin(c + 1) - begin(c), collective); };
+    int64_t longest = 0;
+    for (int c = 0; c < size_; ++c) longest = std::max<int64_t>(longest, length(c));
+    std::vector<T> received(static_cast<size_t>(longest));
+    for (int s = 0; s < size_ - 1; ++s) {
+      const int send = mod(rank_ + last - 1 - s), recv = mod(rank_ + last - 2 - s);
+      exchange(data + begin(send), length(send), received.data(), length(recv), type, sizeof(T), collective, count);
+      T* chunk = data + begin(recv);
+      for (int i = 0; i < length(recv); ++i) chunk[i] += received[static_cast<size_t>(i)];
+    }
+  }
+
+  // Ring all-reduce of n elements: the reduce-scatter leaves chunk (r + 1) mod P summed on rank r,
+  // P - 1 all-gather steps pass the sums round. Each rank sends 2 (P - 1) / P of the data.
   template <typename T>
   void ring_all_reduce(T* data, int64_t n, MPI_Datatype type) {
     if (size_ == 1) return;
     const auto begin = [&](int c) { return n * c / size_; };  // chunk c: [begin(c), begin(c + 1))
     const auto length = [&](int c) { return message_count(begin(c + 1) - begin(c), "all_reduce"); };
-    const auto mod = [&](int c) { return ((c % size_) + size_) % size_; };
-    std::vector<T> received(static_cast<size_t>(begin(1) + 1));
-    for (int s = 0; s < size_ - 1; ++s) {
-      const int send = mod(rank_ - s), recv = mod(rank_ - s - 1);
-      exchange(data + begin(send), length(send), received.data(), length(recv), type, sizeof(T), "all_reduce",
-               stats_.all_reduce);
-      T* chunk = data + begin(recv);
-      for (int i = 0; i < length(recv); ++i) chunk[i] += received[static_cast<size_t>(i)];
-    }
+    ring_reduce_scatter(data, begin, 1, type, "all_reduce", stats_->all_reduce);
     for (int s = 0; s < size_ - 1; ++s) {
       const int send = mod(rank_ + 1 - s), recv = mod(rank_ - s);
       exchange(data + begin(send), length(send), data + begin(recv), length(recv), type, sizeof(T), "all_reduce",
-               stats_.all_reduce);
+               stats_->all_reduce);
     }
   }
 
@@ -226,7 +272,7 @@ class MpiGroup final : public ProcessGroup {
     for (int s = 0; s < size_ - 1; ++s) {
       const int send = (rank_ - s + size_) % size_, recv = (rank_ - s - 1 + size_) % size_;
       exchange(base + send * n * elem, count, base + recv * n * elem, count, type, elem, "all_gather",
-               stats_.all_gather);
+               stats_->all_gather);
     }
   }
 
@@ -240,6 +286,7 @@ class MpiGroup final : public ProcessGroup {
 
   double timeout_s_;
   MPI_Comm comm_ = MPI_COMM_NULL;
+  bool owns_mpi_;  // the world's group: it initialised MPI
   int rank_ = 0, size_ = 1, local_rank_ = 0;
 #ifdef DILATRON_WITH_NCCL
   std::unique_ptr<NcclComm> nccl_;
@@ -248,6 +295,6 @@ class MpiGroup final : public ProcessGroup {
 
 }  // namespace
 
-std::unique_ptr<ProcessGroup> make_mpi_group(const InitOptions& options) { return std::make_unique<MpiGroup>(options); }
+std::unique_ptr<ProcessGroup> make_mpi_group(const InitOptions& options) { return MpiGroup::world(options); }
 
 }  // namespace dilatron::dist

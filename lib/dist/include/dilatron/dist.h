@@ -19,8 +19,10 @@ struct CollectiveCount {
   int64_t bytes_sent = 0;
 };
 struct CommStats {
-  CollectiveCount all_reduce, all_gather, broadcast, barrier;
-  int64_t bytes_sent() const { return all_reduce.bytes_sent + all_gather.bytes_sent + broadcast.bytes_sent; }
+  CollectiveCount all_reduce, all_gather, reduce_scatter, broadcast, barrier;
+  int64_t bytes_sent() const {
+    return all_reduce.bytes_sent + all_gather.bytes_sent + reduce_scatter.bytes_sent + broadcast.bytes_sent;
+  }
 };
 
 class ProcessGroup {
@@ -40,16 +42,22 @@ class ProcessGroup {
   virtual void all_reduce(Tensor& t) = 0;
   // Every rank's `in`, in rank order, into `out` (world_size * in.numel() elements).
   virtual void all_gather(const Tensor& in, Tensor& out) = 0;
+  // The sum over the ranks of block `rank` of `in` (world_size blocks of out.numel() elements) into
+  // `out`: the first half of a ring all-reduce.
+  virtual void reduce_scatter(const Tensor& in, Tensor& out) = 0;
   // root's t into every rank's t.
   virtual void broadcast(Tensor& t, int root) = 0;
   virtual void barrier() = 0;
+  // The ranks that pass the same color, as a group of their own, ranked in this group's order (every
+  // rank calls it, as a collective). Its bytes count in this group's stats.
+  virtual std::unique_ptr<ProcessGroup> split(int color) = 0;
   // Ends every process of the job with this exit code (after an error on this one).
   [[noreturn]] virtual void abort(int code) = 0;
 
-  const CommStats& stats() const { return stats_; }
+  const CommStats& stats() const { return *stats_; }
 
  protected:
-  CommStats stats_;
+  std::shared_ptr<CommStats> stats_ = std::make_shared<CommStats>();  // shared with the groups split off
 };
 
 struct InitOptions {
