@@ -355,9 +355,9 @@ RunConfig rank_config(const RunConfig& config, const std::vector<StageConfig>& s
   const int64_t shards = c.train.deterministic_shards;
   DILATRON_CHECK(shards == 0 || shards % world == 0, c.source, ": train.deterministic_shards = ", shards,
                  " must be a multiple of the number of ranks (", world, "): each rank runs an equal number of shards");
-  for (const StageConfig& s : stages)
-    DILATRON_CHECK(s.batch_size % world == 0, c.source, ": the global batch size ", s.batch_size, " (",
-                   c.train.stages.empty() ? "data.batch_size" : "train.stages[].batch_size",
+  for (size_t i = 0; i < stages.size(); ++i)
+    DILATRON_CHECK(stages[i].batch_size % world == 0, c.source, ": the global batch size ", stages[i].batch_size, " (",
+                   c.train.stages.empty() ? "data.batch_size" : "train.stages[" + std::to_string(i) + "].batch_size",
                    ") must be a multiple of the number of ranks (", world, "): each rank trains on an equal slice");
   DILATRON_CHECK(c.model.dropout == 0.0 && c.model.attn_dropout == 0.0, c.source, ": model.dropout = ",
                  c.model.dropout, " and model.attn_dropout = ", c.model.attn_dropout, ": data parallel training ",

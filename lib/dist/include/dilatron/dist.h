@@ -37,13 +37,13 @@ class ProcessGroup {
   // (float32 or float64, contiguous). A collective that does not finish within the group's timeout
   // throws an Error naming it (a rank died or hangs); call abort() then, the others still wait.
   //
-  // Sums t over the ranks, in place. Every rank gets the same bits, in an order fixed by the world
-  // size (a ring: reduce-scatter, then all-gather).
+  // Sums t over the ranks, in place. Every rank gets the same bits; over MPI in an order fixed by
+  // the world size (a ring: reduce-scatter, then all-gather), over NCCL in NCCL's.
   virtual void all_reduce(Tensor& t) = 0;
   // Every rank's `in`, in rank order, into `out` (world_size * in.numel() elements).
   virtual void all_gather(const Tensor& in, Tensor& out) = 0;
   // The sum over the ranks of block `rank` of `in` (world_size blocks of out.numel() elements) into
-  // `out`: the first half of a ring all-reduce.
+  // `out`: the first half of a ring all-reduce. CPU tensors.
   virtual void reduce_scatter(const Tensor& in, Tensor& out) = 0;
   // root's t into every rank's t.
   virtual void broadcast(Tensor& t, int root) = 0;
