@@ -323,15 +323,18 @@ TEST_F(MpiRun, TwoRanksMatchOneProcessAndSendTheRingsBytes) {
   EXPECT_EQ(progress_lines, 1u) << two.log;
 }
 
+// Weighted answer digits (data.answer_weight): each slice counts by its share of the loss weight.
 TEST_F(MpiRun, ThreeRanksSplitABatchOfSix) {
   const fs::path dir = empty_dir("three_ranks");
   TrainOptions o;
   o.progress = false;
   o.out_dir = (dir / "one").string();
   const TrainResult one =
-      train(load_config(kTinyConfig, {"train.steps=20", "train.checkpoint_every=0", "data.batch_size=6"}), o);
+      train(load_config(kTinyConfig, {"train.steps=20", "train.checkpoint_every=0", "data.batch_size=6",
+                                      "data.answer_weight=3"}), o);
   const Outcome three =
-      train_run(3, dir / "three", "--set train.steps=20 --set train.checkpoint_every=0 --set data.batch_size=6");
+      train_run(3, dir / "three", "--set train.steps=20 --set train.checkpoint_every=0 --set data.batch_size=6 "
+                                  "--set data.answer_weight=3");
   ASSERT_EQ(three.status, 0) << three.log;
   const std::vector<Step> steps = steps_of(dir / "three");
   expect_losses_match(one.losses, steps);
