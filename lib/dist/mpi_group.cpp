@@ -158,6 +158,7 @@ class MpiGroup final : public ProcessGroup {
 
   std::unique_ptr<ProcessGroup> split(int color) override {
     DILATRON_CHECK(color >= 0, "dist: split: color must be >= 0, got ", color);
+    barrier();  // MPI_Comm_split blocks without a deadline: every rank is known to have come first
     MPI_Comm comm;
     check_mpi(MPI_Comm_split(comm_, color, rank_, &comm), "MPI_Comm_split");
     return std::unique_ptr<MpiGroup>(new MpiGroup(comm, timeout_s_, stats_, false));
