@@ -18,6 +18,7 @@
 #include "dilatron/config.h"
 #include "dilatron/data_parallel.h"
 #include "dilatron/dist.h"
+#include "dilatron/kernels/backend.h"
 #include "dilatron/ops.h"
 #include "dilatron/optim.h"
 #include "dilatron/sequence_parallel.h"
@@ -382,6 +383,24 @@ TEST_F(MpiRun, BatchesTheRanksCannotSplitAreRefused) {
   EXPECT_NE(dropout.status, 0);
   EXPECT_NE(dropout.log.find("model.dropout = 0.1 and model.attn_dropout = 0: data parallel training (2 ranks) needs "
                              "both 0"), std::string::npos) << dropout.log;
+}
+
+// NCCL on one GPU (issue 15's check of the NCCL path against the MPI one): deterministic shards send
+// every shard's gradient through all_gather, over NCCL for CUDA tensors under mpirun and as a copy
+// in one plain process; the two runs must print the same losses. Skips without a GPU or NCCL.
+TEST_F(MpiRun, NcclOnOneGpuMatchesOneProcess) {
+  if (!dist::built_with_nccl()) GTEST_SKIP() << "dilatron was built without NCCL (a CUDA build finds it in the toolkit)";
+  if (kernels::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: the NCCL path needs a GPU";
+  const fs::path dir = empty_dir("nccl");
+  const std::string args = "--set train.steps=5 --set train.device=cuda --set train.deterministic_shards=2";
+  const Outcome alone = train_run(0, dir / "alone", args);
+  ASSERT_EQ(alone.status, 0) << alone.log;
+  const Outcome nccl = train_run(1, dir / "nccl", args);
+  ASSERT_EQ(nccl.status, 0) << nccl.log;
+  const std::vector<Step> a = steps_of(dir / "alone"), b = steps_of(dir / "nccl");
+  ASSERT_EQ(a.size(), 5u);
+  ASSERT_EQ(b.size(), 5u);
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(b[i].loss_text, a[i].loss_text) << "step " << i + 1;
 }
 
 // SequenceParallelRank above, on 2 and 3 ranks (this test binary under mpirun).
