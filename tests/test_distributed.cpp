@@ -34,6 +34,12 @@ namespace {
 
 const std::string kTinyConfig = std::string(DILATRON_SOURCE_DIR) + "/configs/tiny.toml";
 
+// The environment of every process the tests start: one OpenMP thread each (the ranks share the
+// cores); Open MPI allowed as root (CI containers) and without its single-copy shared-memory
+// transfers, which containers without ptrace permission refuse.
+const std::string kProcessEnv = "OMP_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "
+                                "OMPI_MCA_btl_vader_single_copy_mechanism=none ";
+
 fs::path empty_dir(const std::string& name) {
   fs::path p = fs::temp_directory_path() / ("dilatron_dist_" + name + "_" + std::to_string(::getpid()));
   fs::remove_all(p);
@@ -265,14 +271,13 @@ class MpiRun : public ::testing::Test {
   };
 
   // `dilatron train` on the tiny config in `out`, under `mpirun -np ranks` (ranks > 0) or alone
-  // (ranks = 0); one OpenMP thread per process, as the ranks share the machine's cores.
+  // (ranks = 0).
   static Outcome train_run(int ranks, const fs::path& out, const std::string& args, const std::string& env = "") {
     const std::string launcher =
         ranks > 0 ? "mpirun --oversubscribe --bind-to none -np " + std::to_string(ranks) + " " : "";
     const std::string log = out.string() + ".log";
-    const std::string cmd = "OMP_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 " + env + " " +
-                            launcher + DILATRON_CLI + " train " + kTinyConfig + " --out " + out.string() + " " + args +
-                            " > " + log + " 2>&1";
+    const std::string cmd = kProcessEnv + env + " " + launcher + DILATRON_CLI + " train " + kTinyConfig + " --out " +
+                            out.string() + " " + args + " > " + log + " 2>&1";
     const auto t0 = std::chrono::steady_clock::now();
     const int status = std::system(cmd.c_str());
     Outcome o;
@@ -409,9 +414,9 @@ TEST_F(MpiRun, SequenceParallelAttentionMatchesTheOpOnTwoAndThreeRanks) {
   const fs::path dir = empty_dir("sequence_parallel");
   for (const int ranks : {2, 3}) {
     const std::string log = (dir / ("np" + std::to_string(ranks) + ".log")).string();
-    const std::string cmd = "OMP_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun "
-                            "--oversubscribe --bind-to none -np " + std::to_string(ranks) + " " + self.string() +
-                            " --gtest_color=no --gtest_filter=SequenceParallelRank.MatchesTheOpOnTheWholeSequence > " + log + " 2>&1";
+    const std::string cmd = kProcessEnv + "mpirun --oversubscribe --bind-to none -np " + std::to_string(ranks) + " " +
+                            self.string() + " --gtest_color=no " +
+                            "--gtest_filter=SequenceParallelRank.MatchesTheOpOnTheWholeSequence > " + log + " 2>&1";
     const int status = std::system(cmd.c_str());
     const std::string out = read_file(log);
     EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "mpirun -np " << ranks << ":\n" << out;
