@@ -12,6 +12,7 @@
 #include "dilatron/autograd.h"
 #include "dilatron/checkpoint.h"
 #include "dilatron/data.h"
+#include "dilatron/dist.h"
 #include "dilatron/fileio.h"
 #include "dilatron/ops.h"
 #include "dilatron/trainer.h"
@@ -35,6 +36,7 @@ struct TrainArgs {
   std::string out;
   bool allow_config_change = false;
   int64_t stop_at_step = -1;
+  double dist_timeout_s = 300.0;
 };
 
 // The curriculum, one line per stage (nothing without [[train.stages]]).
@@ -57,29 +59,48 @@ void print_stages(const RunConfig& cfg) {
 
 void run_train(const TrainArgs& a) {
   const RunConfig cfg = load_config(a.config, a.set);
+  // Under mpirun, every rank of the job; else this process alone.
+  dist::InitOptions init;
+  init.timeout_s = a.dist_timeout_s;
+  std::unique_ptr<dist::ProcessGroup> group = dist::init_process_group(init);
+  const bool rank0 = group->rank() == 0;
   TrainOptions o;
+  o.group = group.get();
   o.out_dir = a.out.empty() ? "runs/" + std::filesystem::path(a.config).stem().string() : a.out;
   o.resume = a.resume;
   o.allow_config_change = a.allow_config_change;
   o.stop_at_step = a.stop_at_step;
   o.stop = &g_stop;
   for (const int sig : {SIGINT, SIGTERM}) std::signal(sig, on_stop_signal);
-  std::fprintf(stderr, "training %s -> %s (%lld steps, batch %lld x %lld tokens, %s on %s)\n", a.config.c_str(),
-               o.out_dir.c_str(), static_cast<long long>(cfg.train.steps), static_cast<long long>(cfg.data.batch_size),
-               static_cast<long long>(cfg.model.seq_len), cfg.train.dtype.c_str(), cfg.train.device.c_str());
-  print_stages(cfg);
-  const TrainResult r = train(cfg, o);
+  if (rank0) {
+    std::fprintf(stderr, "training %s -> %s (%lld steps, batch %lld x %lld tokens, %s on %s)\n", a.config.c_str(),
+                 o.out_dir.c_str(), static_cast<long long>(cfg.train.steps), static_cast<long long>(cfg.data.batch_size),
+                 static_cast<long long>(cfg.model.seq_len), cfg.train.dtype.c_str(), cfg.train.device.c_str());
+    print_stages(cfg);
+  }
+  TrainResult r;
+  try {
+    r = train(cfg, o);
+  } catch (const std::exception& e) {
+    if (group->world_size() == 1) throw;
+    // The other ranks would wait for this one in their next collective: end them all.
+    std::fprintf(stderr, "dilatron: error on rank %d of %d: %s\n", group->rank(), group->world_size(), e.what());
+    group->abort(1);
+  }
   for (const int sig : {SIGINT, SIGTERM}) std::signal(sig, SIG_DFL);
-  std::printf("checkpoint: %s\n", r.last_checkpoint.c_str());
+  group.reset();  // MPI ends here, before any exit below
+  if (rank0) std::printf("checkpoint: %s\n", r.last_checkpoint.c_str());
   if (r.interrupted && !g_stop.load()) {  // --stop-at-step: a planned stop, not a failure
-    std::fprintf(stderr, "stopped at step %lld (--stop-at-step); continue with --resume\n",
-                 static_cast<long long>(r.steps_done));
+    if (rank0)
+      std::fprintf(stderr, "stopped at step %lld (--stop-at-step); continue with --resume\n",
+                   static_cast<long long>(r.steps_done));
     return;
   }
   if (r.interrupted) {
     const int sig = g_signal ? static_cast<int>(g_signal) : SIGINT;
-    std::fprintf(stderr, "interrupted by %s at step %lld; resume with --resume auto\n",
-                 sig == SIGTERM ? "SIGTERM" : "SIGINT", static_cast<long long>(r.steps_done));
+    if (rank0)
+      std::fprintf(stderr, "interrupted by %s at step %lld; resume with --resume auto\n",
+                   sig == SIGTERM ? "SIGTERM" : "SIGINT", static_cast<long long>(r.steps_done));
     std::exit(128 + sig);
   }
 }
@@ -249,10 +270,17 @@ void add_train_commands(CLI::App& app) {
   train->add_flag("--allow-config-change", t->allow_config_change,
                   "resume although the config differs from the checkpoint's (not in model.*); the changes are "
                   "recorded in OUT/config-changes.log");
+<<<<<<< HEAD
   train->add_option("--stop-at-step", t->stop_at_step,
                     "checkpoint and exit (code 0) on reaching this step, e.g. to share a curriculum's first stage "
                     "between runs")
       ->check(CLI::NonNegativeNumber);
+=======
+  train->add_option("--dist-timeout", t->dist_timeout_s,
+                    "under mpirun: seconds a collective waits for the other ranks before the run stops with an error "
+                    "(a rank died or hangs)")
+      ->check(CLI::PositiveNumber);
+>>>>>>> mpi
 
   auto [eval, e] = add_command(app, "eval", "Evaluate a checkpoint: passkey accuracy or text loss", run_eval);
   add_checkpoint_argument(eval, e->ckpt);

@@ -6,6 +6,7 @@ packages=(
   build-essential cmake pkg-config
   libopenblas-openmp-dev libhdf5-dev hdf5-tools libtomlplusplus-dev libcli11-dev
   libgtest-dev libgmock-dev libbenchmark-dev
+  openmpi-bin libopenmpi-dev
   python3 python3-h5py python3-numpy python3-torch gnuplot-nox
 )
 

@@ -768,7 +768,7 @@ void allow_shared_memory(Kernel kernel, size_t bytes) {
 }
 
 // What these kernels need of their inputs, common to forward and backward (the contract's limits,
-// schedule included, are the op's to check: make_attention_params); returns {B, N, H, D}.
+// schedule included, are the op's to check: attention_params); returns {B, N, H, D}.
 struct Dims {
   int64_t B, N, H, D;
 };

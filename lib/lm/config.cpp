@@ -420,6 +420,13 @@ RunConfig parse_config(const std::string& text, const std::string& source, const
     r.fail("train.device", e.what());
   }
   read_stages(r, c, steps_given);
+  r.read_range("train.deterministic_shards", t.deterministic_shards, 0, 1 << 20);
+  if (t.deterministic_shards > 0)
+    for (const StageConfig& s : training_stages(c))
+      if (s.batch_size % t.deterministic_shards != 0)
+        r.fail("train.deterministic_shards", "must divide the batch size (each shard is an equal part of it), got " +
+                                                 std::to_string(t.deterministic_shards) + " for a batch of " +
+                                                 std::to_string(s.batch_size));
 
   EvalConfig& e = c.eval;
   const bool lengths_given = r.read("eval.lengths", e.lengths);

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <filesystem>
@@ -22,6 +23,7 @@
 #include "dilatron/attention.h"
 #include "dilatron/autograd.h"
 #include "dilatron/checkpoint.h"
+#include "dilatron/data_parallel.h"
 #include "dilatron/fileio.h"
 #include "dilatron/hdf5.h"
 #include "dilatron/ops.h"
@@ -262,6 +264,109 @@ std::string config_change_block(const std::vector<ConfigChange>& changes, int64_
   return block;
 }
 
+// ---------------------------------------------------------------- data parallel
+
+// What cross_entropy's mean divides a batch's loss by: its targets' count, or their weights' sum.
+double loss_weight(const data::Batch& b) {
+  if (!b.weights.defined()) return static_cast<double>(b.tokens.size(0) * (b.tokens.size(1) - 1));
+  double total = 0.0;
+  for (const double w : b.weights.to_vector<double>()) total += w;
+  return total;
+}
+
+data::Batch batch_rows(const data::Batch& b, int64_t first, int64_t count) {
+  return {b.tokens.narrow(0, first, count), b.weights.defined() ? b.weights.narrow(0, first, count) : Tensor()};
+}
+
+// The global batch's loss, with its gradient left in the parameters' grads. One process without
+// deterministic shards runs the batch at once, as it always has. Otherwise the batch is cut into equal
+// parts (each rank's slice, or the K shards), each part's mean loss weighted by its share of the
+// batch's loss weight, and each rank runs its consecutive parts: slices' gradients and losses are
+// all-reduced; shards' are summed in shard order, the same bits for any number of ranks dividing K.
+double forward_backward(TransformerLM& model, const data::Batch& batch, int64_t shards, dist::ProcessGroup& group) {
+  if (group.world_size() == 1 && shards == 0) {
+    Tensor loss = model.loss(batch.tokens, batch.weights);
+    loss.backward();
+    return loss.item();
+  }
+  const int64_t parts = shards > 0 ? shards : group.world_size(), per_rank = parts / group.world_size();
+  const int64_t rows = batch.tokens.size(0) / parts;
+  const double total = loss_weight(batch);
+  std::vector<Tensor> params;  // those the loss reaches (the same on every rank: the model decides)
+  std::vector<Tensor> shard_grads;
+  std::vector<double> losses;
+  for (int64_t k = group.rank() * per_rank; k < (group.rank() + 1) * per_rank; ++k) {
+    const data::Batch part = batch_rows(batch, k * rows, rows);
+    Tensor loss = mul(model.loss(part.tokens, part.weights), loss_weight(part) / total);
+    loss.backward();
+    losses.push_back(loss.item());
+    if (params.empty())
+      for (const Tensor& p : model.parameters())
+        if (p.grad().defined()) params.push_back(p);
+    if (shards == 0) continue;
+    const Tensor flat = dist::flatten_gradients(params);
+    shard_grads.push_back(reshape(flat, {1, flat.numel()}));
+    for (Tensor p : params) p.set_grad(Tensor());
+  }
+  if (shards == 0) {
+    dist::all_reduce_gradients(group, params);
+    Tensor loss = Tensor::from_vector(losses, {1});
+    group.all_reduce(loss);
+    return loss.item();
+  }
+  dist::set_gradients(params, dist::sum_shards_in_order(group, cat(shard_grads, 0)));
+  Tensor all = Tensor::empty({parts}, DType::Float64);
+  group.all_gather(Tensor::from_vector(losses, {per_rank}), all);
+  double loss = 0.0;
+  for (const double l : all.to_vector<double>()) loss += l;
+  return loss;
+}
+
+// Whether any rank asks to stop (a signal reaches the ranks at different steps; all stop together).
+bool any_rank(dist::ProcessGroup& group, bool flag) {
+  if (group.world_size() == 1) return flag;
+  Tensor t = Tensor::from_vector(std::vector<double>{flag ? 1.0 : 0.0}, {1});
+  group.all_reduce(t);
+  return t.item() > 0.0;
+}
+
+// For the tests of a failing rank: DILATRON_DIST_FAULT="<rank>:<step>:exit|hang" makes that rank
+// exit (code 3) or hang as it starts that step.
+void simulate_rank_fault(int rank, int64_t step) {
+  static const char* const spec = std::getenv("DILATRON_DIST_FAULT");
+  if (spec == nullptr) return;
+  int fault_rank = 0;
+  long long fault_step = 0;
+  char mode[8] = "";
+  DILATRON_CHECK(std::sscanf(spec, "%d:%lld:%7s", &fault_rank, &fault_step, mode) == 3 &&
+                     (std::strcmp(mode, "exit") == 0 || std::strcmp(mode, "hang") == 0),
+                 "DILATRON_DIST_FAULT = '", spec, "': expected <rank>:<step>:exit or <rank>:<step>:hang");
+  if (fault_rank != rank || fault_step != step) return;
+  if (std::strcmp(mode, "exit") == 0) std::_Exit(3);
+  for (;;) ::pause();
+}
+
+// The config each rank trains: on CUDA, rank r of a group takes the GPU of its local rank. Refuses
+// what a group cannot split: a batch that the ranks (or the deterministic shards) do not divide, dropout
+// (each rank would draw the masks of its rows as if they were a whole batch).
+RunConfig rank_config(const RunConfig& config, const std::vector<StageConfig>& stages, const dist::ProcessGroup& group) {
+  const int world = group.world_size();
+  RunConfig c = config;
+  if (world == 1) return c;
+  const int64_t shards = c.train.deterministic_shards;
+  DILATRON_CHECK(shards == 0 || shards % world == 0, c.source, ": train.deterministic_shards = ", shards,
+                 " must be a multiple of the number of ranks (", world, "): each rank runs an equal number of shards");
+  for (size_t i = 0; i < stages.size(); ++i)
+    DILATRON_CHECK(stages[i].batch_size % world == 0, c.source, ": the global batch size ", stages[i].batch_size, " (",
+                   c.train.stages.empty() ? "data.batch_size" : "train.stages[" + std::to_string(i) + "].batch_size",
+                   ") must be a multiple of the number of ranks (", world, "): each rank trains on an equal slice");
+  DILATRON_CHECK(c.model.dropout == 0.0 && c.model.attn_dropout == 0.0, c.source, ": model.dropout = ",
+                 c.model.dropout, " and model.attn_dropout = ", c.model.attn_dropout, ": data parallel training ",
+                 "(", world, " ranks) needs both 0 (a rank's masks would not be those of its rows in one process)");
+  if (Device::parse(c.train.device).is_cuda()) c.train.device = Device::cuda(group.local_rank()).str();
+  return c;
+}
+
 }  // namespace
 
 data::PasskeyOptions passkey_eval_options(const data::PasskeyOptions& base, int64_t len) {
@@ -306,7 +411,12 @@ void verify_checkpoint(const std::string& path) {
   load_checkpoint(path, *model, s.has_optimizer ? &opt : nullptr);
 }
 
-TrainResult train(const RunConfig& c, const TrainOptions& o) {
+TrainResult train(const RunConfig& config, const TrainOptions& o) {
+  std::unique_ptr<dist::ProcessGroup> alone;
+  dist::ProcessGroup& group = o.group ? *o.group : *(alone = dist::single_process_group());
+  const int world = group.world_size();
+  const bool writer = group.rank() == 0;  // the rank that writes out_dir and shows progress
+  const RunConfig c = rank_config(config, training_stages(config), group);
   const std::string metrics_path = (fs::path(o.out_dir) / "metrics.jsonl").string();
   // Stream ids keep data and dropout apart from the parameter init stream (seed itself).
   auto dropout_gen = std::make_shared<Generator>(c.train.seed ^ 0x64726f706f7574ull);
@@ -328,7 +438,7 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
   // Nothing is written before here, so a run that cannot start leaves out_dir as it was. An existing
   // out_dir is locked before its checkpoints are read; a new one once it is made.
   std::optional<RunLock> lock;
-  if (fs::exists(o.out_dir)) lock.emplace(o.out_dir);
+  if (writer && fs::exists(o.out_dir)) lock.emplace(o.out_dir);
   const std::string ckpt_dir = (fs::path(o.out_dir) / "checkpoints").string();
   TrainingState st;
   st.data_seed = data_gen.seed();
@@ -336,7 +446,8 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
   std::string resume_path = o.resume;
   if (resume_path == "auto") {
     resume_path = fs::exists(ckpt_dir) ? CheckpointDir(ckpt_dir, c.train.keep_checkpoints).latest().value_or("") : "";
-    if (resume_path.empty()) std::fprintf(stderr, "--resume auto: no checkpoint in %s; starting fresh\n", ckpt_dir.c_str());
+    if (resume_path.empty() && writer)
+      std::fprintf(stderr, "--resume auto: no checkpoint in %s; starting fresh\n", ckpt_dir.c_str());
   }
   std::vector<ConfigChange> changes;
   if (!resume_path.empty()) {
@@ -347,23 +458,35 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
     DILATRON_CHECK(st.stage == 0 || st.stage == static_cast<int64_t>(stage_number(st.step)), "checkpoint '",
                    resume_path, "' was saved in stage ", st.stage, " at step ", st.step, ", but ", c.source,
                    " puts step ", st.step, " in stage ", stage_number(st.step), " (were train.stages changed?)");
-    std::fprintf(stderr, "resumed from %s at step %lld\n", resume_path.c_str(), static_cast<long long>(st.step));
-    for (const ConfigChange& ch : changes)
-      std::fprintf(stderr, "config changed on resume at step %lld: %s\n", static_cast<long long>(st.step),
-                   format_change(ch).c_str());
+    if (writer) {
+      std::fprintf(stderr, "resumed from %s at step %lld\n", resume_path.c_str(), static_cast<long long>(st.step));
+      for (const ConfigChange& ch : changes)
+        std::fprintf(stderr, "config changed on resume at step %lld: %s\n", static_cast<long long>(st.step),
+                     format_change(ch).c_str());
+    }
   }
-  // A fresh start (--resume auto with no checkpoint, after a kill before the first one) runs every step
-  // again too.
-  drop_metrics_after(metrics_path, st.step);
-  fs::create_directories(o.out_dir);
-  if (!lock) lock.emplace(o.out_dir);
-  if (!changes.empty())
-    append_to_file((fs::path(o.out_dir) / "config-changes.log").string(),
-                   config_change_block(changes, st.step, resume_path));
-  write_file_atomically((fs::path(o.out_dir) / "config.toml").string(), c.toml);
-  CheckpointDir ckpts(ckpt_dir, c.train.keep_checkpoints);
-  for (const std::string& tmp : h5::remove_orphaned_temporaries(ckpts.dir()))
-    std::fprintf(stderr, "removed '%s', left by a process that is no longer running\n", tmp.c_str());
+  // Every rank has read the checkpoint it resumes from before rank 0 writes here (they wait for it
+  // in their first collective).
+  std::optional<CheckpointDir> ckpts;
+  if (writer) {
+    // A fresh start (--resume auto with no checkpoint, after a kill before the first one) runs every step
+    // again too.
+    drop_metrics_after(metrics_path, st.step);
+    fs::create_directories(o.out_dir);
+    if (!lock) lock.emplace(o.out_dir);
+    if (!changes.empty())
+      append_to_file((fs::path(o.out_dir) / "config-changes.log").string(),
+                     config_change_block(changes, st.step, resume_path));
+    write_file_atomically((fs::path(o.out_dir) / "config.toml").string(), c.toml);
+    ckpts.emplace(ckpt_dir, c.train.keep_checkpoints);
+    for (const std::string& tmp : h5::remove_orphaned_temporaries(ckpts->dir()))
+      std::fprintf(stderr, "removed '%s', left by a process that is no longer running\n", tmp.c_str());
+    if (world > 1)
+      std::fprintf(stderr, "data parallel: %d ranks (%s), each a 1/%d slice of the global batch%s\n", world,
+                   group.backend().c_str(), world,
+                   c.train.deterministic_shards > 0 ? " (deterministic shards)" : "");
+  }
+  const bool progress = o.progress && writer;
 
   TrainResult res;
   res.first_step = st.step;
@@ -372,7 +495,7 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
     st.stage = static_cast<int64_t>(stage_number(st.step));
     st.data_offset = data_gen.offset();
     st.dropout_offset = dropout_gen->offset();
-    res.last_checkpoint = ckpts.save(*model, &opt, st, c.toml);
+    if (writer) res.last_checkpoint = ckpts->save(*model, &opt, st, c.toml);
   };
   auto evaluate = [&] {
     // With the model's own schedules ([attention]), as `dilatron eval` sees it, in any stage.
@@ -381,14 +504,15 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
     if (c.data.task == "passkey") {
       const PasskeyReport r = evaluate_passkey(*model, c.eval.lengths, c.train.eval_samples, c.eval.seed,
                                                passkey_options(c, true), c.data.batch_size);
-      append_line(metrics_path, passkey_json(st.step, stage_number(st.step), r));
-      if (o.progress) std::fprintf(stderr, "\n%s", format_passkey_report(r).c_str());
+      if (writer) append_line(metrics_path, passkey_json(st.step, stage_number(st.step), r));
+      if (progress) std::fprintf(stderr, "\n%s", format_passkey_report(r).c_str());
     } else {
       const double vl = evaluate_text_loss(*model, *batches.text(), c.model.seq_len, c.train.eval_samples,
                                            c.data.batch_size);
-      append_line(metrics_path, "{\"step\": " + std::to_string(st.step) + ", \"stage\": " +
-                                    std::to_string(stage_number(st.step)) + ", \"val_loss\": " + std::to_string(vl) + "}");
-      if (o.progress) std::fprintf(stderr, "\nstep %lld: val loss %.4f\n", static_cast<long long>(st.step), vl);
+      if (writer)
+        append_line(metrics_path, "{\"step\": " + std::to_string(st.step) + ", \"stage\": " +
+                                      std::to_string(stage_number(st.step)) + ", \"val_loss\": " + std::to_string(vl) + "}");
+      if (progress) std::fprintf(stderr, "\nstep %lld: val loss %.4f\n", static_cast<long long>(st.step), vl);
     }
     model->train();
     if (stage < stages.size()) model->set_attention_schedules(stages[stage].layer_schedules);
@@ -398,10 +522,11 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
   const auto t0 = Clock::now();
   model->train();
   while (st.step < c.train.steps) {
-    if ((o.stop && o.stop->load()) || (o.stop_at_step >= 0 && st.step >= o.stop_at_step)) {
+    if (any_rank(group, (o.stop && o.stop->load()) || (o.stop_at_step >= 0 && st.step >= o.stop_at_step))) {
       res.interrupted = true;
       break;
     }
+    simulate_rank_fault(group.rank(), st.step + 1);
     if (const size_t k = stage_of_step(stages, st.step + 1); k != stage) {
       stage = k;
       model->set_attention_schedules(stages[k].layer_schedules);
@@ -418,8 +543,8 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
       batch = batches.next(data_gen, stage);
       batch.tokens = batch.tokens.to(Device::parse(c.train.device));
     }
-    Tensor loss = model->loss(batch.tokens, batch.weights);
-    loss.backward();
+    const int64_t bytes_before = group.stats().bytes_sent();
+    const double l = forward_backward(*model, batch, c.train.deterministic_shards, group);
     double gnorm = 0.0;
     {
       profiler::Scope scope("optimizer");
@@ -429,7 +554,6 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
     }
     ++st.step;
     st.tokens_seen += tokens_per_step;
-    const double l = loss.item();
     res.losses.push_back(l);
     DILATRON_CHECK(std::isfinite(l), "training diverged at step ", st.step, ": loss ", l, " (lower train.lr?)");
 
@@ -438,13 +562,18 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
     const double tok_s = static_cast<double>(tokens_per_step) / step_s;
     const double eta = elapsed / tokens_in_steps(stages, res.first_step, st.step) *
                        tokens_in_steps(stages, st.step, c.train.steps);
+    // With ranks: the bytes this one sent in the step's collectives (docs/distributed.md).
+    char comm[48] = "";
+    if (world > 1)
+      std::snprintf(comm, sizeof comm, ", \"comm_bytes\": %lld",
+                    static_cast<long long>(group.stats().bytes_sent() - bytes_before));
     char line[384];
     std::snprintf(line, sizeof line, "{\"step\": %lld, \"stage\": %zu, \"seq_len\": %lld, \"batch_size\": %lld, "
-                  "\"loss\": %.6f, \"lr\": %.6g, \"grad_norm\": %.4f, \"tokens_per_s\": %.1f, \"elapsed_s\": %.2f}",
+                  "\"loss\": %.6f, \"lr\": %.6g, \"grad_norm\": %.4f, \"tokens_per_s\": %.1f, \"elapsed_s\": %.2f%s}",
                   static_cast<long long>(st.step), stage + 1, static_cast<long long>(sc.seq_len),
-                  static_cast<long long>(sc.batch_size), l, lr, gnorm, tok_s, elapsed);
-    append_line(metrics_path, line);
-    if (o.progress && (st.step % c.train.log_every == 0 || st.step == c.train.steps)) {
+                  static_cast<long long>(sc.batch_size), l, lr, gnorm, tok_s, elapsed, comm);
+    if (writer) append_line(metrics_path, line);
+    if (progress && (st.step % c.train.log_every == 0 || st.step == c.train.steps)) {
       char stage_part[48] = "";
       if (staged) std::snprintf(stage_part, sizeof stage_part, "stage %zu/%zu | ", stage + 1, stages.size());
       std::fprintf(stderr, "%s%sstep %lld/%lld | loss %.4f | %.0f tok/s | lr %.2e | ETA %s%s", tty ? "\r" : "",
@@ -454,7 +583,7 @@ TrainResult train(const RunConfig& c, const TrainOptions& o) {
     if (c.train.eval_every > 0 && st.step % c.train.eval_every == 0 && st.step < c.train.steps) evaluate();
     if (c.train.checkpoint_every > 0 && st.step % c.train.checkpoint_every == 0) save();
   }
-  if (o.progress && tty) std::fprintf(stderr, "\n");
+  if (progress && tty) std::fprintf(stderr, "\n");
   if (res.last_checkpoint.empty() || st.step % std::max<int64_t>(c.train.checkpoint_every, 1) != 0 ||
       res.interrupted)
     save();

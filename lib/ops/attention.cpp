@@ -20,12 +20,9 @@ using kernels::kMaxSequence;
 using kernels::query_grid;
 using kernels::subproblems;
 
-namespace {
-
-// The schedule as it acts on H heads of length N, with w and r at most max(N, H, 1): a segment
-// longer than the sequence is one segment of length N, and a dilation r >= max(N, H) gives head h
-// the offset h and at most one grid point per residue, as any larger r does. Positions stay
-// absolute, so dropout and bias are unchanged; the kernels and visited_pairs then never form
+// A segment longer than the sequence is one segment of length N, and a dilation r >= max(N, H)
+// gives head h the offset h and at most one grid point per residue, as any larger r does. Positions
+// stay absolute, so dropout and bias are unchanged; the kernels and visited_pairs then never form
 // s*w, r*H*D or r sub-problems from a huge w or r.
 std::vector<AttentionBranch> bounded_schedule(std::vector<AttentionBranch> schedule, int64_t H, int64_t N) {
   const int64_t cap = std::max({N, H, int64_t{1}});
@@ -35,6 +32,8 @@ std::vector<AttentionBranch> bounded_schedule(std::vector<AttentionBranch> sched
   }
   return schedule;
 }
+
+namespace {
 
 struct DilatedAttentionFunction : autograd::Function<DilatedAttentionFunction> {
   static const char* name() { return "dilated_attention"; }
@@ -88,10 +87,12 @@ void resolve_scale_and_bias(AttentionParams& params, const DilatedAttentionOptio
   params.bucket_base = n - 1;
 }
 
+}  // namespace
+
 // Checks everything the contract rejects (the one validation: backends check only their own
 // limits) and resolves the kernel parameters.
-AttentionParams make_attention_params(const Tensor& q, const Tensor& k, const Tensor& v,
-                                      const DilatedAttentionOptions& opts, const Tensor& bias) {
+AttentionParams attention_params(const Tensor& q, const Tensor& k, const Tensor& v, const DilatedAttentionOptions& opts,
+                                 const Tensor& bias) {
   DILATRON_CHECK(q.defined() && k.defined() && v.defined(), "dilated_attention: q, k and v must be defined");
   DILATRON_CHECK(q.dim() == 4, "dilated_attention: q must be 4-D [B, N, H, D], got shape ", shape_str(q.shape()));
   DILATRON_CHECK(k.shape() == q.shape() && v.shape() == q.shape(), "dilated_attention: q, k, v shapes differ: q ",
@@ -120,11 +121,9 @@ AttentionParams make_attention_params(const Tensor& q, const Tensor& k, const Te
   return params;
 }
 
-}  // namespace
-
 AttentionOutput dilated_attention_with_lse(const Tensor& q, const Tensor& k, const Tensor& v,
                                            const DilatedAttentionOptions& opts, const Tensor& bias) {
-  const AttentionParams params = make_attention_params(q, k, v, opts, bias);
+  const AttentionParams params = attention_params(q, k, v, opts, bias);
   std::vector<Tensor> out = DilatedAttentionFunction::apply(q, k, v, bias, params);
   return {out[0], out[1].detach()};
 }

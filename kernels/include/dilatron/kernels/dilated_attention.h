@@ -29,7 +29,7 @@ constexpr int64_t kMaxBranches = 16;
 constexpr int64_t kMaxBatchHeads = int64_t{1} << 28;  // B * H below this
 constexpr int64_t kMaxSequence = int64_t{1} << 31;    // N below this: positions fit the 32-bit counter word
 
-// The op's parameters resolved for the kernels (the op's make_attention_params builds them).
+// The op's parameters resolved for the kernels (the op's attention_params builds them).
 struct AttentionParams {
   std::vector<AttentionBranch> schedule;  // 1..kMaxBranches branches, validated by the op
   bool causal = false;

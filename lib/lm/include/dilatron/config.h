@@ -50,6 +50,10 @@ struct TrainConfig {
   // float32, float64, or bfloat16: mixed precision over float32 parameters (TransformerLM::set_compute_dtype)
   std::string dtype = "float32";
   std::vector<StageConfig> stages;  // empty: one stage, the model's shape
+  // Data parallel (docs/distributed.md). 0: each rank's gradient is all-reduced (the float sums' order
+  // depends on the number of ranks). K > 0: the global batch is K shards whose gradients are summed in
+  // shard order: the same bits on any number of ranks that divides K, one process included.
+  int64_t deterministic_shards = 0;
 };
 
 struct EvalConfig {

@@ -11,6 +11,7 @@
 
 #include "dilatron/config.h"
 #include "dilatron/data.h"
+#include "dilatron/dist.h"
 #include "dilatron/model.h"
 
 namespace dilatron {
@@ -26,6 +27,9 @@ struct TrainOptions {
   int64_t stop_at_step = -1;                  // >= 0: checkpoint and return early on reaching this step
   bool progress = true;                       // the live progress line on stderr
   int64_t profile_from_step = -1;             // >= 0: profile the steps after this one (dilatron/profiler.h)
+  // The ranks training together (data parallel: docs/distributed.md); null: this process alone. Rank 0
+  // alone writes to out_dir and shows progress; every rank returns the same result.
+  dist::ProcessGroup* group = nullptr;
 };
 
 struct TrainResult {
@@ -41,7 +45,9 @@ inline constexpr std::array<std::string_view, 2> kFreeOnResume = {"train.log_eve
 
 // Builds everything (model on its device, data, the checkpoint to resume) before it writes to
 // out_dir, so a run that fails to start leaves the directory as it was; then holds out_dir/.lock
-// (flock) to the end, refusing a second run on the same directory.
+// (flock) to the end, refusing a second run on the same directory. With a group of P ranks, each
+// draws the whole global batch (data.batch_size) and trains on its 1/P of it; on a CUDA device each
+// rank takes cuda:<local rank>.
 TrainResult train(const RunConfig& config, const TrainOptions& options);
 
 // Passkey accuracy: a sample counts when the greedy prediction of all its key digits is right

@@ -40,6 +40,12 @@ struct AttentionOutput {
 AttentionOutput dilated_attention_with_lse(const Tensor& q, const Tensor& k, const Tensor& v,
                                            const DilatedAttentionOptions& opts, const Tensor& bias = Tensor());
 
+// The kernel parameters the op passes its backend for these arguments, after every check of the
+// contract (an Error names what is rejected): for code that calls the backend itself (the
+// sequence-parallel op, lib/dist).
+kernels::AttentionParams attention_params(const Tensor& q, const Tensor& k, const Tensor& v,
+                                          const DilatedAttentionOptions& opts, const Tensor& bias = Tensor());
+
 // ---- schedules ----
 
 // "2048:1,4096:2" -> {{2048, 1}, {4096, 2}} (segment:dilation, comma separated), validated; a
@@ -50,6 +56,10 @@ std::string format_schedule(const std::vector<AttentionBranch>& schedule);
 // Throws an Error naming the problem: empty, more than 16 branches, or a branch with w < 1, r < 1
 // or r > w (naming the branch index and its values).
 void validate_schedule(const std::vector<AttentionBranch>& schedule);
+
+// The schedule as it acts on H heads of length N, as the op runs it: w and r at most max(N, H, 1)
+// (the same key sets).
+std::vector<AttentionBranch> bounded_schedule(std::vector<AttentionBranch> schedule, int64_t H, int64_t N);
 
 // Whether every (query t, head h) has a key in some branch (for a dilated branch: t lies on its
 // grid; for a key-dilated one: t's segment has a grid key, at or before t when causal); if not,
