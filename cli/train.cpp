@@ -270,17 +270,14 @@ void add_train_commands(CLI::App& app) {
   train->add_flag("--allow-config-change", t->allow_config_change,
                   "resume although the config differs from the checkpoint's (not in model.*); the changes are "
                   "recorded in OUT/config-changes.log");
-<<<<<<< HEAD
   train->add_option("--stop-at-step", t->stop_at_step,
                     "checkpoint and exit (code 0) on reaching this step, e.g. to share a curriculum's first stage "
                     "between runs")
       ->check(CLI::NonNegativeNumber);
-=======
   train->add_option("--dist-timeout", t->dist_timeout_s,
                     "under mpirun: seconds a collective waits for the other ranks before the run stops with an error "
                     "(a rank died or hangs)")
       ->check(CLI::PositiveNumber);
->>>>>>> mpi
 
   auto [eval, e] = add_command(app, "eval", "Evaluate a checkpoint: passkey accuracy or text loss", run_eval);
   add_checkpoint_argument(eval, e->ckpt);
