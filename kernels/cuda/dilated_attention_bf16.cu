@@ -1,0 +1,413 @@
+// Flash dilated attention for bf16 inputs on tensor cores (sm_80 and later), forward and backward:
+// the function of docs/attention-contract.md with bf16 q, k, v, bias and output gradient, float32
+// products (mma.sync m16n8k16, bf16 operands, float32 accumulators), float32 softmax statistics,
+// float32 lse, and every output and gradient rounded to bf16 once, at the end.
+//
+// UNVERIFIED: written and compiled without a GPU; it has never run. tests/test_cuda.cpp holds its
+// tests (CudaAttentionBf16), which skip without a GPU; run scripts/gpu-check.sh before relying on it.
+//
+// The plain reference next to it is tests/attention_reference.h's naive_bf16 (bf16-rounded inputs,
+// float32 softmax, one rounding of the result), which the tests compare both against the float64
+// contract: this kernel's error must stay within twice the naive one's.
+//
+// The work is cut as in the SIMT kernels (kernels/cuda/dilated_attention.cu, whose header explains
+// branches, sub-problems and the merge; the shared pieces are in attention_common.cuh): one launch
+// per branch, a block per 64-row tile of one sub-problem of one (b, h), strided rows read in place.
+// The merge across branches carries o and lse in float32 (o in a float32 scratch tensor, lse in the
+// float32 lse output), so the running output is never rounded between branches.
+//
+// Forward (FlashAttention-2): 4 warps, each owning 16 query rows of the 64-row tile. Per key tile,
+// S = Q K^T on mma with Q's fragments held in registers, the online softmax on the accumulators,
+// P converted in registers to the A fragments of the next mma, O += P V. Backward: a block owns a
+// 64-key tile and keeps dK, dV in float32 registers (warp w: keys 16w .. 16w+15); per query tile it
+// recomputes S^T = K Q^T and dP^T = V dO^T (keys as rows), P^T = exp(S^T - lse), dS^T, then
+// dV += P^T dO and dK += dS^T Q straight from registers, and dQ += dS K through shared memory
+// (dS^T is stored there) with float atomics into a float32 dq. The deterministic mode
+// (DILATRON_DETERMINISTIC=1) is not implemented here: BFloat16Backend sends that backward to the
+// float32 kernels instead (CudaBackend::native_bf16_attention).
+//
+// Fragment layouts relied on (PTX ISA, "Warp-level matrix fragment for mma.m16n8k16" with .bf16,
+// and "Warp-level matrix load instruction: ldmatrix"). In a warp, lane = 4 g + c (g the group,
+// c the thread in the group):
+//   A, 16 x 16 row-major: a0 = (row g, cols 2c, 2c+1), a1 = (row g+8, same cols),
+//                         a2 = (row g, cols 2c+8, 2c+9), a3 = (row g+8, cols 2c+8, 2c+9);
+//   B, 16 x 8 (K x N):    b0 = (rows 2c, 2c+1, col g), b1 = (rows 2c+8, 2c+9, col g);
+//   C, 16 x 8 float32:    c0, c1 = (row g, cols 2c, 2c+1), c2, c3 = (row g+8, cols 2c, 2c+1).
+// ldmatrix .x4 reads four 8 x 8 bf16 matrices, lanes 8i .. 8i+7 giving the addresses of matrix i's
+// rows; register i of lane 4g + c then holds row g, cols 2c, 2c+1 of matrix i (with .trans: rows
+// 2c, 2c+1 of col g). So a 16 x 16 tile stored row-major is an A fragment (matrices: rows 0-7 and
+// 8-15 of cols 0-7, then of cols 8-15); a row-major [n][k] tile (K, V as stored) is a B fragment
+// without .trans, and a row-major [k][n] tile (V, dO, Q as the right factor) one with .trans. The
+// C fragment of two adjacent n-blocks, packed to bf16 pairs, is exactly an A fragment (a0/a1 from
+// the first block's c0 c1 / c2 c3, a2/a3 from the second's): P and dS never leave registers on
+// their way into the next product.
+//
+// Shared-memory rows are padded by 8 bf16 (16 bytes): a row is then 4 banks further on than the
+// one above, and the 8 row addresses of one ldmatrix phase hit 8 distinct 16-byte bank groups.
+//
+// Resources (ptxas -v, nvcc 13.0, no spills; shared memory is dynamic):
+//   see docs/gpu-runs.md, "bf16 tensor-core attention kernels".
+#include <cstdint>
+#include <limits>
+
+#include "cuda/attention_common.cuh"
+#include "cuda/cuda_backend.h"
+#include "cuda/cuda_utils.cuh"
+#include "dilatron/bfloat16.h"
+#include "dilatron/kernels/cuda.h"
+
+namespace dilatron::kernels {
+namespace {
+
+using namespace attention;
+using Params = KernelParams<bfloat16, float>;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kRowPad = 8;  // bf16 elements of padding per shared-memory row
+
+template <int D>
+constexpr int kRowStride = D + kRowPad;  // bf16 elements between shared-memory rows
+template <int D>
+constexpr int kTileElements = kTile * kRowStride<D>;
+
+// ---------------------------------------------------------------- PTX wrappers
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared without passing through registers (cp.async.cg: cached in L2 only).
+__device__ __forceinline__ void copy_async_16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most `pending` of this thread's committed groups are still in flight.
+template <int pending>
+__device__ __forceinline__ void copy_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(p))
+               : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(p))
+               : "memory");
+}
+
+// c += a b for a 16 x 16 A fragment and a 16 x 8 B fragment (b0, b1), float32 accumulators.
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats rounded to nearest even as a bf16 pair: lo in bits 0-15 (the lower column / row).
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// The A fragment of k-step kk (columns 16kk .. 16kk+15) from the C fragments of n-blocks 2kk, 2kk+1.
+__device__ __forceinline__ void accumulators_to_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+  a[0] = pack_bf16(c0[0], c0[1]);
+  a[1] = pack_bf16(c0[2], c0[3]);
+  a[2] = pack_bf16(c1[0], c1[1]);
+  a[3] = pack_bf16(c1[2], c1[3]);
+}
+
+// ---------------------------------------------------------------- tiles
+
+// dst row i = slice row (first_row + i), i < 64, by cp.async (16 bytes per copy, consecutive
+// threads along a row); rows past the slice's end are zeros, which add nothing to any product.
+template <int D>
+__device__ void load_tile_async(uint16_t* dst, const bfloat16* src, const Slice& s, int64_t first_row) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  for (int i = threadIdx.x; i < kTile * kChunks; i += kThreads) {
+    const int row = i / kChunks, col = (i % kChunks) * 8;
+    const int64_t m = first_row + row;
+    uint16_t* d = dst + row * kRowStride<D> + col;
+    if (m < s.L) copy_async_16(d, src + s.offset(m) + col);
+    else *reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+// The 127 bias values of a tile pair, as attention::load_bias_strip for the SIMT kernels: strip[d]
+// is the bias of distance (qfirst - kfirst) + ((qt - kt) * 64 + d - 63) * r, bucket_strip[d] its
+// bucket (-1 outside the table: only padding rows get there).
+__device__ void load_bias_strip_bf16(float* strip, int* bucket_strip, const Params& p, const Slice& sq,
+                                     const Slice& sk, int64_t tile_diff) {
+  for (int d = threadIdx.x; d < kStrip; d += kThreads) {
+    const int64_t n = sq.first - sk.first + (tile_diff * kTile + d - (kTile - 1)) * sq.r;
+    const int bucket = (n > -p.N && n < p.N) ? bias_bucket(p.buckets, p.bucket_base, n) : -1;
+    strip[d] = bucket >= 0 ? static_cast<float>(p.bias[sq.h * p.num_buckets + bucket]) : 0.0f;
+    if (bucket_strip) bucket_strip[d] = bucket;
+  }
+}
+
+// A fragments of rows row0 .. row0 + 15 of a [64][D] tile, all D/16 k-steps.
+template <int D>
+__device__ __forceinline__ void load_a_fragments(uint32_t (&a)[D / 16][4], const uint16_t* tile, int row0, int lane) {
+  const uint16_t* base = tile + (row0 + lane % 8 + (lane / 8) % 2 * 8) * kRowStride<D> + lane / 16 * 8;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) ldmatrix_x4(a[ks], base + ks * 16);
+}
+
+// acc[n] += A (16 x D, fragments a) times the transpose of rows [n0, n0 + 64) of a [64][D] tile
+// stored row-major: acc[n] covers tile rows n0 + 8n .. n0 + 8n + 7 (S = Q K^T, dP = dO V^T, and
+// their transposes with keys as rows).
+template <int D, int NB>
+__device__ __forceinline__ void mma_rows_transposed(float (&acc)[NB][4], const uint32_t (&a)[D / 16][4],
+                                                    const uint16_t* tile, int n0, int lane) {
+#pragma unroll
+  for (int n = 0; n < NB; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.0f;
+#pragma unroll
+  for (int n = 0; n < NB; ++n) {
+    // Matrices: rows n0 + 8n .. +7 at columns 32 k2 + 0, 8, 16, 24: b0, b1 of k-steps 2 k2, 2 k2 + 1.
+    const uint16_t* base = tile + (n0 + 8 * n + lane % 8) * kRowStride<D> + lane / 8 * 8;
+#pragma unroll
+    for (int k2 = 0; k2 < D / 32; ++k2) {
+      uint32_t b[4];
+      ldmatrix_x4(b, base + k2 * 32);
+      mma_bf16(acc[n], a[2 * k2], b[0], b[1]);
+      mma_bf16(acc[n], a[2 * k2 + 1], b[2], b[3]);
+    }
+  }
+}
+
+// acc[n] += A (16 x 64: fragments a over the tile's 64 rows as k) times a [64][D] tile stored
+// row-major (O += P V, dV += P^T dO, dK += dS^T Q): acc[n] covers columns 8n .. 8n + 7.
+template <int D>
+__device__ __forceinline__ void mma_rows(float (&acc)[D / 8][4], const uint32_t (&a)[kTile / 16][4],
+                                         const uint16_t* tile, int lane) {
+  // Matrices (.trans): rows 16 kk + 0-7, 8-15 at columns 16 n2 and 16 n2 + 8: b0, b1 of n-blocks
+  // 2 n2 and 2 n2 + 1.
+  const uint16_t* base = tile + (lane % 8 + (lane / 8) % 2 * 8) * kRowStride<D> + lane / 16 * 8;
+#pragma unroll
+  for (int kk = 0; kk < kTile / 16; ++kk)
+#pragma unroll
+    for (int n2 = 0; n2 < D / 16; ++n2) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, base + kk * 16 * kRowStride<D> + n2 * 16);
+      mma_bf16(acc[2 * n2], a[kk], b[0], b[1]);
+      mma_bf16(acc[2 * n2 + 1], a[kk], b[2], b[3]);
+    }
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// ---------------------------------------------------------------- forward
+
+template <int D>
+constexpr size_t kForwardSmemBytes = 3 * kTileElements<D> * sizeof(uint16_t) + kStripLen * sizeof(float);
+
+template <int D>
+__global__ void __launch_bounds__(kThreads) attention_forward_bf16_kernel(const Params p) {
+  const Work w = locate(p, true, p.causal);
+  if (w.bh >= p.B * p.H) return;
+  const Slice s = w.queries<D>(p, w.sub), sk = w.keys<D>(p);
+  const int64_t qt = w.tile;
+  if (qt * kTile >= s.L || sk.L == 0) return;  // no queries, or no keys for them
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint16_t* const Qs = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* const Ks = Qs + kTileElements<D>;
+  uint16_t* const Vs = Ks + kTileElements<D>;
+  float* const bias_strip = reinterpret_cast<float*>(Vs + kTileElements<D>);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  // This thread's rows of the tile (C-fragment rows g and g + 8 of its warp's 16).
+  const int rows[2] = {16 * warp + g, 16 * warp + g + 8};
+
+  load_tile_async<D>(Qs, p.q, s, qt * kTile);
+  load_tile_async<D>(Ks, p.k, sk, 0);
+  copy_async_commit();
+
+  // Online-softmax state, resumed from the earlier branches (o in float32 scratch, lse). l is kept
+  // per thread over its own columns and summed over the quad at the end, so the resumed l = 1 sits
+  // with the quad's first thread only.
+  float m_run[2], l_run[2], acc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t m = qt * kTile + rows[i];
+    const bool valid = m < s.L;
+    m_run[i] = valid ? p.lse[s.lse0 + s.position(m)] : kNegInf<float>;
+    l_run[i] = (c == 0 && m_run[i] != kNegInf<float>) ? 1.0f : 0.0f;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      float2 o = make_float2(0.0f, 0.0f);
+      if (valid) o = *reinterpret_cast<const float2*>(p.o + s.offset(m) + 8 * n + 2 * c);
+      acc[n][2 * i] = o.x;
+      acc[n][2 * i + 1] = o.y;
+    }
+  }
+
+  uint32_t qf[D / 16][4];
+  // Causal: key tiles after the query tile are fully masked and skipped.
+  const int64_t key_tiles = p.causal ? qt + 1 : (sk.L + kTile - 1) / kTile;
+  for (int64_t kt = 0; kt < key_tiles; ++kt) {
+    __syncthreads();  // the previous tile's readers of V and the bias strip are done
+    load_tile_async<D>(Vs, p.v, sk, kt * kTile);
+    copy_async_commit();
+    if (p.bias) load_bias_strip_bf16(bias_strip, nullptr, p, s, sk, qt - kt);
+    copy_async_wait<1>();  // Q and this K have landed (V may be in flight)
+    __syncthreads();
+    if (kt == 0) load_a_fragments<D>(qf, Qs, 16 * warp, lane);
+
+    float sc[kTile / 8][4];
+    mma_rows_transposed<D>(sc, qf, Ks, 0, lane);
+    __syncthreads();  // every warp is done with K: fetch the next tile behind the softmax
+    if (kt + 1 < key_tiles) load_tile_async<D>(Ks, p.k, sk, (kt + 1) * kTile);
+    copy_async_commit();
+
+    // Scores, masks and the running max of rows i (accumulator elements 2i, 2i + 1).
+    float row_max[2] = {kNegInf<float>, kNegInf<float>};
+#pragma unroll
+    for (int n = 0; n < kTile / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e / 2, rq = rows[i], rk = 8 * n + 2 * c + e % 2;
+        const int64_t mq = qt * kTile + rq, mk = kt * kTile + rk;
+        const bool visible = mq < s.L && mk < sk.L && (!p.causal || mk <= mq);
+        const float bias = p.bias ? bias_strip[rq - rk + kTile - 1] : 0.0f;
+        sc[n][e] = visible ? sc[n][e] * p.scale + bias : kNegInf<float>;
+        row_max[i] = fmaxf(row_max[i], sc[n][e]);
+      }
+    float m_ref[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float m_new = fmaxf(m_run[i], quad_max(row_max[i]));
+      m_ref[i] = m_new == kNegInf<float> ? 0.0f : m_new;  // nothing visible yet: keep exact zeros
+      const float corr = __expf(m_run[i] - m_ref[i]);
+      m_run[i] = m_new;
+      l_run[i] *= corr;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        acc[n][2 * i] *= corr;
+        acc[n][2 * i + 1] *= corr;
+      }
+    }
+    uint32_t pf[kTile / 16][4];
+#pragma unroll
+    for (int n = 0; n < kTile / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e / 2;
+        float prob = __expf(sc[n][e] - m_ref[i]);
+        // The normaliser counts every occurrence; dropout only removes terms from the output.
+        l_run[i] += prob;
+        if (p.dropout && prob != 0.0f) {
+          const int64_t mq = qt * kTile + rows[i], mk = kt * kTile + 8 * n + 2 * c + e % 2;
+          prob = keep(p, s, s.position(mq), sk.position(mk)) ? prob * p.keep_scale : 0.0f;
+        }
+        sc[n][e] = prob;
+      }
+#pragma unroll
+    for (int kk = 0; kk < kTile / 16; ++kk) accumulators_to_a(pf[kk], sc[2 * kk], sc[2 * kk + 1]);
+
+    copy_async_wait<1>();  // V has landed (the next K may be in flight)
+    __syncthreads();
+    mma_rows<D>(acc, pf, Vs, lane);
+  }
+  copy_async_wait<0>();
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t m = qt * kTile + rows[i];
+    const float l = quad_sum(l_run[i]);
+    if (m >= s.L) continue;
+    const float inv = 1.0f / l;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<float2*>(p.o + s.offset(m) + 8 * n + 2 * c) =
+          make_float2(acc[n][2 * i] * inv, acc[n][2 * i + 1] * inv);
+    if (c == 0) p.lse[s.lse0 + s.position(m)] = m_run[i] + logf(l);
+  }
+}
+
+// ---------------------------------------------------------------- host side
+
+// The head dim the tensor-core kernels run a call of head dim D on (zero-padded up to it), or 0
+// when they have none (D > 128).
+int64_t tensor_core_head_dim(int64_t D) { return D <= 64 ? 64 : D <= 128 ? 128 : 0; }
+
+template <typename F>
+void dispatch_tensor_core_head_dim(int64_t D, F&& f) {
+  if (D == 64) return f(std::integral_constant<int, 64>{});
+  return f(std::integral_constant<int, 128>{});
+}
+
+// q as the kernels read it: padded to head dim Dp (a fresh tensor) or 16-byte aligned.
+Tensor kernel_input(const Tensor& t, int64_t Dp, Backend& backend) {
+  return t.size(3) == Dp ? aligned(t, backend) : pad_head_dim(t, Dp, backend);
+}
+
+Tensor float32_scratch(const Shape& shape, int device_index) {
+  return Tensor::empty(shape, TensorOptions(DType::Float32).with_device(Device::cuda(device_index)));
+}
+
+// out (bf16, head dim D) = the first D columns of a float32 result, rounded to nearest even.
+void round_into(Tensor& out, const Tensor& result, Backend& backend) {
+  backend.copy(out, result.size(3) == out.size(3) ? result : result.narrow(3, 0, out.size(3)));
+}
+
+}  // namespace
+
+bool CudaBackend::native_bf16_attention(int64_t head_dim, bool backward) {
+  return tensor_core_head_dim(head_dim) != 0 && !backward;  // the backward: float32 kernels for now
+}
+
+void CudaBackend::dilated_attention_forward_bf16(Tensor& o, Tensor& lse, const Tensor& q_in, const Tensor& k_in,
+                                                 const Tensor& v_in, const Tensor& bias,
+                                                 const AttentionParams& params) {
+  constexpr const char* op = "dilated_attention_forward (bf16, tensor cores)";
+  const Dims d = check_attention_inputs(op, q_in, k_in, v_in, bias, index_);
+  DILATRON_CHECK(q_in.dtype() == DType::BFloat16, op, ": q must be bfloat16, got ", dtype_name(q_in.dtype()));
+  check_output(op, "o", o, q_in.shape(), DType::BFloat16, index_);
+  check_output(op, "lse", lse, {d.B, d.H, d.N}, DType::Float32, index_);
+  if (o.numel() == 0) return;
+  DeviceGuard guard(index_);
+  const int64_t Dp = tensor_core_head_dim(d.D);
+  DILATRON_CHECK(Dp != 0, op, ": head dim D = ", d.D, " is not supported (at most 128)");
+  const Tensor q = kernel_input(q_in, Dp, *this), k = kernel_input(k_in, Dp, *this), v = kernel_input(v_in, Dp, *this);
+  const cuda::DeviceBuckets buckets(params, bias.defined(), index_);
+  // The carried state starts empty: o = 0, lse = -inf (also the final values off every grid).
+  Tensor o_acc = float32_scratch(with_head_dim(o.shape(), Dp), index_);
+  CUDA_CHECK(cudaMemsetAsync(o_acc.raw_data(), 0, static_cast<size_t>(o_acc.numel()) * sizeof(float), kStream));
+  fill(lse, -std::numeric_limits<double>::infinity());
+
+  dispatch_tensor_core_head_dim(Dp, [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    Params p = kernel_params<bfloat16, float>(d, params, bias, buckets.data(), q, k, v);
+    p.o = o_acc.data<float>();
+    p.lse = lse.data<float>();
+    constexpr size_t smem = kForwardSmemBytes<D>;
+    allow_shared_memory(attention_forward_bf16_kernel<D>, smem);
+    for (size_t i = 0; i < params.schedule.size(); ++i) {
+      const BranchGrid g = branch_grid(d.N, d.B * d.H, params.schedule[i]);
+      set_branch(p, params.schedule[i], static_cast<int>(i), g);
+      attention_forward_bf16_kernel<D><<<g.by_query_tile, kThreads, smem, kStream>>>(p);
+      CUDA_CHECK_LAUNCH();
+    }
+  });
+  round_into(o, o_acc, *this);
+}
+
+}  // namespace dilatron::kernels
