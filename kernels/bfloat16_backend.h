@@ -189,6 +189,9 @@ class BFloat16Backend final : public Base {
                                   const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse,
                                   const Tensor& bias, const AttentionParams& params) override {
     if (!is_bf16(q)) return Base::dilated_attention_backward(dq, dk, dv, dbias, dout, q, k, v, o, lse, bias, params);
+    if constexpr (kNativeBf16Attention)
+      if (Base::native_bf16_attention(q.size(3), /*backward=*/true))
+        return Base::dilated_attention_backward_bf16(dq, dk, dv, dbias, dout, q, k, v, o, lse, bias, params);
     via_float32([&](Float32Compute& f) {
       Base::dilated_attention_backward(f.out(dq), f.out(dk), f.out(dv), f.out(dbias), f.in(dout), f.in(q), f.in(k),
                                        f.in(v), f.in(o), f.in(lse), f.in(bias), params);

@@ -41,10 +41,11 @@ constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
 // ---------------------------------------------------------------- parameters and geometry
 
-// AttentionParams in the kernels' types (In: the tensors' element type, Acc: the arithmetic and
-// the carried state; the same type except for bf16 inputs, whose kernels work in float32) with the tensors and this launch's branch: everything a
-// launch needs, by value (kernel_params builds it). Tensors are contiguous: q, k, v, o, dout, dq,
-// dk, dv [B, N, H, D]; lse and delta [B, H, N]; bias [H, num_buckets].
+// AttentionParams in the kernels' types with the tensors and this launch's branch: everything a
+// launch needs, by value (kernel_params builds it). In is the tensors' element type, Acc the type of
+// the arithmetic and of the carried state (the same except for bf16 inputs, whose kernels work in
+// float32). Tensors are contiguous: q, k, v, o, dout, dq, dk, dv [B, N, H, D]; lse and delta
+// [B, H, N]; bias [H, num_buckets].
 template <typename In, typename Acc = In>
 struct KernelParams {
   const In *q, *k, *v;
@@ -153,6 +154,41 @@ __global__ void attention_delta_kernel(Acc* delta, const In* dout, const In* o, 
   }
 }
 
+// The 127 bias values a tile pair uses: strip[d] = bias[h, bucket(n)] for the distance
+// n = t - j = (qfirst - kfirst) + ((qt - kt) * 64 + d - 63) * r between query row and key row. With
+// bucket_strip, also the bucket (-1 for distances outside the table, which only padding rows produce).
+template <int kThreads, typename Acc, typename Params>
+__device__ void load_bias_strip(Acc* strip, int* bucket_strip, const Params& p, const Slice& sq, const Slice& sk,
+                                int64_t tile_diff) {
+  for (int d = threadIdx.x; d < kStrip; d += kThreads) {
+    const int64_t n = sq.first - sk.first + (tile_diff * kTile + d - (kTile - 1)) * sq.r;
+    const int bucket = (n > -p.N && n < p.N) ? bias_bucket(p.buckets, p.bucket_base, n) : -1;
+    strip[d] = bucket >= 0 ? static_cast<Acc>(p.bias[sq.h * p.num_buckets + bucket]) : Acc(0);
+    if (bucket_strip) bucket_strip[d] = bucket;
+  }
+}
+
+// dbias contributions of one tile pair, from dS in shared memory (ds(query row, key row), both in
+// [0, 64)): diag[d] sums dS over the diagonal (query row - key row = d - 63) in row order; then the
+// thread owning bucket k adds the diagonals that fall in k, in diagonal order. Fixed orders, no
+// atomics: bitwise reproducible.
+template <int kThreads, typename T, typename Scores>
+__device__ void accumulate_dbias(const Scores& ds, T* diag, T* dbias, const int* bucket_strip, int num_buckets) {
+  for (int d = threadIdx.x; d < kStrip; d += kThreads) {
+    const int shift = d - (kTile - 1);
+    T sum = T(0);
+    for (int row = max(0, shift); row < min(kTile, kTile + shift); ++row) sum += ds(row, row - shift);
+    diag[d] = sum;
+  }
+  __syncthreads();
+  for (int k = threadIdx.x; k < num_buckets; k += kThreads) {
+    T sum = dbias[k];
+    for (int d = 0; d < kStrip; ++d)
+      if (bucket_strip[d] == k) sum += diag[d];
+    dbias[k] = sum;
+  }
+}
+
 // dbias[h, k] += sum over (b, block) of the per-block partial sums of one branch, in a fixed order.
 template <typename T>
 __global__ void attention_dbias_reduce_kernel(T* dbias, const T* partial, int64_t B, int64_t H, int64_t blocks_x,
@@ -198,7 +234,9 @@ inline Tensor pad_head_dim(const Tensor& t, int64_t padded, Backend& backend) {
   backend.copy(head, t);
   return out;
 }
-inline Tensor empty_padded(const Tensor& t, int64_t padded) { return Tensor::empty(with_head_dim(t.shape(), padded), t.options()); }
+inline Tensor empty_padded(const Tensor& t, int64_t padded) {
+  return Tensor::empty(with_head_dim(t.shape(), padded), t.options());
+}
 // out = the first out.size(3) columns of a padded result.
 inline void unpad_head_dim(Tensor& out, const Tensor& padded, Backend& backend) {
   backend.copy(out, padded.narrow(3, 0, out.size(3)));
@@ -214,8 +252,8 @@ void allow_shared_memory(Kernel kernel, size_t bytes) {
 struct Dims {
   int64_t B, N, H, D;
 };
-inline Dims check_attention_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias,
-                            int device_index) {
+inline Dims check_attention_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
+                                   const Tensor& bias, int device_index) {
   DILATRON_CHECK(q.dim() == 4, op, ": q must be [B, N, H, D], got shape ", shape_str(q.shape()));
   const Dims d{q.size(0), q.size(1), q.size(2), q.size(3)};
   for (const auto& [name, t] : {std::pair{"q", &q}, std::pair{"k", &k}, std::pair{"v", &v}}) {
@@ -234,7 +272,7 @@ inline Dims check_attention_inputs(const char* op, const Tensor& q, const Tensor
 }
 
 inline void check_output(const char* op, const char* name, const Tensor& t, const Shape& shape, DType dtype,
-                  int device_index) {
+                         int device_index) {
   DILATRON_CHECK(t.shape() == shape && t.dtype() == dtype && t.is_contiguous(), op, ": ", name, " must be a contiguous ",
                  dtype_name(dtype), " ", shape_str(shape), " tensor, got ", dtype_name(t.dtype()), " ",
                  shape_str(t.shape()));
@@ -256,8 +294,8 @@ inline void check_aligned(const char* op, const char* name, const Tensor& t) {
 
 // AttentionParams in the kernels' type, with the device bucket table and the inputs.
 template <typename In, typename Acc = In>
-KernelParams<In, Acc> kernel_params(const Dims& d, const AttentionParams& ap, const Tensor& bias, const int32_t* buckets,
-                              const Tensor& q, const Tensor& k, const Tensor& v) {
+KernelParams<In, Acc> kernel_params(const Dims& d, const AttentionParams& ap, const Tensor& bias,
+                                    const int32_t* buckets, const Tensor& q, const Tensor& k, const Tensor& v) {
   KernelParams<In, Acc> p{};
   p.q = q.data<In>();
   p.k = k.data<In>();

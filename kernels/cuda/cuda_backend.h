@@ -74,6 +74,9 @@ class CudaBackend : public Backend {
   static bool native_bf16_attention(int64_t head_dim, bool backward);
   void dilated_attention_forward_bf16(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                                       const Tensor& bias, const AttentionParams& params);
+  void dilated_attention_backward_bf16(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dbias, const Tensor& dout,
+                                       const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
+                                       const Tensor& lse, const Tensor& bias, const AttentionParams& params);
 
   // optim.cu
   void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWParams& hp) override;

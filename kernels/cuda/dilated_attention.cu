@@ -99,20 +99,6 @@ __device__ void load_rows(T (*dst)[D + kPad], const T* src, const Slice& s, int6
   }
 }
 
-// The 127 bias values a tile pair uses: strip[d] = bias[h, bucket(n)] for the distance
-// n = t - j = (qfirst - kfirst) + ((qt - kt) * 64 + d - 63) * r between query row and key row. With
-// bucket_strip, also the bucket (-1 for distances outside the table, which only padding rows produce).
-template <typename T>
-__device__ void load_bias_strip(T* strip, int* bucket_strip, const KernelParams<T>& p, const Slice& sq, const Slice& sk,
-                                int64_t tile_diff) {
-  for (int d = threadIdx.x; d < kStrip; d += kThreads) {
-    const int64_t n = sq.first - sk.first + (tile_diff * kTile + d - (kTile - 1)) * sq.r;
-    const int bucket = (n > -p.N && n < p.N) ? bias_bucket(p.buckets, p.bucket_base, n) : -1;
-    strip[d] = bucket >= 0 ? p.bias[sq.h * p.num_buckets + bucket] : T(0);
-    if (bucket_strip) bucket_strip[d] = bucket;
-  }
-}
-
 // S[ra + 16i][cb + 16j] = s[i][j]: this thread's 4 x 4 block into a 64 x 64 score tile.
 template <typename T>
 __device__ __forceinline__ void store_block(T (*S)[kTile + kPad], const T (&s)[4][4], int ra, int cb) {
@@ -335,7 +321,7 @@ __global__ void __launch_bounds__(kThreads, kForwardMinBlocks<T>) attention_forw
   for (int64_t kt = 0; kt < key_tiles; ++kt) {
     __syncthreads();  // the previous tile's readers of KVs (as V) and Ps are done
     load_rows<T, D>(KVs, p.k, sk, kt * kTile);
-    if (p.bias) load_bias_strip(bias_strip, static_cast<int*>(nullptr), p, s, sk, qt - kt);
+    if (p.bias) load_bias_strip<kThreads>(bias_strip, static_cast<int*>(nullptr), p, s, sk, qt - kt);
     __syncthreads();
 
     T sc[4][4];
@@ -402,25 +388,6 @@ __global__ void __launch_bounds__(kThreads, kForwardMinBlocks<T>) attention_forw
 
 // ---------------------------------------------------------------- backward
 
-// dbias contributions of one tile pair, from dS in shared memory: diag[d] sums dS over the
-// diagonal (query row - key row = d - 63) in row order; then the thread owning bucket k adds the
-// diagonals that fall in k, in diagonal order. Fixed orders, no atomics: bitwise reproducible.
-template <typename T, int D>
-__device__ void accumulate_dbias(const BackwardShared<T, D>& sh, int num_buckets) {
-  for (int d = threadIdx.x; d < kStrip; d += kThreads) {
-    const int shift = d - (kTile - 1);
-    T sum = T(0);
-    for (int row = max(0, shift); row < min(kTile, kTile + shift); ++row) sum += sh.S[row][row - shift];
-    sh.diag[d] = sum;
-  }
-  __syncthreads();
-  for (int k = threadIdx.x; k < num_buckets; k += kThreads) {
-    T sum = sh.dbias[k];
-    for (int d = 0; d < kStrip; ++d)
-      if (sh.bucket_strip[d] == k) sum += sh.diag[d];
-    sh.dbias[k] = sum;
-  }
-}
 
 // Key-major backward of one branch: this block's key tile gets dK and dV over all query tiles (of
 // every sub-problem) that see it; dq gets its share through atomics unless accumulate_dq is false
@@ -455,7 +422,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_kernel(const K
       load_rows<T, D>(sh.Q, p.q, s, qt * kTile);
       load_rows<T, D>(sh.dO, p.dout, s, qt * kTile);
       load_row_stats(sh, p, s, qt);
-      if (p.bias) load_bias_strip(sh.bias_strip, want_dbias ? sh.bucket_strip : nullptr, p, s, sk, qt - kt);
+      if (p.bias) load_bias_strip<kThreads>(sh.bias_strip, want_dbias ? sh.bucket_strip : nullptr, p, s, sk, qt - kt);
       __syncthreads();
 
       T ds[4][4];
@@ -480,7 +447,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_kernel(const K
             for (int c = 0; c < L::VC; ++c) atomicAdd(row + L::col(cb, q) + c, p.scale * dq[i][q * L::VC + c]);
         }
       }
-      if (want_dbias) accumulate_dbias(sh, p.num_buckets);
+      if (want_dbias)
+        accumulate_dbias<kThreads>([&](int q, int k) { return sh.S[q][k]; }, sh.diag, sh.dbias, sh.bucket_strip,
+                                   p.num_buckets);
     }
   }
 
@@ -533,7 +502,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(cons
     __syncthreads();  // the previous pair's readers of K, V and S are done
     load_rows<T, D>(sh.K, p.k, sk, kt * kTile);
     load_rows<T, D>(sh.V, p.v, sk, kt * kTile);
-    if (p.bias) load_bias_strip(sh.bias_strip, static_cast<int*>(nullptr), p, s, sk, qt - kt);
+    if (p.bias) load_bias_strip<kThreads>(sh.bias_strip, static_cast<int*>(nullptr), p, s, sk, qt - kt);
     __syncthreads();
     T ds[4][4];
     score_gradients<T, D>(ds, nullptr, p, s, sk, qt, kt, sh, ra, cb);
