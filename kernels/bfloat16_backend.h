@@ -61,7 +61,7 @@ class BFloat16Backend final : public Base {
   using Base::Base;
 
  private:
-  static constexpr bool kNativeBf16Attention = requires { Base::native_bf16_attention(int64_t{}, bool{}); };
+  static constexpr bool kNativeBf16Attention = requires { Base::native_bf16_attention(int64_t{}); };
 
   // call(f) with f the float32 stand-ins, then the rounding into the bf16 outputs.
   template <typename Call>
@@ -179,7 +179,7 @@ class BFloat16Backend final : public Base {
                                  const Tensor& bias, const AttentionParams& params) override {
     if (!is_bf16(q)) return Base::dilated_attention_forward(o, lse, q, k, v, bias, params);
     if constexpr (kNativeBf16Attention)
-      if (Base::native_bf16_attention(q.size(3), /*backward=*/false))
+      if (Base::native_bf16_attention(q.size(3)))
         return Base::dilated_attention_forward_bf16(o, lse, q, k, v, bias, params);
     via_float32([&](Float32Compute& f) {
       Base::dilated_attention_forward(f.out(o), f.out(lse), f.in(q), f.in(k), f.in(v), f.in(bias), params);
@@ -190,7 +190,7 @@ class BFloat16Backend final : public Base {
                                   const Tensor& bias, const AttentionParams& params) override {
     if (!is_bf16(q)) return Base::dilated_attention_backward(dq, dk, dv, dbias, dout, q, k, v, o, lse, bias, params);
     if constexpr (kNativeBf16Attention)
-      if (Base::native_bf16_attention(q.size(3), /*backward=*/true))
+      if (Base::native_bf16_attention(q.size(3)))
         return Base::dilated_attention_backward_bf16(dq, dk, dv, dbias, dout, q, k, v, o, lse, bias, params);
     via_float32([&](Float32Compute& f) {
       Base::dilated_attention_backward(f.out(dq), f.out(dk), f.out(dv), f.out(dbias), f.in(dout), f.in(q), f.in(k),

@@ -186,7 +186,8 @@ TEST(CudaMemory, CopiesAcrossDevicesStridesAndDtypes) {
 // bfloat16 on the GPU. The conversions are one formula on both sides (dilatron/bfloat16.h), so they,
 // and float32 ops that IEEE rounds exactly (add, mul), agree with the CPU bit for bit; the other ops
 // run the CUDA float32 kernels, whose last-bit differences from the CPU's may move a bf16 rounding by
-// one step: at most 2^-7 relative.
+// one step: at most 2^-7 relative. Attention runs the tensor-core kernels (P rounded to bf16 inside,
+// an error far below 2^-7 of max(|o|, 1) here; CudaAttentionBf16 measures it properly).
 TEST(CudaBFloat16, MatchesTheCpuReference) {
   REQUIRE_CUDA();
   constexpr DType kBF16 = DType::BFloat16;
@@ -632,16 +633,13 @@ TEST(CudaAttentionDropout, MaskIsBitIdenticalToTheCpu) {
   }
 }
 
-// Runs forward + backward twice and expects every output and gradient to match bitwise, dq only
-// in the deterministic mode (the default mode adds dq with float atomics).
-void expect_reproducible(bool deterministic) {
-  const AttentionCase c{"repro", 2, 700, 3, 64, "128:1,256:2,700:3", true, 0.2, true, false};
-  const Shape shape{c.B, c.N, c.H, c.D};
-  const Tensor q = randn(shape, 71), k = randn(shape, 72), v = randn(shape, 73), dout = randn(shape, 74);
-  const Tensor bias = randn({c.H, 32}, 75);
+// Forward + backward of c twice in dtype: every output and gradient bitwise the same (dq only when
+// deterministic).
+void expect_reproducible_in(const AttentionCase& c, DType dtype, bool deterministic, const Tensor& q, const Tensor& k,
+                            const Tensor& v, const Tensor& bias, const Tensor& dout) {
   std::vector<std::vector<float>> first;
   for (int run = 0; run < 2; ++run) {
-    const AttentionResult r = run_attention(c, DType::Float32, kGpu, q, k, v, bias, dout);
+    const AttentionResult r = run_attention(c, dtype, kGpu, q, k, v, bias, dout);
     std::vector<std::vector<float>> got = {r.o.to_vector<float>(), r.lse.to_vector<float>(), r.dk.to_vector<float>(),
                                            r.dv.to_vector<float>(), r.dbias.to_vector<float>()};
     if (deterministic) got.push_back(r.dq.to_vector<float>());
@@ -650,15 +648,62 @@ void expect_reproducible(bool deterministic) {
   }
 }
 
+// Runs forward + backward twice in float32 (SIMT kernels) and in bf16 (tensor-core kernels) and
+// expects every output and gradient to match bitwise, dq only in the deterministic mode (the
+// default mode adds dq with float atomics).
+void expect_reproducible(bool deterministic) {
+  const AttentionCase c{"repro", 2, 700, 3, 64, "128:1,256:2,700:3", true, 0.2, true, false};
+  const Shape shape{c.B, c.N, c.H, c.D};
+  const Tensor q = randn(shape, 71), k = randn(shape, 72), v = randn(shape, 73), dout = randn(shape, 74);
+  const Tensor bias = randn({c.H, 32}, 75);
+  for (DType dtype : {DType::Float32, DType::BFloat16}) {
+    SCOPED_TRACE(dtype_name(dtype));
+    expect_reproducible_in(c, dtype, deterministic, q, k, v, bias, dout);
+  }
+}
+
+// DILATRON_DETERMINISTIC=1 for the object's lifetime, then as it was.
+class DeterministicMode {
+ public:
+  DeterministicMode() : had_(std::getenv("DILATRON_DETERMINISTIC") != nullptr) {
+    if (had_) saved_ = std::getenv("DILATRON_DETERMINISTIC");
+    setenv("DILATRON_DETERMINISTIC", "1", 1);
+  }
+  ~DeterministicMode() {
+    if (had_) setenv("DILATRON_DETERMINISTIC", saved_.c_str(), 1);
+    else unsetenv("DILATRON_DETERMINISTIC");
+  }
+
+ private:
+  bool had_;
+  std::string saved_;
+};
+
 TEST(CudaAttentionDeterminism, DeterministicModeIsBitwiseReproducible) {
   REQUIRE_CUDA();
-  const char* previous = std::getenv("DILATRON_DETERMINISTIC");
-  const std::string saved = previous ? previous : "";
-  setenv("DILATRON_DETERMINISTIC", "1", 1);
+  const DeterministicMode mode;
   EXPECT_TRUE(kernels::cuda::deterministic_attention());
   expect_reproducible(true);
-  if (previous) setenv("DILATRON_DETERMINISTIC", saved.c_str(), 1);
-  else unsetenv("DILATRON_DETERMINISTIC");
+}
+
+// bf16: the deterministic mode changes only how dq is summed (a query-major kernel instead of
+// atomics), so every other output is bitwise the default mode's and dq agrees to bf16 rounding
+// (2^-7 relative to max(|dq|, 1): a rounding step either way).
+TEST(CudaAttentionDeterminism, Bf16DeterministicModeChangesOnlyTheDqSummation) {
+  REQUIRE_CUDA();
+  if (kernels::cuda::deterministic_attention()) GTEST_SKIP() << "DILATRON_DETERMINISTIC is set";
+  const AttentionCase c{"repro_bf16", 1, 700, 3, 128, "128:1,256:2k,700:3", true, 0.2, true, false};
+  const Shape shape{c.B, c.N, c.H, c.D};
+  const Tensor q = randn(shape, 81), k = randn(shape, 82), v = randn(shape, 83), dout = randn(shape, 84);
+  const Tensor bias = randn({c.H, 32}, 85);
+  const AttentionResult atomic = run_attention(c, DType::BFloat16, kGpu, q, k, v, bias, dout);
+  const DeterministicMode mode;
+  const AttentionResult ordered = run_attention(c, DType::BFloat16, kGpu, q, k, v, bias, dout);
+  for (const auto& [name, a, b] : {std::tuple{"o", &atomic.o, &ordered.o}, std::tuple{"lse", &atomic.lse, &ordered.lse},
+                                   std::tuple{"dk", &atomic.dk, &ordered.dk}, std::tuple{"dv", &atomic.dv, &ordered.dv},
+                                   std::tuple{"dbias", &atomic.dbias, &ordered.dbias}})
+    EXPECT_EQ(a->to_vector<float>(), b->to_vector<float>()) << name;
+  EXPECT_LE(max_error(ordered.dq, atomic.dq), std::ldexp(1.0, -7));
 }
 
 TEST(CudaAttentionDeterminism, DefaultModeOnlyDqUsesAtomics) {

@@ -69,9 +69,8 @@ class CudaBackend : public Backend {
                                   const Tensor& lse, const Tensor& bias, const AttentionParams& params) override;
 
   // dilated_attention_bf16.cu: bf16 attention on tensor cores. BFloat16Backend<CudaBackend> sends a
-  // bf16 call here when native_bf16_attention(D, backward) (else to the float32 kernels above);
-  // lse is float32.
-  static bool native_bf16_attention(int64_t head_dim, bool backward);
+  // bf16 call here when native_bf16_attention(D) (else to the float32 kernels above); lse is float32.
+  static bool native_bf16_attention(int64_t head_dim);
   void dilated_attention_forward_bf16(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                                       const Tensor& bias, const AttentionParams& params);
   void dilated_attention_backward_bf16(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dbias, const Tensor& dout,

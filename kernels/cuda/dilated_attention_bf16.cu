@@ -24,9 +24,9 @@
 // pass over the query tiles, so two passes for D = 128); per query tile it
 // recomputes S^T = K Q^T and dP^T = V dO^T (keys as rows), P^T = exp(S^T - lse), dS^T, then
 // dV += P^T dO and dK += dS^T Q straight from registers, and dQ += dS K through shared memory
-// (dS^T is stored there) with float atomics into a float32 dq. The deterministic mode
-// (DILATRON_DETERMINISTIC=1) is not implemented here: BFloat16Backend sends that backward to the
-// float32 kernels instead (CudaBackend::native_bf16_attention).
+// (dS^T is stored there) with float atomics into a float32 dq; in the deterministic mode
+// (DILATRON_DETERMINISTIC=1) a second, query-major kernel computes dq instead, summing over key
+// tiles in order, as the float32 kernels do.
 //
 // Fragment layouts relied on (PTX ISA, "Warp-level matrix fragment for mma.m16n8k16" with .bf16,
 // and "Warp-level matrix load instruction: ldmatrix"). In a warp, lane = 4 g + c (g the group,
@@ -49,8 +49,9 @@
 //
 // Resources (ptxas -v, nvcc 13.0; registers per thread, sm_80 / sm_90; no spills; dynamic shared
 // memory): forward D = 64: 159 / 164, 28,160 B; forward D = 128: 174 / 209, 52,736 B; backward
-// D = 64: 228 / 245, 48,128 B; backward D = 128: 249 / 241, 80,896 B (each backward plus 17,536 B
-// with a 32-bucket bias gradient). docs/cuda-bf16-attention.md has the rest.
+// D = 64: 230 / 247, 48,128 B; backward D = 128: 248 / 241, 80,896 B (each backward plus 17,536 B
+// with a 32-bucket bias gradient); deterministic dq D = 64: 166 / 168, 37,376 B; D = 128:
+// 240 / 248, 70,144 B. docs/cuda-bf16-attention.md has the rest.
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
@@ -209,6 +210,27 @@ struct TilePairMask {
         causal_shift(causal ? static_cast<int>(min(int64_t{kTile}, (qt - kt) * kTile)) : kTile) {}
   __device__ bool visible(int rq, int rk) const { return rq < q_rows && rk < k_rows && rk <= rq + causal_shift; }
 };
+
+// The backward's values of one (query row rq, key row rk) pair of the tile pair (qt, kt), from its
+// q.k and dP = <do, v>: pd = P m / (1 - p) (what multiplied v in the forward) and
+// ds = P (dP m / (1 - p) - delta); both 0 where the pair is not visible.
+struct PairGradient {
+  float pd, ds;
+};
+__device__ __forceinline__ PairGradient pair_gradient(const Params& p, const Slice& sq, const Slice& sk,
+                                                      const TilePairMask& mask, int64_t qt, int64_t kt, int rq, int rk,
+                                                      float qk, float dp, float lse, float delta,
+                                                      const float* bias_strip) {
+  if (!mask.visible(rq, rk)) return {0.0f, 0.0f};
+  const float bias = p.bias ? bias_strip[rq - rk + kTile - 1] : 0.0f;
+  const float prob = __expf(qk * p.scale + bias - lse);
+  float kept = 1.0f;
+  if (p.dropout) {
+    const int64_t t = sq.position(qt * kTile + rq), j = sk.position(kt * kTile + rk);
+    kept = keep(p, sq, t, j) ? p.keep_scale : 0.0f;
+  }
+  return {prob * kept, prob * (dp * kept - delta)};
+}
 
 __device__ __forceinline__ float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
@@ -371,9 +393,10 @@ struct BackwardSmem {
 };
 
 // Key-major backward of one branch: this block's key tile gets dK and dV over all query tiles (of
-// every sub-problem) that see it, and adds its share of dq with float atomics.
+// every sub-problem) that see it, and adds its share of dq with float atomics unless accumulate_dq
+// is false (deterministic mode: attention_backward_dq_bf16_kernel adds dq).
 template <int D>
-__global__ void __launch_bounds__(kThreads) attention_backward_bf16_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads) attention_backward_bf16_kernel(const Params p, bool accumulate_dq) {
   using Layout = BackwardSmem<D>;
   const Work w = locate(p, false, false);
   if (w.bh >= p.B * p.H) return;
@@ -445,19 +468,10 @@ __global__ void __launch_bounds__(kThreads) attention_backward_bf16_kernel(const
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int rk = key_rows[e / 2], rq = q0 + 8 * n + 2 * c + e % 2;
-              float prob = 0.0f, kept = 1.0f;
-              if (mask.visible(rq, rk)) {
-                const float bias = p.bias ? bias_strip[rq - rk + kTile - 1] : 0.0f;
-                prob = __expf(st[n][e] * p.scale + bias - lse[rq]);
-                if (p.dropout) {
-                  const int64_t t = s.position(qt * kTile + rq), j = sk.position(kt * kTile + rk);
-                  kept = keep(p, s, t, j) ? p.keep_scale : 0.0f;
-                }
-              }
-              // P^T m / (1 - p) (what multiplied v in the forward) into st, dS^T into dpt.
-              const float ds = prob * (dpt[n][e] * kept - delta[rq]);
-              st[n][e] = prob * kept;
-              dpt[n][e] = ds;
+              const PairGradient pg =
+                  pair_gradient(p, s, sk, mask, qt, kt, rq, rk, st[n][e], dpt[n][e], lse[rq], delta[rq], bias_strip);
+              st[n][e] = pg.pd;  // P^T m / (1 - p) into st, dS^T into dpt
+              dpt[n][e] = pg.ds;
             }
           uint32_t pf[kQueryChunk / 16][4], dsf[kQueryChunk / 16][4];
 #pragma unroll
@@ -474,15 +488,20 @@ __global__ void __launch_bounds__(kThreads) attention_backward_bf16_kernel(const
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
               const int rq = q0 + 8 * n + 2 * c;
-              *reinterpret_cast<uint32_t*>(dSt + key_rows[i] * kRowStride<kTile> + rq) =
-                  pack_bf16(dpt[n][2 * i], dpt[n][2 * i + 1]);
+              if (accumulate_dq)
+                *reinterpret_cast<uint32_t*>(dSt + key_rows[i] * kRowStride<kTile> + rq) =
+                    pack_bf16(dpt[n][2 * i], dpt[n][2 * i + 1]);
               if (want_dbias)
                 *reinterpret_cast<float2*>(dSt_f32 + key_rows[i] * Layout::kScoreStride + rq) =
                     make_float2(dpt[n][2 * i], dpt[n][2 * i + 1]);
             }
         }
-        if (!first_pass) continue;
+        if (!first_pass || !(accumulate_dq || want_dbias)) continue;
         __syncthreads();  // dS^T is complete
+        if (want_dbias)
+          accumulate_dbias<kThreads>([&](int q, int k) { return dSt_f32[k * Layout::kScoreStride + q]; }, diag, dbias,
+                                     bucket_strip, p.num_buckets);
+        if (!accumulate_dq) continue;
 
         // dQ rows 16 warp .. 16 warp + 15 += dS K: the A fragments are dS^T's transpose (ldmatrix
         // .trans over [key][query]: matrices keys 0-7 at queries +0, +8, then keys 8-15).
@@ -506,9 +525,6 @@ __global__ void __launch_bounds__(kThreads) attention_backward_bf16_kernel(const
             }
           }
         }
-        if (want_dbias)
-          accumulate_dbias<kThreads>([&](int q, int k) { return dSt_f32[k * Layout::kScoreStride + q]; }, diag, dbias,
-                                     bucket_strip, p.num_buckets);
       }
     }
 
@@ -530,6 +546,82 @@ __global__ void __launch_bounds__(kThreads) attention_backward_bf16_kernel(const
   if (want_dbias) {
     __syncthreads();
     for (int k = threadIdx.x; k < p.num_buckets; k += kThreads) partial[k] = dbias[k];
+  }
+}
+
+// Deterministic dq of one branch (DILATRON_DETERMINISTIC=1): a block owns a query tile (warp w its
+// rows 16w .. 16w + 15), walks its key tiles in order and adds scale * dS K to its float32 dq rows
+// once at the end: no atomics, at the price of computing S and dP a second time.
+template <int D>
+constexpr size_t kDqSmemBytes = 4 * kTileElements<D> * sizeof(uint16_t) + kStripLen * sizeof(float);
+
+template <int D>
+__global__ void __launch_bounds__(kThreads) attention_backward_dq_bf16_kernel(const Params p) {
+  const Work w = locate(p, true, p.causal);
+  if (w.bh >= p.B * p.H) return;
+  const Slice s = w.queries<D>(p, w.sub), sk = w.keys<D>(p);
+  const int64_t qt = w.tile;
+  if (qt * kTile >= s.L || sk.L == 0) return;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint16_t* const Qs = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* const dOs = Qs + kTileElements<D>;
+  uint16_t* const Ks = dOs + kTileElements<D>;
+  uint16_t* const Vs = Ks + kTileElements<D>;
+  float* const bias_strip = reinterpret_cast<float*>(Vs + kTileElements<D>);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int rows[2] = {16 * warp + g, 16 * warp + g + 8};
+  float lse[2], delta[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t m = qt * kTile + rows[i];
+    const bool valid = m < s.L;
+    lse[i] = valid ? p.lse[s.lse0 + s.position(m)] : 0.0f;
+    delta[i] = valid ? p.delta[s.lse0 + s.position(m)] : 0.0f;
+  }
+  load_tile_async<D>(Qs, p.q, s, qt * kTile);
+  load_tile_async<D>(dOs, p.dout, s, qt * kTile);
+  copy_async_commit();
+
+  float dq[D / 8][4] = {};
+  const int64_t key_tiles = p.causal ? qt + 1 : (sk.L + kTile - 1) / kTile;
+  for (int64_t kt = 0; kt < key_tiles; ++kt) {
+    __syncthreads();  // the previous pair's readers of K, V and the bias strip are done
+    load_tile_async<D>(Ks, p.k, sk, kt * kTile);
+    load_tile_async<D>(Vs, p.v, sk, kt * kTile);
+    copy_async_commit();
+    if (p.bias) load_bias_strip<kThreads>(bias_strip, static_cast<int*>(nullptr), p, s, sk, qt - kt);
+    copy_async_wait<0>();
+    __syncthreads();
+
+    float sc[kTile / 8][4], dp[kTile / 8][4];
+    mma_a_bt<D>(sc, Qs, 16 * warp, Ks, 0, lane);
+    mma_a_bt<D>(dp, dOs, 16 * warp, Vs, 0, lane);
+    const TilePairMask mask(s, sk, qt, kt, p.causal);
+#pragma unroll
+    for (int n = 0; n < kTile / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e / 2, rq = rows[i], rk = 8 * n + 2 * c + e % 2;
+        sc[n][e] = pair_gradient(p, s, sk, mask, qt, kt, rq, rk, sc[n][e], dp[n][e], lse[i], delta[i], bias_strip).ds;
+      }
+    uint32_t dsf[kTile / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kTile / 16; ++kk) accumulators_to_a(dsf[kk], sc[2 * kk], sc[2 * kk + 1]);
+    mma_a_b(dq, dsf, Ks, kRowStride<D>, 0, 0, lane);
+  }
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t m = qt * kTile + rows[i];
+    if (m >= s.L) continue;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      float2* row = reinterpret_cast<float2*>(p.dq + s.offset(m) + 8 * n + 2 * c);
+      const float2 a = *row;
+      *row = make_float2(a.x + p.scale * dq[n][2 * i], a.y + p.scale * dq[n][2 * i + 1]);
+    }
   }
 }
 
@@ -561,8 +653,8 @@ void round_into(Tensor& out, const Tensor& result, Backend& backend) {
 
 }  // namespace
 
-bool CudaBackend::native_bf16_attention(int64_t head_dim, bool backward) {
-  return tensor_core_head_dim(head_dim) != 0 && !(backward && cuda::deterministic_attention());
+bool CudaBackend::native_bf16_attention(int64_t head_dim) {
+  return tensor_core_head_dim(head_dim) != 0;
 }
 
 void CudaBackend::dilated_attention_forward_bf16(Tensor& o, Tensor& lse, const Tensor& q_in, const Tensor& k_in,
@@ -628,6 +720,7 @@ void CudaBackend::dilated_attention_backward_bf16(Tensor& dq, Tensor& dk, Tensor
   const Tensor dout = kernel_input(dout_in, Dp, *this);
   const cuda::DeviceBuckets buckets(params, bias.defined(), index_);
   const int64_t BH = d.B * d.H;
+  const bool deterministic = cuda::deterministic_attention();
 
   // The gradients accumulate in float32 over every branch (dq also over key tiles, by atomics).
   const Shape padded = with_head_dim(q_in.shape(), Dp);
@@ -668,11 +761,16 @@ void CudaBackend::dilated_attention_backward_bf16(Tensor& dq, Tensor& dk, Tensor
     p.dbias_partial = want_dbias ? partial.data() : nullptr;
     const size_t smem = BackwardSmem<D>::bytes(want_dbias ? num_buckets : 0);
     allow_shared_memory(attention_backward_bf16_kernel<D>, smem);
+    if (deterministic) allow_shared_memory(attention_backward_dq_bf16_kernel<D>, kDqSmemBytes<D>);
     for (size_t i = 0; i < params.schedule.size(); ++i) {
       const BranchGrid g = branch_grid(d.N, BH, params.schedule[i]);
       set_branch(p, params.schedule[i], static_cast<int>(i), g);
-      attention_backward_bf16_kernel<D><<<g.by_key_tile, kThreads, smem, kStream>>>(p);
+      attention_backward_bf16_kernel<D><<<g.by_key_tile, kThreads, smem, kStream>>>(p, !deterministic);
       CUDA_CHECK_LAUNCH();
+      if (deterministic) {
+        attention_backward_dq_bf16_kernel<D><<<g.by_query_tile, kThreads, kDqSmemBytes<D>, kStream>>>(p);
+        CUDA_CHECK_LAUNCH();
+      }
       if (want_dbias) {
         const int64_t outs = d.H * num_buckets;
         attention_dbias_reduce_kernel<float><<<static_cast<unsigned>((outs + 255) / 256), 256, 0, kStream>>>(
