@@ -1,6 +1,8 @@
 // Flash dilated attention on the GPU, forward and backward: the function of
 // docs/attention-contract.md (the contract), which kernels/cpu/dilated_attention.cpp also
-// implements. SIMT float32 / float64 kernels (no tensor cores: TF32 would miss the contract's 1e-5).
+// implements. SIMT float32 / float64 kernels (no tensor cores: TF32 would miss the contract's 1e-5);
+// bf16 runs on tensor cores in dilated_attention_bf16.cu, and what the two files share (launch
+// parameters, row slices, dropout bit, bias strip, dbias sums, host checks) is in attention_common.cuh.
 //
 // How the work is cut. For branch i = (w, r) and head h, segment s splits into sub-problems
 // (kernels/dilated_attention.h): query rows qfirst + m*r and key rows kfirst + m*r, and inside one

@@ -4,32 +4,34 @@
 // float32 lse, and every output and gradient rounded to bf16 once, at the end.
 //
 // UNVERIFIED: written and compiled without a GPU; it has never run. tests/test_cuda.cpp holds its
-// tests (CudaAttentionBf16), which skip without a GPU; run scripts/gpu-check.sh before relying on it.
+// tests (CudaAttentionBf16 and the bf16 cases of the dropout and determinism tests), which skip
+// without a GPU; run scripts/gpu-check.sh before relying on it.
 //
-// The plain reference next to it is tests/attention_reference.h's naive_bf16 (bf16-rounded inputs,
-// float32 softmax, one rounding of the result), which the tests compare both against the float64
-// contract: this kernel's error must stay within twice the naive one's.
+// The plain reference next to it is tests/attention_reference.h's naive_bf16 (PyTorch's math
+// attention in bf16: every matmul and the softmax round their results to bf16). The tests measure
+// both against the float64 contract: this kernel's error must stay within twice the naive one's.
 //
 // The work is cut as in the SIMT kernels (kernels/cuda/dilated_attention.cu, whose header explains
 // branches, sub-problems and the merge; the shared pieces are in attention_common.cuh): one launch
-// per branch, a block per 64-row tile of one sub-problem of one (b, h), strided rows read in place.
-// The merge across branches carries o and lse in float32 (o in a float32 scratch tensor, lse in the
-// float32 lse output), so the running output is never rounded between branches.
+// per branch, a block per 64-row tile of one sub-problem of one (b, h), strided rows read in place
+// (cp.async into shared memory). The merge across branches carries o and lse in float32 (o in a
+// float32 scratch tensor, lse in the float32 lse output): the running output is never rounded.
 //
 // Forward (FlashAttention-2): 4 warps, each owning 16 query rows of the 64-row tile. Per key tile,
-// S = Q K^T on mma, the online softmax on the accumulators,
-// P converted in registers to the A fragments of the next mma, O += P V. Operand fragments are
-// read from shared memory with ldmatrix just before each mma (Q's included: fewer registers). Backward: a block owns a
-// 64-key tile and keeps dK, dV in float32 registers (warp w: keys 16w .. 16w+15; 64 columns per
-// pass over the query tiles, so two passes for D = 128); per query tile it
-// recomputes S^T = K Q^T and dP^T = V dO^T (keys as rows), P^T = exp(S^T - lse), dS^T, then
-// dV += P^T dO and dK += dS^T Q straight from registers, and dQ += dS K through shared memory
-// (dS^T is stored there) with float atomics into a float32 dq; in the deterministic mode
+// S = Q K^T on mma, the online softmax on the accumulators, P converted in registers to the A
+// fragments of the next mma, O += P V. Operand fragments are read from shared memory with ldmatrix
+// just before each mma (Q's too: fewer registers than holding them).
+//
+// Backward: a block owns a 64-key tile and keeps dK, dV in float32 registers (warp w: keys
+// 16w .. 16w+15; 64 columns per pass over the query tiles, so two passes for D = 128). Per query
+// tile it recomputes S^T = K Q^T and dP^T = V dO^T (keys as rows), P^T = exp(S^T - lse) and dS^T,
+// then dV += P^T dO and dK += dS^T Q straight from registers, and dQ += dS K through shared memory
+// (dS^T is stored there) with float atomics into a float32 dq. In the deterministic mode
 // (DILATRON_DETERMINISTIC=1) a second, query-major kernel computes dq instead, summing over key
 // tiles in order, as the float32 kernels do.
 //
-// Fragment layouts relied on (PTX ISA, "Warp-level matrix fragment for mma.m16n8k16" with .bf16,
-// and "Warp-level matrix load instruction: ldmatrix"). In a warp, lane = 4 g + c (g the group,
+// Fragment layouts relied on (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point
+// type", .bf16, and "Warp-level matrix load instruction: ldmatrix"). In a warp, lane = 4 g + c (g the group,
 // c the thread in the group):
 //   A, 16 x 16 row-major: a0 = (row g, cols 2c, 2c+1), a1 = (row g+8, same cols),
 //                         a2 = (row g, cols 2c+8, 2c+9), a3 = (row g+8, cols 2c+8, 2c+9);
@@ -41,8 +43,8 @@
 // 8-15 of cols 0-7, then of cols 8-15); a row-major [n][k] tile (K, V as stored) is a B fragment
 // without .trans, and a row-major [k][n] tile (V, dO, Q as the right factor) one with .trans. The
 // C fragment of two adjacent n-blocks, packed to bf16 pairs, is exactly an A fragment (a0/a1 from
-// the first block's c0 c1 / c2 c3, a2/a3 from the second's): P and dS never leave registers on
-// their way into the next product.
+// the first block's c0 c1 / c2 c3, a2/a3 from the second's): P, and dS on its way into dK, never
+// leave registers between one product and the next.
 //
 // Shared-memory rows are padded by 8 bf16 (16 bytes): a row is then 4 banks further on than the
 // one above, and the 8 row addresses of one ldmatrix phase hit 8 distinct 16-byte bank groups.
