@@ -62,6 +62,8 @@ class BFloat16Backend final : public Base {
   using Base::Base;
 
  private:
+  static constexpr bool kNativeBf16Attention = requires { Base::native_bf16_attention(int64_t{}); };
+
   // call(f) with f the float32 stand-ins, then the rounding into the bf16 outputs.
   template <typename Call>
   void via_float32(Call&& call) {
@@ -172,10 +174,14 @@ class BFloat16Backend final : public Base {
     via_float32([&](Float32Compute& f) { Base::rotary(f.out(out), f.in(x), f.in(cos), f.in(sin)); });
   }
 
-  // lse is float32 for bf16 q (compute_dtype); o and the gradients are bf16.
+  // lse is float32 for bf16 q (compute_dtype); o and the gradients are bf16. A Base with its own bf16
+  // attention kernels (CudaBackend's tensor-core ones) runs the calls they cover itself.
   void dilated_attention_forward(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                                  const Tensor& bias, const AttentionParams& params) override {
     if (!is_bf16(q)) return Base::dilated_attention_forward(o, lse, q, k, v, bias, params);
+    if constexpr (kNativeBf16Attention)
+      if (Base::native_bf16_attention(q.size(3)))
+        return Base::dilated_attention_forward_bf16(o, lse, q, k, v, bias, params);
     via_float32([&](Float32Compute& f) {
       Base::dilated_attention_forward(f.out(o), f.out(lse), f.in(q), f.in(k), f.in(v), f.in(bias), params);
     });
@@ -184,6 +190,9 @@ class BFloat16Backend final : public Base {
                                   const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse,
                                   const Tensor& bias, const AttentionParams& params) override {
     if (!is_bf16(q)) return Base::dilated_attention_backward(dq, dk, dv, dbias, dout, q, k, v, o, lse, bias, params);
+    if constexpr (kNativeBf16Attention)
+      if (Base::native_bf16_attention(q.size(3)))
+        return Base::dilated_attention_backward_bf16(dq, dk, dv, dbias, dout, q, k, v, o, lse, bias, params);
     via_float32([&](Float32Compute& f) {
       Base::dilated_attention_backward(f.out(dq), f.out(dk), f.out(dv), f.out(dbias), f.in(dout), f.in(q), f.in(k),
                                        f.in(v), f.in(o), f.in(lse), f.in(bias), params);

@@ -2,7 +2,8 @@
 # The GPU check: builds dilatron for the GPU it finds (or unpacks a prebuilt bundle), runs every
 # CUDA test, compute-sanitizer memcheck (and racecheck, for shared-memory races) on the attention
 # tests, the attention benchmark, and 50 training steps on the GPU against the same 50 on the CPU,
-# then writes a Markdown report to OUTDIR/gpu-check.md (a summary table last, also printed).
+# then writes a Markdown report to OUTDIR/gpu-check.md (a summary table last, also printed). The
+# bf16 tensor-core attention tests and their memcheck have steps of their own.
 # Designed to finish within 8 minutes on an H100: the steps' time limits add up to less.
 #
 #   scripts/gpu-check.sh OUTDIR
@@ -14,8 +15,8 @@
 # DILATRON_GPU_TRAIN_CONFIGS ("passkey passkey-local").
 # Without a bundle it needs nvcc, CMake and the Debian packages of scripts/install-deps.sh.
 # DILATRON_GPU_BUILD_DIR overrides the build directory (default: build-gpu in the repository).
-# Files in OUTDIR: gpu-check.md, build.log, tests.log, tests.xml, memcheck.log, racecheck.log,
-# bench.md, train.log.
+# Files in OUTDIR: gpu-check.md, build.log, tests.log, tests.xml, tests-bf16.log, tests-bf16.xml,
+# memcheck.log, memcheck-bf16.log, racecheck.log, bench.md, train.log.
 set -uo pipefail
 
 if [ $# -ne 1 ]; then
@@ -95,18 +96,36 @@ fi
 if [ $build_rc -eq 0 ]; then
   tests="$bin/dilatron_tests"
 
-  # ---- every CUDA test ----
-  step "CUDA tests" 90 "$out/tests.log" "$tests" --gtest_filter='Cuda*' --gtest_output="xml:$out/tests.xml"
+  # ---- every CUDA test (the bf16 tensor-core accuracy suite in its own step below) ----
+  step "CUDA tests" 90 "$out/tests.log" "$tests" --gtest_filter='Cuda*:-Cuda/CudaAttentionBf16.*' \
+    --gtest_output="xml:$out/tests.xml"
   passed=$(grep -c '^\[       OK \]' "$out/tests.log")
   failed=$(grep -c '^\[  FAILED  \].*(' "$out/tests.log")
   skipped=$(grep -c '^\[  SKIPPED \].*(' "$out/tests.log")
-  add_row "tests --gtest_filter='Cuda*'" "$([ $step_rc -eq 0 ] && echo ok || echo "FAILED (rc $step_rc)")" "$step_seconds" \
-    "$passed passed, $failed failed, $skipped skipped"
+  add_row "tests --gtest_filter='Cuda*:-Cuda/CudaAttentionBf16.*'" "$([ $step_rc -eq 0 ] && echo ok || echo "FAILED (rc $step_rc)")" \
+    "$step_seconds" "$passed passed, $failed failed, $skipped skipped"
   {
     echo "## CUDA tests"
     echo
     echo '```'
     grep -E '^\[ +(OK|FAILED|SKIPPED) +\]|Failure|error:|Expected|Which is|^\[==========\]|^\[  PASSED  \]' "$out/tests.log" | tail -n 120
+    echo '```'
+    echo
+  } >>"$report"
+
+  # ---- bf16 attention on tensor cores against the float64 oracle and the naive bf16 code (every
+  # case of the shared table; the host oracle and naive code take most of the time) ----
+  step "bf16 tensor-core attention tests" 150 "$out/tests-bf16.log" "$tests" --gtest_filter='Cuda/CudaAttentionBf16.*' \
+    --gtest_output="xml:$out/tests-bf16.xml"
+  passed=$(grep -c '^\[       OK \]' "$out/tests-bf16.log")
+  failed=$(grep -c '^\[  FAILED  \].*(' "$out/tests-bf16.log")
+  add_row "tests --gtest_filter='Cuda/CudaAttentionBf16.*' (bf16 within 2x naive bf16)" \
+    "$([ $step_rc -eq 0 ] && echo ok || echo "FAILED (rc $step_rc)")" "$step_seconds" "$passed passed, $failed failed"
+  {
+    echo "## bf16 tensor-core attention tests"
+    echo
+    echo '```'
+    grep -E '^\[ +(OK|FAILED|SKIPPED) +\]|Failure|error|naive bf16|Expected|Which is|^\[==========\]' "$out/tests-bf16.log" | tail -n 120
     echo '```'
     echo
   } >>"$report"
@@ -121,11 +140,21 @@ if [ $build_rc -eq 0 ]; then
     add_row "compute-sanitizer memcheck (attention tests)" "$([ $step_rc -eq 0 ] && echo ok || echo "FAILED (rc $step_rc)")" \
       "$step_seconds" "$errors errors"
     { echo "## compute-sanitizer memcheck"; echo; echo '```'; grep -E 'ERROR SUMMARY|Invalid|Address|at 0x|\[  FAILED  \]' "$out/memcheck.log" | head -n 40; echo '```'; echo; } >>"$report"
+    # The bf16 tensor-core kernels on four cases: D = 64 with bias gradient, key-dilated with
+    # dropout, queries on no grid, and D = 128 (two column passes in the backward).
+    bf16_cases="two_branches_causal_bias:key_dilated_causal_dropout_bias_d32:uncovered_queries:d128_causal_dropout_bias_1025"
+    bf16_filter="$(tr ':' '\n' <<<"$bf16_cases" | sed 's|^|Cuda/CudaAttentionBf16.WithinTwiceTheNaiveBf16Error/|' | paste -sd:)"
+    step "memcheck bf16" 90 "$out/memcheck-bf16.log" compute-sanitizer --tool memcheck --error-exitcode 3 "$tests" \
+      --gtest_filter="$bf16_filter"
+    errors=$(grep -Eo 'ERROR SUMMARY: [0-9]+' "$out/memcheck-bf16.log" | tail -n 1 | grep -Eo '[0-9]+' || echo '?')
+    add_row "compute-sanitizer memcheck (bf16 tensor-core attention, 4 cases)" \
+      "$([ $step_rc -eq 0 ] && echo ok || echo "FAILED (rc $step_rc)")" "$step_seconds" "$errors errors"
+    { echo "## compute-sanitizer memcheck, bf16"; echo; echo '```'; grep -E 'ERROR SUMMARY|Invalid|Address|at 0x|\[  FAILED  \]' "$out/memcheck-bf16.log" | head -n 40; echo '```'; echo; } >>"$report"
     # racecheck: shared-memory hazards between the threads of a block (a missing __syncthreads).
-    step "racecheck" 45 "$out/racecheck.log" env DILATRON_CUDA_TEST_QUICK=1 compute-sanitizer --tool racecheck \
-      --error-exitcode 3 "$tests" --gtest_filter='Cuda/CudaAttention.MatchesCpuFloat64/two_branches_causal_bias:Cuda/CudaAttention.MatchesCpuFloat64/r_above_h_dropout_bias'
+    step "racecheck" 60 "$out/racecheck.log" env DILATRON_CUDA_TEST_QUICK=1 compute-sanitizer --tool racecheck \
+      --error-exitcode 3 "$tests" --gtest_filter='Cuda/CudaAttention.MatchesCpuFloat64/two_branches_causal_bias:Cuda/CudaAttention.MatchesCpuFloat64/r_above_h_dropout_bias:Cuda/CudaAttentionBf16.WithinTwiceTheNaiveBf16Error/two_branches_causal_bias'
     hazards=$(grep -Eo 'RACECHECK SUMMARY: [0-9]+' "$out/racecheck.log" | tail -n 1 | grep -Eo '[0-9]+' || echo '?')
-    add_row "compute-sanitizer racecheck (2 attention cases)" "$([ $step_rc -eq 0 ] && echo ok || echo "FAILED (rc $step_rc)")" \
+    add_row "compute-sanitizer racecheck (2 attention cases, 1 bf16)" "$([ $step_rc -eq 0 ] && echo ok || echo "FAILED (rc $step_rc)")" \
       "$step_seconds" "$hazards hazards"
     { echo "## compute-sanitizer racecheck"; echo; echo '```'; grep -E 'RACECHECK SUMMARY|ERROR SUMMARY|Race|hazard|\[  FAILED  \]' "$out/racecheck.log" | head -n 40; echo '```'; echo; } >>"$report"
   else

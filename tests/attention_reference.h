@@ -3,6 +3,9 @@
 // (branch, key) occurrences, the dropout bits and the bias buckets computed from their
 // definitions. It is the oracle the kernels are tested against: obviously correct, not fast
 // (O(K * N^2) per head), so small sizes only.
+//
+// naive_bf16 below is the yardstick for bf16 kernels: the same function computed the way a naive
+// bf16 implementation (PyTorch's math attention in bf16) does, rounding where it rounds.
 #pragma once
 
 #include <algorithm>
@@ -11,6 +14,7 @@
 #include <limits>
 #include <vector>
 
+#include "dilatron/bfloat16.h"
 #include "dilatron/kernels/dilated_attention.h"
 #include "dilatron/philox.h"
 
@@ -168,6 +172,80 @@ inline Grads backward(const Problem& p, const Forward& fwd, const std::vector<do
     }
   });
   return g;
+}
+
+// ---------------------------------------------------------------- naive bf16
+
+// The contract computed as a naive bf16 implementation does it: PyTorch's math attention run in bf16
+// with autograd (FlashAttention's tests' baseline). The inputs are taken as given (the caller rounds
+// them to bf16); every matmul sums in float32 and rounds its result to bf16, the softmax runs in
+// float32 and rounds its output, dropout and scalings round, and the softmax backward takes
+// D_t = sum_j P dP (not do . o). Accumulations over keys (o, dq) or queries (dk, dv, dbias) are
+// float32 sums rounded once. lse (which the naive code never materialises) is float32 log Z.
+struct NaiveBf16 {
+  Forward fwd;
+  Grads grads;
+};
+
+inline NaiveBf16 naive_bf16(const Problem& p, const std::vector<double>& dout) {
+  auto r = [](float x) { return static_cast<float>(bfloat16(x)); };
+  auto f = [](double x) { return static_cast<float>(x); };
+  const float scale = f(p.scale), drop_scale = r(f(1.0 / (1.0 - p.p)));
+  std::vector<float> o(p.q.size(), 0.0f), dq(p.q.size(), 0.0f), dk(p.q.size(), 0.0f), dv(p.q.size(), 0.0f),
+      dbias(p.bias.size(), 0.0f);
+  NaiveBf16 out;
+  out.fwd.lse.assign(static_cast<size_t>(p.B * p.H * p.N), -std::numeric_limits<double>::infinity());
+  for_each_query(p, [&](int64_t b, int64_t h, int64_t t, const std::vector<Occurrence>& occ) {
+    if (occ.empty()) return;
+    const size_t rt = p.row(b, t, h);
+    std::vector<float> s, P, Pd, dP;
+    std::vector<int64_t> buckets;
+    for (const auto& e : occ) {
+      float dot = 0.0f;
+      for (int64_t d = 0; d < p.D; ++d) dot += f(p.q[rt + d]) * f(p.k[p.row(b, e.j, h) + d]);
+      float si = r(r(dot) * scale);
+      const int64_t bk = bucket(t - e.j, p.causal, p.num_buckets, p.max_distance);
+      if (!p.bias.empty()) si = r(si + f(p.bias[static_cast<size_t>(h * p.num_buckets + bk)]));
+      s.push_back(si);
+      buckets.push_back(bk);
+    }
+    float mx = -std::numeric_limits<float>::infinity(), z = 0.0f;
+    for (float si : s) mx = std::max(mx, si);
+    for (float si : s) z += std::exp(si - mx);
+    out.fwd.lse[static_cast<size_t>((b * p.H + h) * p.N + t)] = mx + std::log(z);
+    float Dt = 0.0f;
+    for (size_t n = 0; n < occ.size(); ++n) {
+      const size_t rj = p.row(b, occ[n].j, h);
+      const bool kept = keep(p, b, h, occ[n].i, t, occ[n].j);
+      P.push_back(r(std::exp(s[n] - mx) / z));
+      Pd.push_back(kept ? r(P[n] * drop_scale) : 0.0f);
+      float do_v = 0.0f;
+      for (int64_t d = 0; d < p.D; ++d) do_v += f(dout[rt + d]) * f(p.v[rj + d]);
+      dP.push_back(kept ? r(r(do_v) * drop_scale) : 0.0f);
+      Dt += P[n] * dP[n];
+      for (int64_t d = 0; d < p.D; ++d) {
+        o[rt + d] += Pd[n] * f(p.v[rj + d]);
+        dv[rj + d] += Pd[n] * f(dout[rt + d]);
+      }
+    }
+    for (size_t n = 0; n < occ.size(); ++n) {
+      const size_t rj = p.row(b, occ[n].j, h);
+      const float dS = r(P[n] * (dP[n] - Dt)), dS_scaled = r(dS * scale);
+      for (int64_t d = 0; d < p.D; ++d) {
+        dq[rt + d] += dS_scaled * f(p.k[rj + d]);
+        dk[rj + d] += dS_scaled * f(p.q[rt + d]);
+      }
+      if (!p.bias.empty()) dbias[static_cast<size_t>(h * p.num_buckets + buckets[n])] += dS;
+    }
+  });
+  auto rounded = [&](const std::vector<float>& x) {
+    std::vector<double> y;
+    for (float v : x) y.push_back(r(v));
+    return y;
+  };
+  out.fwd.o = rounded(o);
+  out.grads = {rounded(dq), rounded(dk), rounded(dv), rounded(dbias)};
+  return out;
 }
 
 }  // namespace dilatron::attention_reference

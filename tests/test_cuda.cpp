@@ -186,7 +186,8 @@ TEST(CudaMemory, CopiesAcrossDevicesStridesAndDtypes) {
 // bfloat16 on the GPU. The conversions are one formula on both sides (dilatron/bfloat16.h), so they,
 // and float32 ops that IEEE rounds exactly (add, mul), agree with the CPU bit for bit; the other ops
 // run the CUDA float32 kernels, whose last-bit differences from the CPU's may move a bf16 rounding by
-// one step: at most 2^-7 relative.
+// one step: at most 2^-7 relative. Attention runs the tensor-core kernels (P rounded to bf16 inside,
+// an error far below 2^-7 of max(|o|, 1) here; CudaAttentionBf16 measures it properly).
 TEST(CudaBFloat16, MatchesTheCpuReference) {
   REQUIRE_CUDA();
   constexpr DType kBF16 = DType::BFloat16;
@@ -567,12 +568,59 @@ TEST_P(CudaAttention, MatchesFloat64Oracle) {
 
 INSTANTIATE_TEST_SUITE_P(Cuda, CudaAttention, ::testing::ValuesIn(test::kAttentionCases), test::case_name);
 
+// bf16 on tensor cores (kernels/cuda/dilated_attention_bf16.cu) over the shared cases, against the
+// float64 oracle on the same bf16 inputs: the criterion, each output's and gradient's error
+// at most twice that of the naive bf16 implementation (attention_reference.h's naive_bf16, itself
+// checked on the CPU by BFloat16Attention.NaiveReferenceIsWithinBf16RoundingOfTheOracle). The
+// oracle and the naive code are O(N^2) on the host: the N = 1025 cases take seconds each.
+class CudaAttentionBf16 : public ::testing::TestWithParam<AttentionCase> {};
+
+TEST_P(CudaAttentionBf16, WithinTwiceTheNaiveBf16Error) {
+  REQUIRE_CUDA();
+  const AttentionCase& c = GetParam();
+  if (quick_mode() && !c.quick) GTEST_SKIP() << "DILATRON_CUDA_TEST_QUICK: long case skipped";
+  const test::OracleRun run = test::oracle_run(c, DType::BFloat16);
+  const attention_reference::Problem& p = run.problem;
+  const attention_reference::NaiveBf16 naive = attention_reference::naive_bf16(p, run.dout);
+  const Shape shape{c.B, c.N, c.H, c.D};
+  auto leaf = [&](const std::vector<double>& values, const Shape& s) {
+    return Tensor::from_vector(values, s, TensorOptions(DType::BFloat16)).to(kGpu).requires_grad_();
+  };
+  Tensor q = leaf(p.q, shape), k = leaf(p.k, shape), v = leaf(p.v, shape);
+  Tensor bias = c.bias ? leaf(p.bias, {c.H, p.num_buckets}) : Tensor();
+  const AttentionOutput out = dilated_attention_with_lse(q, k, v, test::oracle_options(p), bias);
+  ASSERT_EQ(out.o.dtype(), DType::BFloat16);
+  ASSERT_EQ(out.lse.dtype(), DType::Float32);
+  out.o.backward(Tensor::from_vector(run.dout, shape, TensorOptions(DType::BFloat16)).to(kGpu));
+  auto expect_within_twice_naive = [](const char* name, const std::vector<double>& got,
+                                      const std::vector<double>& naive_got, const std::vector<double>& want) {
+    const double err = test::max_error(got, want), naive_err = test::max_error(naive_got, want);
+    EXPECT_LE(err, 2.0 * naive_err) << name << ": error " << err << ", naive bf16 " << naive_err;
+  };
+  expect_within_twice_naive("o", out.o.to_vector<double>(), naive.fwd.o, run.want.o);
+  expect_within_twice_naive("lse", out.lse.to_vector<double>(), naive.fwd.lse, run.want.lse);
+  expect_within_twice_naive("dq", q.grad().to_vector<double>(), naive.grads.dq, run.want_grads.dq);
+  expect_within_twice_naive("dk", k.grad().to_vector<double>(), naive.grads.dk, run.want_grads.dk);
+  expect_within_twice_naive("dv", v.grad().to_vector<double>(), naive.grads.dv, run.want_grads.dv);
+  if (c.bias) {
+    ASSERT_EQ(bias.grad().dtype(), DType::BFloat16);
+    const double err = test::table_scaled_error(bias.grad().to_vector<double>(), run.want_grads.dbias);
+    const double naive_err = test::table_scaled_error(naive.grads.dbias, run.want_grads.dbias);
+    EXPECT_LE(err, 2.0 * naive_err) << "dbias: error " << err << ", naive bf16 " << naive_err;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cuda, CudaAttentionBf16, ::testing::ValuesIn(test::kAttentionCases), test::case_name);
+
 TEST(CudaAttentionDropout, MaskIsBitIdenticalToTheCpu) {
   REQUIRE_CUDA();
   // With v[j] = e_j (one-hot rows, D >= N) the output row of query t is P(t, j) m(t, j) / (1 - p)
-  // per key j, so its zeros are exactly the dropped pairs.
-  for (const char* schedule : {"64:1", "64:2", "32:1,64:4"}) {
-    SCOPED_TRACE(schedule);
+  // per key j, so its zeros are exactly the dropped pairs. float32 runs the SIMT kernels, bf16 the
+  // tensor-core ones (o within one bf16 rounding, 2^-8 relative to max(|o|, 1), plus float32's).
+  for (const auto& [schedule, dtype] : {std::pair{"64:1", DType::Float32}, std::pair{"64:2", DType::Float32},
+                                        std::pair{"32:1,64:4", DType::Float32}, std::pair{"64:1", DType::BFloat16},
+                                        std::pair{"64:2", DType::BFloat16}, std::pair{"32:1,64:4k", DType::BFloat16}}) {
+    SCOPED_TRACE(std::string(schedule) + " " + dtype_name(dtype));
     const int64_t B = 2, N = 64, H = 3, D = 64;
     std::vector<double> one_hot(static_cast<size_t>(B * N * H * D), 0.0);
     for (int64_t b = 0; b < B; ++b)
@@ -586,9 +634,10 @@ TEST(CudaAttentionDropout, MaskIsBitIdenticalToTheCpu) {
     opts.dropout = 0.4;
     opts.seed = 1234567;
     opts.offset = 3;
-    const Tensor want = dilated_attention(q, k, v, opts);
-    const Tensor got = dilated_attention(q.to(DType::Float32).to(kGpu), k.to(DType::Float32).to(kGpu),
-                                         v.to(DType::Float32).to(kGpu), opts);
+    // The CPU runs in float64 on the same (dtype-rounded) values.
+    const Tensor qd = q.to(dtype).to(DType::Float64), kd = k.to(dtype).to(DType::Float64);
+    const Tensor want = dilated_attention(qd, kd, v, opts);
+    const Tensor got = dilated_attention(qd.to(dtype).to(kGpu), kd.to(dtype).to(kGpu), v.to(dtype).to(kGpu), opts);
     const std::vector<double> w = want.to_vector<double>(), g = got.to_vector<double>();
     size_t zeros = 0;
     for (size_t i = 0; i < w.size(); ++i) {
@@ -596,20 +645,17 @@ TEST(CudaAttentionDropout, MaskIsBitIdenticalToTheCpu) {
       zeros += w[i] == 0.0;
     }
     EXPECT_GT(zeros, w.size() / 2);  // causal masking and dropout both produce zeros
-    EXPECT_LE(max_error(got, want), 1e-5);
+    EXPECT_LE(max_error(got, want), dtype == DType::Float32 ? 1e-5 : std::ldexp(1.0, -8) + 1e-5);
   }
 }
 
-// Runs forward + backward twice and expects every output and gradient to match bitwise, dq only
-// in the deterministic mode (the default mode adds dq with float atomics).
-void expect_reproducible(bool deterministic) {
-  const AttentionCase c{"repro", 2, 700, 3, 64, "128:1,256:2,700:3", true, 0.2, true, false};
-  const Shape shape{c.B, c.N, c.H, c.D};
-  const Tensor q = randn(shape, 71), k = randn(shape, 72), v = randn(shape, 73), dout = randn(shape, 74);
-  const Tensor bias = randn({c.H, 32}, 75);
+// Forward + backward of c twice in dtype: every output and gradient bitwise the same (dq only when
+// deterministic).
+void expect_reproducible_in(const AttentionCase& c, DType dtype, bool deterministic, const Tensor& q, const Tensor& k,
+                            const Tensor& v, const Tensor& bias, const Tensor& dout) {
   std::vector<std::vector<float>> first;
   for (int run = 0; run < 2; ++run) {
-    const AttentionResult r = run_attention(c, DType::Float32, kGpu, q, k, v, bias, dout);
+    const AttentionResult r = run_attention(c, dtype, kGpu, q, k, v, bias, dout);
     std::vector<std::vector<float>> got = {r.o.to_vector<float>(), r.lse.to_vector<float>(), r.dk.to_vector<float>(),
                                            r.dv.to_vector<float>(), r.dbias.to_vector<float>()};
     if (deterministic) got.push_back(r.dq.to_vector<float>());
@@ -618,15 +664,62 @@ void expect_reproducible(bool deterministic) {
   }
 }
 
+// Runs forward + backward twice in float32 (SIMT kernels) and in bf16 (tensor-core kernels) and
+// expects every output and gradient to match bitwise, dq only in the deterministic mode (the
+// default mode adds dq with float atomics).
+void expect_reproducible(bool deterministic) {
+  const AttentionCase c{"repro", 2, 700, 3, 64, "128:1,256:2,700:3", true, 0.2, true, false};
+  const Shape shape{c.B, c.N, c.H, c.D};
+  const Tensor q = randn(shape, 71), k = randn(shape, 72), v = randn(shape, 73), dout = randn(shape, 74);
+  const Tensor bias = randn({c.H, 32}, 75);
+  for (DType dtype : {DType::Float32, DType::BFloat16}) {
+    SCOPED_TRACE(dtype_name(dtype));
+    expect_reproducible_in(c, dtype, deterministic, q, k, v, bias, dout);
+  }
+}
+
+// DILATRON_DETERMINISTIC=1 for the object's lifetime, then as it was.
+class DeterministicMode {
+ public:
+  DeterministicMode() : had_(std::getenv("DILATRON_DETERMINISTIC") != nullptr) {
+    if (had_) saved_ = std::getenv("DILATRON_DETERMINISTIC");
+    setenv("DILATRON_DETERMINISTIC", "1", 1);
+  }
+  ~DeterministicMode() {
+    if (had_) setenv("DILATRON_DETERMINISTIC", saved_.c_str(), 1);
+    else unsetenv("DILATRON_DETERMINISTIC");
+  }
+
+ private:
+  bool had_;
+  std::string saved_;
+};
+
 TEST(CudaAttentionDeterminism, DeterministicModeIsBitwiseReproducible) {
   REQUIRE_CUDA();
-  const char* previous = std::getenv("DILATRON_DETERMINISTIC");
-  const std::string saved = previous ? previous : "";
-  setenv("DILATRON_DETERMINISTIC", "1", 1);
+  const DeterministicMode mode;
   EXPECT_TRUE(kernels::cuda::deterministic_attention());
   expect_reproducible(true);
-  if (previous) setenv("DILATRON_DETERMINISTIC", saved.c_str(), 1);
-  else unsetenv("DILATRON_DETERMINISTIC");
+}
+
+// bf16: the deterministic mode changes only how dq is summed (a query-major kernel instead of
+// atomics), so every other output is bitwise the default mode's and dq agrees to bf16 rounding
+// (2^-7 relative to max(|dq|, 1): a rounding step either way).
+TEST(CudaAttentionDeterminism, Bf16DeterministicModeChangesOnlyTheDqSummation) {
+  REQUIRE_CUDA();
+  if (kernels::cuda::deterministic_attention()) GTEST_SKIP() << "DILATRON_DETERMINISTIC is set";
+  const AttentionCase c{"repro_bf16", 1, 700, 3, 128, "128:1,256:2k,700:3", true, 0.2, true, false};
+  const Shape shape{c.B, c.N, c.H, c.D};
+  const Tensor q = randn(shape, 81), k = randn(shape, 82), v = randn(shape, 83), dout = randn(shape, 84);
+  const Tensor bias = randn({c.H, 32}, 85);
+  const AttentionResult atomic = run_attention(c, DType::BFloat16, kGpu, q, k, v, bias, dout);
+  const DeterministicMode mode;
+  const AttentionResult ordered = run_attention(c, DType::BFloat16, kGpu, q, k, v, bias, dout);
+  for (const auto& [name, a, b] : {std::tuple{"o", &atomic.o, &ordered.o}, std::tuple{"lse", &atomic.lse, &ordered.lse},
+                                   std::tuple{"dk", &atomic.dk, &ordered.dk}, std::tuple{"dv", &atomic.dv, &ordered.dv},
+                                   std::tuple{"dbias", &atomic.dbias, &ordered.dbias}})
+    EXPECT_EQ(a->to_vector<float>(), b->to_vector<float>()) << name;
+  EXPECT_LE(max_error(ordered.dq, atomic.dq), std::ldexp(1.0, -7));
 }
 
 TEST(CudaAttentionDeterminism, DefaultModeOnlyDqUsesAtomics) {

@@ -69,6 +69,15 @@ class CudaBackend : public Backend {
                                   const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
                                   const Tensor& lse, const Tensor& bias, const AttentionParams& params) override;
 
+  // dilated_attention_bf16.cu: bf16 attention on tensor cores. BFloat16Backend<CudaBackend> sends a
+  // bf16 call here when native_bf16_attention(D) (else to the float32 kernels above); lse is float32.
+  static bool native_bf16_attention(int64_t head_dim);
+  void dilated_attention_forward_bf16(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                                      const Tensor& bias, const AttentionParams& params);
+  void dilated_attention_backward_bf16(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dbias, const Tensor& dout,
+                                       const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
+                                       const Tensor& lse, const Tensor& bias, const AttentionParams& params);
+
   // optim.cu
   void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWParams& hp) override;
   double sum_squares(const Tensor& in) override;

@@ -1,6 +1,8 @@
 // Flash dilated attention on the GPU, forward and backward: the function of
 // docs/attention-contract.md (the contract), which kernels/cpu/dilated_attention.cpp also
-// implements. SIMT float32 / float64 kernels (no tensor cores: TF32 would miss the contract's 1e-5).
+// implements. SIMT float32 / float64 kernels (no tensor cores: TF32 would miss the contract's 1e-5);
+// bf16 runs on tensor cores in dilated_attention_bf16.cu, and what the two files share (launch
+// parameters, row slices, dropout bit, bias strip, dbias sums, host checks) is in attention_common.cuh.
 //
 // How the work is cut. For branch i = (w, r) and head h, segment s splits into sub-problems
 // (kernels/dilated_attention.h): query rows qfirst + m*r and key rows kfirst + m*r, and inside one
@@ -37,6 +39,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "cuda/attention_common.cuh"
 #include "cuda/cuda_backend.h"
 #include "cuda/cuda_utils.cuh"
 #include "dilatron/kernels/cuda.h"
@@ -46,33 +49,17 @@
 namespace dilatron::kernels {
 namespace {
 
-constexpr int kTile = 64;              // query rows and key rows per tile
+using namespace attention;
+
 constexpr int kThreads = 256;          // 16 x 16 threads over a 64 x 64 tile
 constexpr int kGroup = 16;             // threads per row group = row groups per block
 constexpr int kPad = 4;                // shared-memory row padding, in elements
-constexpr int kStrip = 2 * kTile - 1;  // row differences (query - key) inside a tile pair
-constexpr int kStripLen = kStrip + 1;  // storage for a strip, rounded to keep 16-byte alignment
 
 // Blocks per SM the forward is compiled for: two caps float32 at 128 registers, so two blocks
 // (16 warps) share an SM and hide each other's tile loads. The backward keeps K, V, dK, dV resident
 // and gets all 255 registers (its shared memory allows one or two blocks anyway).
 template <typename T>
 constexpr int kForwardMinBlocks = std::is_same_v<T, float> ? 2 : 1;
-
-// ---------------------------------------------------------------- small vector helpers
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-template <int N, typename T>
-__device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
-  return *reinterpret_cast<const Vec<T, N>*>(p);
-}
-template <int N, typename T>
-__device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
-  *reinterpret_cast<Vec<T, N>*>(p) = v;
-}
 
 // Column layout of a thread's share of a [64, D] output tile (O, dQ, dK, dV): C = D/16 columns,
 // as NC vectors of VC contiguous elements; the 16 threads of a row group cover a row contiguously.
@@ -98,96 +85,6 @@ __device__ __forceinline__ T group_sum(T v) {
   return v;
 }
 
-template <typename T>
-constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-
-// ---------------------------------------------------------------- parameters and geometry
-
-// AttentionParams in the kernels' type with the tensors and this launch's branch: everything a
-// launch needs, by value (kernel_params builds it). Tensors are contiguous: q, k, v, o, dout, dq,
-// dk, dv [B, N, H, D]; lse and delta [B, H, N]; bias [H, num_buckets].
-template <typename T>
-struct KernelParams {
-  const T *q, *k, *v;
-  T *o, *lse;              // forward: the output and the carried softmax state
-  const T *dout, *delta;   // backward: incoming gradient, delta = rowsum(do * o)
-  T *dq, *dk, *dv;
-  T* dbias_partial;        // backward with a bias gradient: one row of num_buckets sums per block
-  const T* bias;           // null when the bias is off
-  const int32_t* buckets;  // AttentionParams::bucket_of_distance on the device
-  int64_t bucket_base;
-  int num_buckets;
-  int64_t B, N, H;
-  T scale;
-  bool causal;
-  bool dropout;
-  uint32_t drop_threshold;  // keep when the Philox word >= this
-  T keep_scale;             // 1 / (1 - p)
-  uint64_t seed;
-  uint32_t offset;
-  // the branch of this launch
-  int64_t w, r;
-  BranchKind kind;
-  int64_t subs;  // sub-problems per segment
-  int branch;
-  int64_t tiles_per_segment;
-};
-
-// The rows of one grid (queries or keys of a sub-problem) of one (b, h) in this launch's branch.
-struct Slice {
-  int64_t bh, h;
-  int64_t first;   // absolute position of row 0
-  int64_t r;       // position step between rows
-  int64_t L;       // number of rows
-  int64_t row0;    // element offset of row 0 in q/k/v/o/do/dq/dk/dv
-  int64_t stride;  // elements between consecutive rows: r * H * D
-  int64_t lse0;    // index of position 0 of (b, h) in lse/delta
-  __device__ int64_t position(int64_t m) const { return first + m * r; }
-  __device__ int64_t offset(int64_t m) const { return row0 + m * stride; }
-};
-
-template <int D, typename T>
-__device__ Slice rows_of(const KernelParams<T>& p, int64_t bh, const GridSpan& g) {
-  Slice s;
-  s.bh = bh;
-  s.h = bh % p.H;
-  s.first = g.first;
-  s.r = g.stride;
-  s.L = g.count;
-  s.stride = p.r * p.H * D;
-  s.row0 = ((bh / p.H * p.N + g.first) * p.H + s.h) * D;
-  s.lse0 = bh * p.N;
-  return s;
-}
-
-// What one block works on: (b, h), segment, sub-problem and tile.
-struct Work {
-  int64_t bh, segment, sub, tile;
-  template <int D, typename T>
-  __device__ Slice queries(const KernelParams<T>& p, int64_t of_sub) const {
-    return rows_of<D>(p, bh, query_grid(p.w, p.r, p.kind, p.causal, bh % p.H, segment, of_sub, p.N));
-  }
-  template <int D, typename T>
-  __device__ Slice keys(const KernelParams<T>& p) const {
-    return rows_of<D>(p, bh, key_grid(p.w, p.r, bh % p.H, segment, p.N));
-  }
-};
-
-// Grid: x = (segment * subs + sub) * tiles_per_segment + tile for query-tile blocks (per_sub),
-// segment * tiles_per_segment + tile for key-tile blocks; (y, z) = b*H + h (split: y is at most
-// 65535). With heavy_first (causal query tiles) a segment's last tiles, which see the most keys,
-// start first.
-template <typename T>
-__device__ Work locate(const KernelParams<T>& p, bool per_sub, bool heavy_first) {
-  Work w;
-  w.bh = blockIdx.y + int64_t{gridDim.y} * blockIdx.z;
-  const int64_t t = blockIdx.x % p.tiles_per_segment, x = blockIdx.x / p.tiles_per_segment;
-  w.tile = heavy_first ? p.tiles_per_segment - 1 - t : t;
-  w.sub = per_sub ? x % p.subs : 0;
-  w.segment = per_sub ? x / p.subs : x;
-  return w;
-}
-
 // ---------------------------------------------------------------- tile building blocks
 
 // dst[i] = slice row (first_row + i), i < 64, as 16-byte vectors (consecutive threads read along a
@@ -201,20 +98,6 @@ __device__ void load_rows(T (*dst)[D + kPad], const T* src, const Slice& s, int6
     Vec<T, kVec> val = {};
     if (m < s.L) val = load_vec<kVec>(src + s.offset(m) + col);
     store_vec(&dst[row][col], val);
-  }
-}
-
-// The 127 bias values a tile pair uses: strip[d] = bias[h, bucket(n)] for the distance
-// n = t - j = (qfirst - kfirst) + ((qt - kt) * 64 + d - 63) * r between query row and key row. With
-// bucket_strip, also the bucket (-1 for distances outside the table, which only padding rows produce).
-template <typename T>
-__device__ void load_bias_strip(T* strip, int* bucket_strip, const KernelParams<T>& p, const Slice& sq, const Slice& sk,
-                                int64_t tile_diff) {
-  for (int d = threadIdx.x; d < kStrip; d += kThreads) {
-    const int64_t n = sq.first - sk.first + (tile_diff * kTile + d - (kTile - 1)) * sq.r;
-    const int bucket = (n > -p.N && n < p.N) ? bias_bucket(p.buckets, p.bucket_base, n) : -1;
-    strip[d] = bucket >= 0 ? p.bias[sq.h * p.num_buckets + bucket] : T(0);
-    if (bucket_strip) bucket_strip[d] = bucket;
   }
 }
 
@@ -305,13 +188,6 @@ __device__ __forceinline__ void tile_accumulate_transposed(T (&acc)[4][Cols<T, D
 #pragma unroll
         for (int c = 0; c < L::VC; ++c) acc[i][k * L::VC + c] += pv.v[i] * x[k].v[c];
   }
-}
-
-// The contract's dropout bit of (query position t, key position j) in this launch's branch.
-template <typename T>
-__device__ __forceinline__ bool keep(const KernelParams<T>& p, const Slice& s, int64_t t, int64_t j) {
-  const Philox4 block = dropout_block(p.seed, p.offset, dropout_stream(s.bh, p.branch), t, j >> 2);
-  return dropout_keeps(dropout_word(block, j), p.drop_threshold);
 }
 
 // Shared-memory layout (elements of T, then ints), the same for the three kernels' needs:
@@ -447,7 +323,7 @@ __global__ void __launch_bounds__(kThreads, kForwardMinBlocks<T>) attention_forw
   for (int64_t kt = 0; kt < key_tiles; ++kt) {
     __syncthreads();  // the previous tile's readers of KVs (as V) and Ps are done
     load_rows<T, D>(KVs, p.k, sk, kt * kTile);
-    if (p.bias) load_bias_strip(bias_strip, static_cast<int*>(nullptr), p, s, sk, qt - kt);
+    if (p.bias) load_bias_strip<kThreads>(bias_strip, static_cast<int*>(nullptr), p, s, sk, qt - kt);
     __syncthreads();
 
     T sc[4][4];
@@ -514,43 +390,6 @@ __global__ void __launch_bounds__(kThreads, kForwardMinBlocks<T>) attention_forw
 
 // ---------------------------------------------------------------- backward
 
-// delta[b, h, t] = <do[b, t, h, :], o[b, t, h, :]>, the softmax-gradient row term shared by all
-// branches. One warp per (b, t, h) row.
-template <typename T>
-__global__ void attention_delta_kernel(T* delta, const T* dout, const T* o, int64_t rows, int64_t N, int64_t H,
-                                       int D) {
-  const int64_t row = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= rows) return;  // whole warps leave together
-  T acc = T(0);
-  for (int d = lane; d < D; d += 32) acc += dout[row * D + d] * o[row * D + d];
-#pragma unroll
-  for (int lane_mask = 16; lane_mask > 0; lane_mask >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, lane_mask);
-  if (lane == 0) {
-    const int64_t h = row % H, t = (row / H) % N, b = row / (H * N);
-    delta[(b * H + h) * N + t] = acc;
-  }
-}
-
-// dbias contributions of one tile pair, from dS in shared memory: diag[d] sums dS over the
-// diagonal (query row - key row = d - 63) in row order; then the thread owning bucket k adds the
-// diagonals that fall in k, in diagonal order. Fixed orders, no atomics: bitwise reproducible.
-template <typename T, int D>
-__device__ void accumulate_dbias(const BackwardShared<T, D>& sh, int num_buckets) {
-  for (int d = threadIdx.x; d < kStrip; d += kThreads) {
-    const int shift = d - (kTile - 1);
-    T sum = T(0);
-    for (int row = max(0, shift); row < min(kTile, kTile + shift); ++row) sum += sh.S[row][row - shift];
-    sh.diag[d] = sum;
-  }
-  __syncthreads();
-  for (int k = threadIdx.x; k < num_buckets; k += kThreads) {
-    T sum = sh.dbias[k];
-    for (int d = 0; d < kStrip; ++d)
-      if (sh.bucket_strip[d] == k) sum += sh.diag[d];
-    sh.dbias[k] = sum;
-  }
-}
 
 // Key-major backward of one branch: this block's key tile gets dK and dV over all query tiles (of
 // every sub-problem) that see it; dq gets its share through atomics unless accumulate_dq is false
@@ -585,7 +424,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_kernel(const K
       load_rows<T, D>(sh.Q, p.q, s, qt * kTile);
       load_rows<T, D>(sh.dO, p.dout, s, qt * kTile);
       load_row_stats(sh, p, s, qt);
-      if (p.bias) load_bias_strip(sh.bias_strip, want_dbias ? sh.bucket_strip : nullptr, p, s, sk, qt - kt);
+      if (p.bias) load_bias_strip<kThreads>(sh.bias_strip, want_dbias ? sh.bucket_strip : nullptr, p, s, sk, qt - kt);
       __syncthreads();
 
       T ds[4][4];
@@ -610,7 +449,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_kernel(const K
             for (int c = 0; c < L::VC; ++c) atomicAdd(row + L::col(cb, q) + c, p.scale * dq[i][q * L::VC + c]);
         }
       }
-      if (want_dbias) accumulate_dbias(sh, p.num_buckets);
+      if (want_dbias)
+        accumulate_dbias<kThreads>([&](int q, int k) { return sh.S[q][k]; }, sh.diag, sh.dbias, sh.bucket_strip,
+                                   p.num_buckets);
     }
   }
 
@@ -663,7 +504,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(cons
     __syncthreads();  // the previous pair's readers of K, V and S are done
     load_rows<T, D>(sh.K, p.k, sk, kt * kTile);
     load_rows<T, D>(sh.V, p.v, sk, kt * kTile);
-    if (p.bias) load_bias_strip(sh.bias_strip, static_cast<int*>(nullptr), p, s, sk, qt - kt);
+    if (p.bias) load_bias_strip<kThreads>(sh.bias_strip, static_cast<int*>(nullptr), p, s, sk, qt - kt);
     __syncthreads();
     T ds[4][4];
     score_gradients<T, D>(ds, nullptr, p, s, sk, qt, kt, sh, ra, cb);
@@ -687,37 +528,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_kernel(cons
   }
 }
 
-// dbias[h, k] += sum over (b, block) of the per-block partial sums of one branch, in a fixed order.
-template <typename T>
-__global__ void attention_dbias_reduce_kernel(T* dbias, const T* partial, int64_t B, int64_t H, int64_t blocks_x,
-                                              int num_buckets) {
-  const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (i >= H * num_buckets) return;
-  const int64_t h = i / num_buckets, k = i % num_buckets;
-  T sum = T(0);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t x = 0; x < blocks_x; ++x) sum += partial[((b * H + h) * blocks_x + x) * num_buckets + k];
-  dbias[i] += sum;
-}
-
 // ---------------------------------------------------------------- host side
-
-// One branch's launch shapes, (y, z) over b*H + h: blocks per query tile (forward, deterministic
-// dq: x over (segment, sub-problem, tile)) and per key tile (backward: x over (segment, tile)).
-struct BranchGrid {
-  dim3 by_query_tile, by_key_tile;
-  int64_t tiles_per_segment;
-};
-BranchGrid branch_grid(int64_t N, int64_t BH, const AttentionBranch& br) {
-  const int64_t rows = max_grid_points(br.segment, br.dilation, N);
-  const int64_t tiles = (rows + kTile - 1) / kTile;
-  const int64_t blocks = num_segments(br.segment, N) * subproblems(br.kind, br.dilation) * tiles;
-  DILATRON_CHECK(blocks < (int64_t{1} << 31), "dilated attention on CUDA: branch (", br.segment, ", ", br.dilation,
-                 ") with N = ", N, " needs ", blocks, " tiles per head, over the 2^31 grid limit");
-  const unsigned y = static_cast<unsigned>(std::min<int64_t>(BH, 65535)), z = static_cast<unsigned>((BH + y - 1) / y);
-  return {dim3(static_cast<unsigned>(blocks), y, z),
-          dim3(static_cast<unsigned>(num_segments(br.segment, N) * tiles), y, z), tiles};
-}
 
 // The head dims the kernels are compiled for. A float64 backward tile set for D = 128 would need
 // 300 KB of shared memory.
@@ -741,109 +552,6 @@ void dispatch_head_dim(int64_t D, F&& f) {
     default: break;
   }
   throw Error(detail::concat("dilated attention on CUDA: no kernel for head dim D = ", D));
-}
-
-// A head dim without its own kernel runs on the next compiled one: q, k, v (and o, dout) get zero
-// columns up to it, which add nothing to any q.k and give zero output columns; the softmax scale
-// stays the caller's, from the true D.
-Shape with_head_dim(Shape shape, int64_t padded) {
-  shape[3] = padded;
-  return shape;
-}
-Tensor pad_head_dim(const Tensor& t, int64_t padded, Backend& backend) {
-  Tensor out = Tensor::zeros(with_head_dim(t.shape(), padded), t.options());
-  Tensor head = out.narrow(3, 0, t.size(3));
-  backend.copy(head, t);
-  return out;
-}
-Tensor empty_padded(const Tensor& t, int64_t padded) { return Tensor::empty(with_head_dim(t.shape(), padded), t.options()); }
-// out = the first out.size(3) columns of a padded result.
-void unpad_head_dim(Tensor& out, const Tensor& padded, Backend& backend) {
-  backend.copy(out, padded.narrow(3, 0, out.size(3)));
-}
-
-template <typename Kernel>
-void allow_shared_memory(Kernel kernel, size_t bytes) {
-  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-}
-
-// What these kernels need of their inputs, common to forward and backward (the contract's limits,
-// schedule included, are the op's to check: attention_params); returns {B, N, H, D}.
-struct Dims {
-  int64_t B, N, H, D;
-};
-Dims check_attention_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias,
-                            int device_index) {
-  DILATRON_CHECK(q.dim() == 4, op, ": q must be [B, N, H, D], got shape ", shape_str(q.shape()));
-  const Dims d{q.size(0), q.size(1), q.size(2), q.size(3)};
-  for (const auto& [name, t] : {std::pair{"q", &q}, std::pair{"k", &k}, std::pair{"v", &v}}) {
-    DILATRON_CHECK(t->shape() == q.shape() && t->dtype() == q.dtype() && t->is_contiguous(), op, ": ", name,
-                   " must be a contiguous ", dtype_name(q.dtype()), " ", shape_str(q.shape()), " tensor, got ",
-                   dtype_name(t->dtype()), " ", shape_str(t->shape()));
-    cuda::check_on_device(op, name, *t, device_index);
-  }
-  if (bias.defined()) {
-    DILATRON_CHECK(bias.dim() == 2 && bias.size(0) == d.H && bias.dtype() == q.dtype() && bias.is_contiguous(), op,
-                   ": bias must be a contiguous ", dtype_name(q.dtype()), " [H = ", d.H, ", num_buckets], got ",
-                   dtype_name(bias.dtype()), " ", shape_str(bias.shape()));
-    cuda::check_on_device(op, "bias", bias, device_index);
-  }
-  return d;
-}
-
-void check_output(const char* op, const char* name, const Tensor& t, const Shape& shape, DType dtype,
-                  int device_index) {
-  DILATRON_CHECK(t.shape() == shape && t.dtype() == dtype && t.is_contiguous(), op, ": ", name, " must be a contiguous ",
-                 dtype_name(dtype), " ", shape_str(shape), " tensor, got ", dtype_name(t.dtype()), " ",
-                 shape_str(t.shape()));
-  cuda::check_on_device(op, name, t, device_index);
-}
-
-// The kernels read and write rows as 16-byte vectors: a view whose data starts off that alignment
-// (a storage offset) is copied once into fresh, aligned memory.
-Tensor aligned(const Tensor& t, Backend& backend) {
-  if (!t.defined() || reinterpret_cast<uintptr_t>(t.raw_data()) % 16 == 0) return t;
-  Tensor copy = Tensor::empty(t.shape(), t.options());
-  backend.copy(copy, t);
-  return copy;
-}
-void check_aligned(const char* op, const char* name, const Tensor& t) {
-  DILATRON_CHECK(reinterpret_cast<uintptr_t>(t.raw_data()) % 16 == 0, op, ": ", name,
-                 " must start 16-byte aligned (a fresh tensor does; got a view with storage offset ", t.offset(), ")");
-}
-
-// AttentionParams in the kernels' type, with the device bucket table and the inputs.
-template <typename T>
-KernelParams<T> kernel_params(const Dims& d, const AttentionParams& ap, const Tensor& bias, const int32_t* buckets,
-                              const Tensor& q, const Tensor& k, const Tensor& v) {
-  KernelParams<T> p{};
-  p.q = q.data<T>();
-  p.k = k.data<T>();
-  p.v = v.data<T>();
-  p.B = d.B;
-  p.N = d.N;
-  p.H = d.H;
-  p.scale = static_cast<T>(ap.scale);
-  p.causal = ap.causal;
-  p.dropout = ap.dropout_p > 0.0;
-  p.drop_threshold = dropout_threshold(ap.dropout_p);
-  p.keep_scale = static_cast<T>(1.0 / (1.0 - ap.dropout_p));
-  p.seed = ap.seed;
-  p.offset = ap.offset;
-  p.bias = bias.defined() ? bias.data<T>() : nullptr;
-  p.buckets = buckets;
-  p.bucket_base = ap.bucket_base;
-  p.num_buckets = bias.defined() ? static_cast<int>(bias.size(1)) : 0;
-  return p;
-}
-
-void set_branch(auto& p, const AttentionBranch& br, int index, const BranchGrid& g) {
-  p.w = br.segment;
-  p.r = br.dilation;
-  p.kind = br.kind;
-  p.subs = subproblems(br.kind, br.dilation);
-  p.branch = index;
-  p.tiles_per_segment = g.tiles_per_segment;
 }
 
 }  // namespace
@@ -943,7 +651,7 @@ void CudaBackend::dilated_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv,
 
       ScratchBuffer<T> delta(static_cast<size_t>(BH * d.N), dev);
       const int64_t rows = d.B * d.N * d.H;
-      attention_delta_kernel<T><<<static_cast<unsigned>((rows * 32 + 255) / 256), 256, 0, kStream>>>(
+      attention_delta_kernel<T, T><<<static_cast<unsigned>((rows * 32 + 255) / 256), 256, 0, kStream>>>(
           delta.data(), p.dout, o.data<T>(), rows, d.N, d.H, static_cast<int>(D));
       CUDA_CHECK_LAUNCH();
       p.delta = delta.data();
