@@ -4,7 +4,8 @@
 Trains every schedule of STUDY with the same model, data, curriculum and budget (the default run's
 config, configs/passkey.toml, with only its [attention] tables replaced), evaluates each with
 `dilatron eval --json`, and writes a Markdown report and a plot: accuracy by needle distance,
-accuracy by residue alignment ((answer - needle) mod the largest dilation), and the attention cost
+accuracy by residue alignment ((answer - 1 - needle) mod the largest dilation: from the position that
+outputs the first digit to the needle's first digit), and the attention cost
 (visited query-key pairs per token and head) of each schedule.
 
   scripts/passkey_study.py [--out runs/passkey-study] [--report OUT/report.md]
@@ -168,8 +169,9 @@ def write_report(args, entries):
         lines.append(f"| {name} | `{sched}` | {rep['visited_pairs_per_token']:.0f} | {pct(length['accuracy'])} | "
                      f"{pct(length['digit_accuracy'])} | {acc(aligned)} | {acc(unaligned) if mod > 1 else '-'} | "
                      f"{rep['tokens_per_second']:.0f} | {rep['train_seconds']:.0f} s |")
-    lines += ["", "Aligned: (answer position - needle position) = 0 mod the largest dilation of the run's schedules,",
-              "the needles a LongNet branch can reach from the answer in one hop; unaligned: all others.", ""]
+    lines += ["", "Aligned: (answer position - 1 - needle position) = 0 mod the largest dilation of the run's schedules:",
+              "the position that outputs digit d (answer - 1 + d) and the needle's digit d share a residue, so a",
+              "LongNet branch links them in one hop; unaligned: all others.", ""]
     lines += ["## Accuracy by needle distance", ""]
     buckets = sorted({(b["lo"], b["hi"]) for *_, rep in entries for b in rep["lengths"][-1]["by_distance"]})
     lines += ["| run | " + " | ".join(f"[{lo}, {hi})" for lo, hi in buckets) + " |",

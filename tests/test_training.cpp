@@ -759,7 +759,7 @@ TEST(Evaluation, ResidueBreakdownAddsUpOverTheLargestDilationOfAnyLayer) {
     po.seq_len = len;
     std::map<int64_t, int64_t> want;
     for (const data::PasskeySample& s : data::PasskeyTask(po).eval_set(24, 5))
-      ++want[(s.answer_start - s.needle_position) % 16];
+      ++want[(s.answer_start - 1 - s.needle_position) % 16];  // query of the first digit to the needle's
     const auto& residues = r.by_length_residue.at(len);
     ASSERT_EQ(residues.size(), 16u);
     int64_t total = 0, correct = 0;

@@ -631,7 +631,7 @@ PasskeyReport evaluate_passkey(TransformerLM& model, const std::vector<int64_t>&
         for (int64_t d = 0; d < digits; ++d)
           right += pred[static_cast<size_t>(d)] == s.tokens[static_cast<size_t>(s.answer_start + d)];
         for (PasskeyAccuracy* acc : {&report.by_length[len], &report.by_length_distance[len][data::distance_bucket(s.distance)],
-                                     &report.by_length_residue[len][s.distance % report.residue_modulus]}) {
+                                     &report.by_length_residue[len][(s.distance - 1) % report.residue_modulus]}) {
           acc->correct += right == digits;
           acc->total += 1;
           acc->digits_correct += right;
@@ -663,8 +663,9 @@ std::string format_passkey_report(const PasskeyReport& r) {
   if (m == 1) {
     os << "residue alignment: the largest dilation is 1, so every sample is aligned\n";
   } else {
-    os << "residue alignment: (answer_start - needle_position) mod " << m << " (the largest dilation); aligned when 0"
-       << " (residues without samples left out)\n";
+    os << "residue alignment: (answer_start - 1 - needle_position) mod " << m << " (the largest dilation), from the "
+       << "position that outputs the first digit to the needle's first digit; aligned when 0 (residues without samples "
+       << "left out)\n";
     std::snprintf(buf, sizeof buf, "%-8s %-18s %8s %9s %10s\n", "length", "residue", "samples", "accuracy", "digit acc");
     os << buf;
     for (const auto& [len, residues] : r.by_length_residue) {

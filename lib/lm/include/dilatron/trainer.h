@@ -63,9 +63,11 @@ struct PasskeyAccuracy {
 struct PasskeyReport {
   std::map<int64_t, PasskeyAccuracy> by_length;
   std::map<int64_t, std::map<data::DistanceBucket, PasskeyAccuracy>> by_length_distance;
-  // By residue (answer_start - needle_position) mod residue_modulus, the largest dilation of any branch of
-  // any layer (a branch of dilation r links two positions directly only when r divides their distance). Residue 0 is
-  // "aligned". Every residue 0..residue_modulus-1 is listed, with or without samples.
+  // By residue (answer_start - 1 - needle_position) mod residue_modulus, the largest dilation of any branch of
+  // any layer: the distance from the position whose output is the answer's first digit to the needle's first digit
+  // (digit d is read at answer_start - 1 + d, copied from needle_position + d). A dilated branch of dilation r
+  // links two positions directly only when r divides their distance, so residue 0 is "aligned". Every residue
+  // 0..residue_modulus-1 is listed, with or without samples.
   int64_t residue_modulus = 1;
   std::map<int64_t, std::map<int64_t, PasskeyAccuracy>> by_length_residue;
   // The model's attention cost at each length: visited_pairs (causal) summed over layers, per token per head.
