@@ -164,9 +164,11 @@ if [ $build_rc -eq 0 ]; then
   # ---- attention benchmark ----
   bench_s=${DILATRON_GPU_BENCH_SECONDS:-60}
   step "attention benchmark" $((bench_s + 8)) "$out/bench.md" "$bin/dilatron" bench attention --device cuda \
-    --n 4096,8192,16384,32768,65536,131072,262144,524288,1048576,2097152,4194304 --budget "$bench_s" --long-seconds 1
+    --dtype float32,bfloat16 --n 4096,8192,16384,32768,65536,131072,262144,524288,1048576,2097152,4194304 \
+    --budget "$bench_s" --long-seconds 1
   rows=$(grep '^| [0-9]' "$out/bench.md" | grep -vc skipped)
-  last=$(grep '^| [0-9]' "$out/bench.md" | grep -v skipped | tail -n 1 | awk -F'|' '{gsub(/ /, "", $2); gsub(/ /, "", $5); gsub(/ /, "", $8); print "largest N " $2 ": forward " $5 ", fwd+bwd " $8 " GFLOP/s"}')
+  # Columns: N, dtype, visited pairs, forward ms, forward GFLOP/s, of peak, fwd+bwd ms, fwd+bwd GFLOP/s, ...
+  last=$(grep '^| [0-9]' "$out/bench.md" | grep -v skipped | tail -n 2 | awk -F'|' '{gsub(/ /, "", $2); gsub(/ /, "", $3); gsub(/ /, "", $6); gsub(/ /, "", $9); printf "%sN %s %s: forward %s, fwd+bwd %s GFLOP/s", (NR > 1 ? "; " : "largest "), $2, $3, $6, $9}')
   add_row "dilatron bench attention --device cuda" "$([ $step_rc -eq 0 ] && echo ok || echo "FAILED (rc $step_rc)")" "$step_seconds" \
     "$rows sizes; ${last:-no rows}"
   { echo "## Attention benchmark"; echo; cat "$out/bench.md"; echo; } >>"$report"
