@@ -279,6 +279,21 @@ inline void check_output(const char* op, const char* name, const Tensor& t, cons
   cuda::check_on_device(op, name, t, device_index);
 }
 
+// The backward's gradients and saved tensors: dq, dk, dv, dout and o shaped like q, lse [B, H, N] in
+// lse_dtype, and dbias (if given, with a bias) shaped like the bias.
+inline void check_backward_tensors(const char* op, const Dims& d, const Tensor& q, const Tensor& dq, const Tensor& dk,
+                                   const Tensor& dv, const Tensor& dout, const Tensor& o, const Tensor& lse,
+                                   DType lse_dtype, const Tensor& bias, const Tensor& dbias, int device_index) {
+  const std::pair<const char*, const Tensor*> same_as_q[] = {
+      {"dq", &dq}, {"dk", &dk}, {"dv", &dv}, {"dout", &dout}, {"o", &o}};
+  for (const auto& [name, t] : same_as_q) check_output(op, name, *t, q.shape(), q.dtype(), device_index);
+  check_output(op, "lse", lse, {d.B, d.H, d.N}, lse_dtype, device_index);
+  if (dbias.defined()) {
+    DILATRON_CHECK(bias.defined(), op, ": dbias given without a bias");
+    check_output(op, "dbias", dbias, bias.shape(), bias.dtype(), device_index);
+  }
+}
+
 // The kernels read and write rows as 16-byte vectors: a view whose data starts off that alignment
 // (a storage offset) is copied once into fresh, aligned memory.
 inline Tensor aligned(const Tensor& t, Backend& backend) {

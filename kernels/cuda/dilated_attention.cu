@@ -603,16 +603,9 @@ void CudaBackend::dilated_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv,
                                              const AttentionParams& params) {
   constexpr const char* op = "dilated_attention_backward";
   const Dims d = check_attention_inputs(op, q_in, k_in, v_in, bias, index_);
-  const std::pair<const char*, const Tensor*> same_as_q[] = {
-      {"dq", &dq}, {"dk", &dk}, {"dv", &dv}, {"dout", &dout_in}, {"o", &o_in}};
-  for (const auto& [name, t] : same_as_q) check_output(op, name, *t, q_in.shape(), q_in.dtype(), index_);
-  for (const auto& [name, t] : same_as_q)
-    if (t != &dout_in && t != &o_in) check_aligned(op, name, *t);
-  check_output(op, "lse", lse, {d.B, d.H, d.N}, q_in.dtype(), index_);
-  if (dbias.defined()) {
-    DILATRON_CHECK(bias.defined(), op, ": dbias given without a bias");
-    check_output(op, "dbias", dbias, bias.shape(), bias.dtype(), index_);
-  }
+  check_backward_tensors(op, d, q_in, dq, dk, dv, dout_in, o_in, lse, q_in.dtype(), bias, dbias, index_);
+  for (const auto& [name, t] : {std::pair{"dq", &dq}, std::pair{"dk", &dk}, std::pair{"dv", &dv}})
+    check_aligned(op, name, *t);
   if (dq.numel() == 0) {
     if (dbias.defined()) fill(dbias, 0.0);
     return;

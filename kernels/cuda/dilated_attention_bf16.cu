@@ -702,14 +702,7 @@ void CudaBackend::dilated_attention_backward_bf16(Tensor& dq, Tensor& dk, Tensor
   constexpr const char* op = "dilated_attention_backward (bf16, tensor cores)";
   const Dims d = check_attention_inputs(op, q_in, k_in, v_in, bias, index_);
   DILATRON_CHECK(q_in.dtype() == DType::BFloat16, op, ": q must be bfloat16, got ", dtype_name(q_in.dtype()));
-  const std::pair<const char*, const Tensor*> same_as_q[] = {
-      {"dq", &dq}, {"dk", &dk}, {"dv", &dv}, {"dout", &dout_in}, {"o", &o_in}};
-  for (const auto& [name, t] : same_as_q) check_output(op, name, *t, q_in.shape(), DType::BFloat16, index_);
-  check_output(op, "lse", lse, {d.B, d.H, d.N}, DType::Float32, index_);
-  if (dbias.defined()) {
-    DILATRON_CHECK(bias.defined(), op, ": dbias given without a bias");
-    check_output(op, "dbias", dbias, bias.shape(), bias.dtype(), index_);
-  }
+  check_backward_tensors(op, d, q_in, dq, dk, dv, dout_in, o_in, lse, DType::Float32, bias, dbias, index_);
   if (dq.numel() == 0) {
     if (dbias.defined()) fill(dbias, 0.0);
     return;
