@@ -14,11 +14,11 @@ outputs the first digit to the needle's first digit), and the attention cost
 `--set` goes to every run (e.g. --set train.device=\"cuda\" on a GPU). Runs that already have an
 evaluation (OUT/NAME/eval.json) are not run again, so an interrupted study resumes where it stopped.
 
-When the config's first curriculum stage sets its own attention schedule (configs/passkey.toml's
-dense 512-token stage), that stage is the same in every run: it is trained once (OUT/shared-stage-1,
-`dilatron train --stop-at-step`) and every run resumes from its checkpoint with its own schedule
-(`--allow-config-change`, recorded in the run's config-changes.log). A run's train time counts the
-shared stage too.
+When the config's first curriculum stages set their own attention schedules (configs/passkey.toml's
+dense and key-dilated 512-token stages), those stages are the same in every run: they are trained
+once (OUT/shared-stage-1, `dilatron train --stop-at-step`) and every run resumes from their checkpoint
+with its own schedule (`--allow-config-change`, recorded in the run's config-changes.log). A run's
+train time counts the shared stages too.
 """
 import argparse
 import concurrent.futures
@@ -68,9 +68,13 @@ def run_config(base, schedule, layers):
 
 
 def shared_stage_steps(base):
-    """Steps of the first curriculum stage when it has its own schedule (then no run's [attention] reaches it)."""
-    stages = tomllib.loads(base).get("train", {}).get("stages", [])
-    return stages[0]["steps"] if stages and "schedule" in stages[0] else 0
+    """Steps of the leading curriculum stages that set their own schedule (no run's [attention] reaches them)."""
+    steps = 0
+    for stage in tomllib.loads(base).get("train", {}).get("stages", []):
+        if "schedule" not in stage:
+            break
+        steps += stage["steps"]
+    return steps
 
 
 def train_shared_stage(args, base, steps):

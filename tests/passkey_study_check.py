@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Checks that scripts/passkey_study.py's shared first stage changes nothing: a study run that resumes
+"""Checks that scripts/passkey_study.py's shared first stages change nothing: a study run that resumes
 from the shared stage's checkpoint has the same training losses, gradient norms and final evaluation
 as the same config trained from scratch. A tiny model, a few steps.
 
@@ -37,6 +37,11 @@ batch_size = 2
 schedule = "512:1"
 [[train.stages]]
 steps = 2
+seq_len = 512
+batch_size = 2
+schedule = "128:1,512:8k"
+[[train.stages]]
+steps = 2
 [eval]
 samples = 4
 min_distance = 256
@@ -58,6 +63,9 @@ def main():
     study = os.path.join(work, "study")
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "passkey_study.py"), "--config", config,
                     "--out", study, "--only", "mixed-global", "--dilatron", dilatron], check=True)
+    with open(os.path.join(study, "shared-stage-1", "checkpoints", "latest")) as f:
+        if f.read().strip() != "ckpt-000000005.h5":  # both stages with their own schedule: 3 + 2 steps
+            sys.exit("the shared stage did not end after the two stages with their own schedule (step 5)")
     run = os.path.join(study, "mixed-global")
     if not os.path.exists(os.path.join(run, "config-changes.log")):
         sys.exit("the study run did not resume from the shared stage (no config-changes.log)")
@@ -66,7 +74,7 @@ def main():
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     a, b = rows(os.path.join(run, "metrics.jsonl")), rows(os.path.join(scratch, "metrics.jsonl"))
     steps = lambda rs: [(r["step"], r["stage"], r["loss"], r["grad_norm"]) for r in rs if "loss" in r]
-    evals = lambda rs: [r for r in rs if r.get("eval") and r["step"] > 3]
+    evals = lambda rs: [r for r in rs if r.get("eval") and r["step"] > 5]
     if steps(a) != steps(b):
         sys.exit(f"training rows differ:\n  shared stage: {steps(a)}\n  from scratch: {steps(b)}")
     if not evals(a) or evals(a) != evals(b):
