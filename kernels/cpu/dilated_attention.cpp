@@ -622,7 +622,7 @@ void backward_segment(const KernelParams<T>& P, const T* q, const T* k, const T*
             s[c] = p * kept;       // weight of do[t] in dv[j]
             dp[c] = P.scale * ds;  // weight of k[j] in dq[t] and of q[t] in dk[j]
           }
-        } else {  // to cv: the lanes from valid on are zeroed next
+        } else {  // to cv: lanes valid..nk-1 are zeroed next, later ones unused
           for (int64_t c = 0; c < cv; c += L)
             vstore(dp + c, scale * (vload<V>(s + c) * (vload<V>(dp + c) - broadcast<V>(D_t))));
         }
