@@ -9,11 +9,13 @@
 // attention between its two grids: key tiles above the diagonal are skipped, the diagonal tile is
 // masked and its products skip the masked half.
 //
-// Speed. The tile products run as register-blocked micro-kernels (tile_gemm: 6 rows x 2 vectors
-// of accumulators, broadcast-FMA over contiguous rows) on contiguous per-thread copies of the
-// tiles: rows r*H*D apart alias in the caches (for r*H*D*sizeof(T) a multiple of 4 KiB all of a
-// tile's rows fall in the same few sets), so each row is copied once and then read from the copy.
-// exp is exp_float (cpu_utils.h) in float, vectorised; float64 keeps libm's.
+// Speed. The tile products run as register-blocked micro-kernels (tile_gemm: 6 rows x 4 vectors
+// of accumulators with AVX-512, 6 x 2 below it; broadcast-FMA over contiguous rows) on contiguous
+// per-thread copies of the tiles: rows r*H*D apart alias in the caches (for r*H*D*sizeof(T) a
+// multiple of 4 KiB all of a tile's rows fall in the same few sets), so each row is copied once and
+// then read from the copy. The softmax loops run on the same vectors. exp is exp_float
+// (cpu_utils.h) in float, vectorised; float64 keeps libm's. No sum's order depends on the vector
+// width, so 64-byte vectors give the bits 32-byte ones give on the same CPU (see row_block).
 //
 // Forward. The merge over branches is one softmax over the multiset of (branch, key). An online
 // softmax's state for query t, (running max m, running sum l, accumulator acc), is equivalent to
@@ -127,13 +129,6 @@ class DropoutRow {
   Philox4 words_{};
 };
 
-// e^x: exp_float (cpu_utils.h, vectorisable) in float, libm in double (exact).
-template <typename T>
-[[gnu::always_inline]] inline T exp_t(T x) {
-  if constexpr (std::is_same_v<T, float>) return exp_float(x);
-  else return std::exp(x);
-}
-
 template <typename T>
 T dot(const T* x, const T* y, int64_t D) {
   T s = 0;
@@ -146,26 +141,26 @@ T dot(const T* x, const T* y, int64_t D) {
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// SIMD vectors of the widest size the target compiles to (AVX/AVX2: 32 bytes, else 16; the
-// generic vector code lowers to whatever the target has, and a * b + c contracts to FMA where
-// there is one). kLanes<T> divides kTile.
-#if defined(__AVX__)
+// SIMD vectors of the widest size the target compiles to (AVX-512: 64 bytes, AVX/AVX2: 32, else
+// 16; the generic vector code lowers to whatever the target has, and a * b + c contracts to FMA
+// where there is one). kLanes<T> divides kTile. The micro-tiles keep kRows x kColVecs
+// accumulators in registers: 6 x 4 = 24 of AVX-512's 32, else 6 x 2 = 12 of 16.
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+constexpr int kRows = 6, kColVecs = 4;
+#elif defined(__AVX__)
 constexpr int kVecBytes = 32;
+constexpr int kRows = 6, kColVecs = 2;
 #else
 constexpr int kVecBytes = 16;
+constexpr int kRows = 6, kColVecs = 2;
 #endif
-template <typename T>
-struct SimdOf;
-template <>
-struct SimdOf<float> {
-  using V = float __attribute__((vector_size(kVecBytes)));
+template <typename T, int Bytes = kVecBytes>
+struct SimdOf {
+  using V [[gnu::vector_size(Bytes)]] = T;
 };
-template <>
-struct SimdOf<double> {
-  using V = double __attribute__((vector_size(kVecBytes)));
-};
-template <typename T>
-using Vec = typename SimdOf<T>::V;
+template <typename T, int Bytes = kVecBytes>
+using Vec = typename SimdOf<T, Bytes>::V;
 template <typename T>
 constexpr int64_t kLanes = kVecBytes / static_cast<int64_t>(sizeof(T));
 
@@ -188,10 +183,22 @@ template <typename V, typename T>
   return broadcast_impl<V>(x, std::make_index_sequence<sizeof(V) / sizeof(T)>{});
 }
 
+// e^x lane by lane: exp_float (cpu_utils.h) in float, libm's in double (exact). A lane's result
+// depends on that lane alone, so the vector width does not change it.
+template <typename T>
+[[gnu::always_inline]] inline Vec<T> exp_t(Vec<T> x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return exp_float(x);
+  } else {
+    for (int64_t i = 0; i < kLanes<T>; ++i) x[i] = std::exp(x[i]);
+    return x;
+  }
+}
+
 // Every tile product has the form C[i][j] = init + sum_{p < K} A[i*ai + p*ap] * B[p*ldb + j] for
 // i < M, j < Nc, with C's and B's rows contiguous in j and init = 0, C[i][j] or C[i][j] * scale[i].
-// A block of R rows x CV vectors of C lives in registers (R * CV accumulators; 6 x 2 = 12 of the
-// 16 vector registers), each step of p broadcasts R elements of A and loads CV vectors of B, so
+// A block of R rows x CV vectors of C lives in registers (R * CV accumulators, at most
+// kRows x kColVecs), each step of p broadcasts R elements of A and loads CV vectors of B, so
 // the inner loop is R * CV independent FMAs. The sum over p runs in order for each (i, j), so
 // the result is fixed by the operands (not by blocking or threads).
 // kAddTo: from 0, and the block's sums are added to C when stored.
@@ -207,11 +214,11 @@ constexpr int64_t kDepthChunk = int64_t{1} << 40;
 constexpr int64_t kDepthChunk = 8;
 #endif
 
-template <typename T, int R, int CV>
+template <typename T, int R, int CV, int Bytes = kVecBytes>
 [[gnu::always_inline]] inline void micro_tile(T* C, int64_t ldc, const T* A, int64_t ai, int64_t ap, const T* B,
                                               int64_t ldb, int64_t K, Init init, const T* scale) {
-  using V = Vec<T>;
-  constexpr int64_t L = kLanes<T>;
+  using V = Vec<T, Bytes>;
+  constexpr int64_t L = Bytes / static_cast<int64_t>(sizeof(T));
   V acc[R][CV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -244,16 +251,34 @@ template <typename T, int R, int CV>
     }
 }
 
-// R rows of C, all Nc columns: blocks of 2 vectors, then 1, then single columns.
+// The last nv < kColVecs whole vectors of a row block: one micro-tile of CV = nv vectors.
+template <typename T, int R, int CV>
+[[gnu::always_inline]] inline void micro_tile_rest(T* C, int64_t ldc, const T* A, int64_t ai, int64_t ap,
+                                                   const T* B, int64_t ldb, int64_t nv, int64_t K, Init init,
+                                                   const T* scale) {
+  if constexpr (CV > 0) {
+    if (nv == CV) micro_tile<T, R, CV>(C, ldc, A, ai, ap, B, ldb, K, init, scale);
+    else micro_tile_rest<T, R, CV - 1>(C, ldc, A, ai, ap, B, ldb, nv, K, init, scale);
+  }
+}
+
+// R rows of C, all Nc columns: blocks of kColVecs vectors, then the remaining whole vectors, then
+// single columns. GCC compiles the single columns' sums as vectorised products added in order, not
+// as FMAs, so with 64-byte vectors a last 32 bytes of columns take a 32-byte vector: every column
+// then sums as it did with 32-byte vectors (bit for bit).
 template <typename T, int R>
 void row_block(T* C, int64_t ldc, const T* A, int64_t ai, int64_t ap, const T* B, int64_t ldb, int64_t Nc,
                int64_t K, Init init, const T* scale) {
-  constexpr int64_t L = kLanes<T>;
+  constexpr int64_t L = kLanes<T>, W = kColVecs * L;
   int64_t j = 0;
-  for (; j + 2 * L <= Nc; j += 2 * L) micro_tile<T, R, 2>(C + j, ldc, A, ai, ap, B + j, ldb, K, init, scale);
-  if (j + L <= Nc) {
-    micro_tile<T, R, 1>(C + j, ldc, A, ai, ap, B + j, ldb, K, init, scale);
-    j += L;
+  for (; j + W <= Nc; j += W) micro_tile<T, R, kColVecs>(C + j, ldc, A, ai, ap, B + j, ldb, K, init, scale);
+  micro_tile_rest<T, R, kColVecs - 1>(C + j, ldc, A, ai, ap, B + j, ldb, (Nc - j) / L, K, init, scale);
+  j += (Nc - j) / L * L;
+  if constexpr (kVecBytes == 64) {
+    if (j + L / 2 <= Nc) {
+      micro_tile<T, R, 1, 32>(C + j, ldc, A, ai, ap, B + j, ldb, K, init, scale);
+      j += L / 2;
+    }
   }
   for (; j < Nc; ++j)
     for (int r = 0; r < R; ++r) {
@@ -271,17 +296,26 @@ void row_block(T* C, int64_t ldc, const T* A, int64_t ai, int64_t ap, const T* B
 // p >= i0 + R, whose A factors are zero (dropping them changes no sum).
 enum class Skip { kNone, kColsBefore, kColsAfter, kDepthBefore, kDepthAfter };
 
+// row_block for a runtime row count rows <= R.
+template <typename T, int R>
+[[gnu::always_inline]] inline void row_blocks(int64_t rows, T* C, int64_t ldc, const T* A, int64_t ai, int64_t ap,
+                                              const T* B, int64_t ldb, int64_t Nc, int64_t K, Init init,
+                                              const T* scale) {
+  if (rows == R || R == 1) row_block<T, R>(C, ldc, A, ai, ap, B, ldb, Nc, K, init, scale);
+  else if constexpr (R > 1) row_blocks<T, R - 1>(rows, C, ldc, A, ai, ap, B, ldb, Nc, K, init, scale);
+}
+
 template <typename T>
 void tile_gemm(T* C, int64_t ldc, const T* A, int64_t ai, int64_t ap, const T* B, int64_t ldb, int64_t M, int64_t Nc,
                int64_t K, Init init, const T* scale = nullptr, Skip skip = Skip::kNone) {
-  constexpr int R = 6;
+  constexpr int R = kRows;
   constexpr int64_t L = kLanes<T>;
   for (int64_t i = 0; i < M; i += R) {
     const int64_t rows = std::min<int64_t>(R, M - i);
     int64_t j0 = 0, j1 = Nc, p0 = 0, p1 = K;
     switch (skip) {
       case Skip::kNone: break;
-      case Skip::kColsBefore: j0 = std::min(Nc, i / (2 * L) * (2 * L)); break;
+      case Skip::kColsBefore: j0 = std::min(Nc, i / (kColVecs * L) * (kColVecs * L)); break;
       case Skip::kColsAfter: j1 = std::min(Nc, round_up(i + rows, L)); break;
       case Skip::kDepthBefore: p0 = std::min(K, i); break;
       case Skip::kDepthAfter: p1 = std::min(K, i + rows); break;
@@ -294,14 +328,7 @@ void tile_gemm(T* C, int64_t ldc, const T* A, int64_t ai, int64_t ap, const T* B
       const T* b = B + pc * ldb + j0;
       const int64_t k = std::min(chunk, p1 - pc);
       const Init in = pc == p0 ? init : Init::kAddTo;
-      switch (rows) {
-        case 6: row_block<T, 6>(c, ldc, a, ai, ap, b, ldb, nc, k, in, sc); break;
-        case 5: row_block<T, 5>(c, ldc, a, ai, ap, b, ldb, nc, k, in, sc); break;
-        case 4: row_block<T, 4>(c, ldc, a, ai, ap, b, ldb, nc, k, in, sc); break;
-        case 3: row_block<T, 3>(c, ldc, a, ai, ap, b, ldb, nc, k, in, sc); break;
-        case 2: row_block<T, 2>(c, ldc, a, ai, ap, b, ldb, nc, k, in, sc); break;
-        default: row_block<T, 1>(c, ldc, a, ai, ap, b, ldb, nc, k, in, sc); break;
-      }
+      row_blocks<T, R>(rows, c, ldc, a, ai, ap, b, ldb, nc, k, in, sc);
     }
   }
 }
@@ -350,7 +377,10 @@ void forward_tile(const KernelParams<T>& P, const T* q, const T* k, const T* v, 
                   size_t i, const GridSpan& gq, const GridSpan& gk, int64_t q0, T* scratch, const T* k_seg,
                   const T* v_seg) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  const int64_t nq = std::min(kTile, gq.count - q0), nqv = round_up(nq, kLanes<T>);
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  const V scale = broadcast<V>(P.scale);
+  const int64_t nq = std::min(kTile, gq.count - q0), nqv = round_up(nq, L);
   const int64_t step = P.grid_step(gq.stride), base = P.row(b, gq.first, h), key_base = P.row(b, gk.first, h);
   const int64_t D = P.D;
   const T* q_tile = q + base + q0 * step;
@@ -366,7 +396,7 @@ void forward_tile(const KernelParams<T>& P, const T* q, const T* k, const T* v, 
 
   pack_rows(q_tile, step, nq, D, static_cast<T*>(nullptr), Qt, nqv);
   // The online softmax's running max and sum; lanes nq..nqv-1 (zero queries) are inert padding.
-  alignas(64) T m[kTile], l[kTile], mx[kTile], alpha[kTile], sum[kTile];
+  alignas(64) T m[kTile], l[kTile], alpha[kTile];
   for (int64_t a = 0; a < nqv; ++a) {
     m[a] = a < nq ? lse_bh[gq.position(q0 + a)] : T(0);
     l[a] = m[a] == kNegInf ? T(0) : T(1);
@@ -391,33 +421,31 @@ void forward_tile(const KernelParams<T>& P, const T* q, const T* k, const T* v, 
     for (int64_t c = 0; c < nk; ++c) {
       T* row = St + c * kTile;
       const int64_t a0 = diagonal ? c : 0;  // on the diagonal, queries a < c are masked (not computed)
-#pragma omp simd
-      for (int64_t a = a0; a < nqv; ++a) row[a] *= P.scale;
+      for (int64_t a = a0 / L * L; a < nqv; a += L) vstore(row + a, vload<V>(row + a) * scale);  // a < a0: masked next
       if (bias_h) {
         const int64_t j = gk.position(k0 + c);
         for (int64_t a = a0; a < nq; ++a) row[a] += bias_h[P.bucket(gq.position(q0 + a), j)];
       }
       std::fill(row, row + a0, kNegInf);
     }
-#pragma omp simd
-    for (int64_t a = 0; a < nqv; ++a) mx[a] = m[a], sum[a] = T(0);
-    for (int64_t c = 0; c < nk; ++c) {
-      const T* row = St + c * kTile;
-#pragma omp simd
-      for (int64_t a = 0; a < nqv; ++a) mx[a] = row[a] > mx[a] ? row[a] : mx[a];
-    }
-#pragma omp simd
-    for (int64_t a = 0; a < nqv; ++a) alpha[a] = exp_t(m[a] - mx[a]);  // 0 while m = -inf
-    for (int64_t c = 0; c < nk; ++c) {
-      T* row = St + c * kTile;
-#pragma omp simd
-      for (int64_t a = 0; a < nqv; ++a) {
-        row[a] = exp_t(row[a] - mx[a]);  // 0 where masked (-inf)
-        sum[a] += row[a];
+    // A vector of queries at a time: the new max over the key tile, the weights and their sum (in key order).
+    for (int64_t a = 0; a < nqv; a += L) {
+      const V m_old = vload<V>(m + a);
+      V mx = m_old, sum{};
+      for (int64_t c = 0; c < nk; ++c) {
+        const V x = vload<V>(St + c * kTile + a);
+        mx = x > mx ? x : mx;
       }
+      const V al = exp_t<T>(m_old - mx);  // 0 while m = -inf
+      for (int64_t c = 0; c < nk; ++c) {
+        const V w = exp_t<T>(vload<V>(St + c * kTile + a) - mx);  // 0 where masked (-inf)
+        vstore(St + c * kTile + a, w);
+        sum += w;
+      }
+      vstore(alpha + a, al);
+      vstore(l + a, vload<V>(l + a) * al + sum);
+      vstore(m + a, mx);
     }
-#pragma omp simd
-    for (int64_t a = 0; a < nqv; ++a) l[a] = l[a] * alpha[a] + sum[a], m[a] = mx[a];
     if (P.dropout)
       for (int64_t a = 0; a < nq; ++a) {
         DropoutRow bits(P, gq.position(q0 + a), stream);
@@ -516,6 +544,9 @@ void backward_segment(const KernelParams<T>& P, const T* q, const T* k, const T*
                       const GridSpan& gk, T* scratch, T* seg, double* dbias) {
   const int64_t step = P.grid_step(gq.stride), base = P.row(b, gq.first, h), key_base = P.row(b, gk.first, h);
   const int64_t D = P.D;
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  const V scale = broadcast<V>(P.scale);
   const T* lse_bh = lse + (b * P.H + h) * P.N;
   const T* Dt_bh = Dt + (b * P.H + h) * P.N;
   const T* bias_h = P.bias ? P.bias + h * P.num_buckets : nullptr;
@@ -544,7 +575,7 @@ void backward_segment(const KernelParams<T>& P, const T* q, const T* k, const T*
   // Causal, queries exist only up to gq.count <= gk.count: later key tiles see none.
   const int64_t key_count = P.causal ? gq.count : gk.count;
   for (int64_t k0 = 0; k0 < key_count; k0 += kTile) {
-    const int64_t nk = std::min(kTile, key_count - k0), nkv = round_up(nk, kLanes<T>);
+    const int64_t nk = std::min(kTile, key_count - k0), nkv = round_up(nk, L);
     const int64_t key_rows = key_base + k0 * step;
     pack_rows(k + key_rows, step, nk, D, Kp, Kt, nkv);
     pack_rows(v + key_rows, step, nk, D, static_cast<T*>(nullptr), Vt, nkv);
@@ -571,17 +602,15 @@ void backward_segment(const KernelParams<T>& P, const T* q, const T* k, const T*
         const int64_t qi = q0 + a, t = gq.position(qi);
         const int64_t valid = P.causal ? std::min(nk, qi - k0 + 1) : nk;
         const T lse_t = lse_bh[t], D_t = Dt_bh[t];
-        const int64_t cv = round_up(valid, kLanes<T>);  // <= nkv; on the diagonal, S is computed to here
+        const int64_t cv = round_up(valid, L);  // <= nkv; on the diagonal, S is computed to here
         T* s = S + a * kTile;
         T* dp = dP + a * kTile;
         if (bias_h) {
           for (int64_t c = 0; c < valid; ++c) s[c] = s[c] * P.scale + bias_h[P.bucket(t, gk.position(k0 + c))];
         } else {
-#pragma omp simd
-          for (int64_t c = 0; c < cv; ++c) s[c] *= P.scale;
+          for (int64_t c = 0; c < cv; c += L) vstore(s + c, vload<V>(s + c) * scale);
         }
-#pragma omp simd
-        for (int64_t c = 0; c < cv; ++c) s[c] = exp_t(s[c] - lse_t);  // P
+        for (int64_t c = 0; c < cv; c += L) vstore(s + c, exp_t<T>(vload<V>(s + c) - broadcast<V>(lse_t)));  // P
         if (P.dropout || dbias) {
           DropoutRow bits(P, t, stream);
           for (int64_t c = 0; c < valid; ++c) {
@@ -593,9 +622,9 @@ void backward_segment(const KernelParams<T>& P, const T* q, const T* k, const T*
             s[c] = p * kept;       // weight of do[t] in dv[j]
             dp[c] = P.scale * ds;  // weight of k[j] in dq[t] and of q[t] in dk[j]
           }
-        } else {
-#pragma omp simd
-          for (int64_t c = 0; c < valid; ++c) dp[c] = P.scale * (s[c] * (dp[c] - D_t));
+        } else {  // to cv: lanes valid..nk-1 are zeroed next, later ones unused
+          for (int64_t c = 0; c < cv; c += L)
+            vstore(dp + c, scale * (vload<V>(s + c) * (vload<V>(dp + c) - broadcast<V>(D_t))));
         }
         std::fill(s + valid, s + nk, T(0));
         std::fill(dp + valid, dp + nk, T(0));
